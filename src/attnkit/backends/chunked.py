@@ -1,0 +1,411 @@
+"""Tiled online-softmax attention: never materialises the L x S score matrix.
+
+The query rows are cut into tiles; for each tile the mask's ``block_states`` say which
+key blocks are EMPTY (skipped), FULL (no mask needed) or PARTIAL (mask evaluated for
+that block only). Consecutive non-empty key blocks form a *segment*; each segment is one
+call of a kernel that returns ``(out_s, lse_s)`` = softmax-weighted values and the
+log-sum-exp of the segment's scores. Segments merge exactly:
+
+    lse = log(exp(lse_a) + exp(lse_b))
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+so memory is O(tile) beyond Q, K, V and the output, and time follows the allowed blocks.
+
+Two kernels compute a segment:
+
+* ``fused``: torch's fused CPU flash kernel (see :mod:`attnkit.backends._fused`), when
+  the segment needs nothing it cannot do;
+* ``eager``: a few matmuls, the general case: softcap, dropout, learned biases,
+  value head dim != query head dim, and any device.
+
+The backward pass (FlashAttention's trick) recomputes each segment's probabilities from
+the saved output and log-sum-exp, ``P = exp(S - lse)``, and accumulates
+``dS = P * (dP - rowsum(dO * O) + dlse)``: training memory stays linear as well.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import _fused
+from ..bias import Bias
+from ..masks import EMPTY, FULL, Grid, Mask, _as_4d
+
+__all__ = ["chunked_attention", "plan_tiles", "Tile", "Segment"]
+
+NEG_INF = float("-inf")
+
+#: default tile sizes (query rows, key columns); measured on 2 CPU cores, see benchmarks/
+BLOCK_Q = 128
+BLOCK_K = 128
+#: longest key segment in one kernel call, bounds the (H, BLOCK_Q, keys) bias tile
+MAX_SEGMENT_KEYS = 2048
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Keys ``k0..k1-1`` of one query tile; ``masked`` when the mask must be evaluated."""
+    k0: int
+    k1: int
+    masked: bool
+
+
+@dataclass
+class Tile:
+    """Query rows ``r0..r1-1`` (positions ``p0..p1-1``) and their key segments."""
+    r0: int
+    r1: int
+    p0: int
+    p1: int
+    segments: list = field(default_factory=list)
+
+
+def _boundaries(start: int, stop: int, block: int) -> list[int]:
+    """Cut [start, stop) at multiples of ``block`` (so tiles align in position space)."""
+    cuts = list(range((start // block + 1) * block, stop, block))
+    return [start] + cuts + [stop]
+
+
+def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
+               merge_full_and_partial: bool = False) -> list[Tile]:
+    """Split the (L, S) grid into query tiles and the key segments each one needs."""
+    off = grid.q_offset
+    qb = _boundaries(off, off + grid.q_len, block_q)
+    kb = _boundaries(0, grid.k_len, block_k) if grid.k_len else [0]
+    nq, nk = len(qb) - 1, len(kb) - 1
+    if mask is None or nk == 0:
+        states = [[FULL] * nk for _ in range(nq)]
+    else:
+        dev = grid.device
+        q_lo = torch.tensor(qb[:-1], device=dev).view(-1, 1)
+        q_hi = torch.tensor(qb[1:], device=dev).view(-1, 1)
+        k_lo = torch.tensor(kb[:-1], device=dev).view(1, -1)
+        k_hi = torch.tensor(kb[1:], device=dev).view(1, -1)
+        st = _as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
+        st = st.expand(*st.shape[:2], nq, nk).flatten(0, 1)
+        lo, hi = st.amin(0), st.amax(0)
+        reduced = torch.where(hi == EMPTY, EMPTY, torch.where(lo == FULL, FULL, 1))
+        states = reduced.tolist()
+    tiles = []
+    for i in range(nq):
+        tile = Tile(qb[i] - off, qb[i + 1] - off, qb[i], qb[i + 1])
+        run_start, run_masked = None, False
+        for j in range(nk + 1):
+            s = states[i][j] if j < nk else EMPTY
+            masked = s != FULL
+            ends = (s == EMPTY or (run_start is not None and not merge_full_and_partial
+                                   and masked != run_masked)
+                    or (run_start is not None and kb[j] - kb[run_start] >= MAX_SEGMENT_KEYS))
+            if run_start is not None and ends:
+                tile.segments.append(Segment(kb[run_start], kb[j], run_masked))
+                run_start = None
+            if s != EMPTY:
+                if run_start is None:
+                    run_start, run_masked = j, masked
+                else:
+                    run_masked = run_masked or masked
+        tiles.append(tile)
+    return tiles
+
+
+@dataclass
+class _Config:
+    grid: Grid
+    tiles: list
+    mask: Mask | None
+    bias: Bias | None
+    scale: float
+    softcap: float | None
+    dropout_p: float
+    seed: int
+    kernel: str  # "auto" | "eager"
+
+
+# ------------------------------------------------------------------ tile helpers
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _additive(cfg: _Config, tile: Tile, seg: Segment, params, dtype):
+    """The float term added to this segment's scores (mask as -inf, plus bias), and the
+    rows that can see at least one key of it (None when every row can)."""
+    add, alive = None, None
+    nq, nk = tile.r1 - tile.r0, seg.k1 - seg.k0
+    if seg.masked and cfg.mask is not None:
+        allow = cfg.mask.tile(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1)
+        allow = allow.expand(*allow.shape[:2], nq, nk)
+        alive = allow.any(-1)
+        add = torch.where(allow, torch.zeros((), dtype=dtype, device=allow.device),
+                          torch.full((), NEG_INF, dtype=dtype, device=allow.device))
+    if cfg.bias is not None:
+        b = cfg.bias.tile(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1, params).to(dtype)
+        add = b if add is None else add + b
+        if cfg.bias.may_mask:
+            add = add.expand(*add.shape[:2], nq, nk)
+            alive = (add > NEG_INF).any(-1)
+    if add is not None:
+        add = add.expand(*add.shape[:2], nq, nk)
+    return add, alive
+
+
+def _fold(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, Hq, n, d) -> (B, Hkv, G*n, d): a query group's heads become extra rows."""
+    B, H, n, d = x.shape
+    return x.reshape(B, kv_heads, (H // kv_heads) * n, d)
+
+
+def _unfold(x: Tensor, q_heads: int) -> Tensor:
+    """(B, Hkv, G*n, d) -> (B, Hq, n, d)."""
+    B, _, gn, d = x.shape
+    return x.reshape(B, q_heads, gn * x.shape[1] // q_heads, d)
+
+
+def _scores(qt: Tensor, ks: Tensor, cfg: _Config):
+    """Scaled (and soft-capped) scores (B, Hq, nq, nk) in the compute dtype, plus
+    tanh(s / softcap) for the softcap derivative."""
+    cdt = _compute_dtype(qt.dtype)
+    s = torch.matmul(_fold(qt.to(cdt), ks.shape[1]), ks.to(cdt).transpose(-1, -2))
+    s = _unfold(s, qt.shape[1]) * cfg.scale
+    t = None
+    if cfg.softcap is not None:
+        t = torch.tanh(s / cfg.softcap)
+        s = cfg.softcap * t
+    return s, t
+
+
+def _keep(cfg: _Config, ti: int, si: int, shape, device) -> Tensor:
+    """The dropout keep-mask of segment ``si`` of tile ``ti``: regenerated identically in
+    forward, backward and the weights pass from one seed drawn per call."""
+    g = torch.Generator(device=device)
+    g.manual_seed((cfg.seed * 1_000_003 + ti * 65_537 + si) % (2 ** 63))
+    return torch.rand(shape, generator=g, device=device) >= cfg.dropout_p
+
+
+def _use_fused(cfg: _Config, q, k, v, need_bias_grad: bool = False) -> bool:
+    if cfg.kernel == "eager" or cfg.softcap is not None or cfg.dropout_p > 0 or need_bias_grad:
+        return False
+    if cfg.bias is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return False  # a bias rounded to half precision would change the softmax
+    return _fused.usable(q, k, v)
+
+
+def _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused):
+    """(out, lse) of one segment; out in the compute dtype, lse in float32/64."""
+    if fused:
+        out, lse = _fused.forward(qt, ks, vs, add, cfg.scale)
+        if alive is not None:  # the fused kernel reports lse = 0 for rows with no key
+            lse = lse.masked_fill(~alive, NEG_INF)
+        return out, lse
+    s, _ = _scores(qt, ks, cfg)
+    if add is not None:
+        s = s + add
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == NEG_INF, 0.0, m)
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    if cfg.dropout_p > 0:
+        p = p * _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
+    pv = _unfold(torch.matmul(_fold(p, vs.shape[1]), vs.to(p.dtype)), qt.shape[1])
+    out = pv / torch.where(denom == 0, 1.0, denom)
+    lse = (m + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def _merge(acc_o, acc_l, o, l):
+    """Merge two partial results over disjoint key sets (log-sum-exp rule)."""
+    if acc_o is None:
+        return o, l
+    new_l = torch.logaddexp(acc_l, l)
+    dead = new_l == NEG_INF
+    a = torch.exp(acc_l - new_l).masked_fill(dead, 0.0).unsqueeze(-1)
+    b = torch.exp(l - new_l).masked_fill(dead, 0.0).unsqueeze(-1)
+    return acc_o * a.to(acc_o.dtype) + o.to(acc_o.dtype) * b.to(acc_o.dtype), new_l
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward(q, k, v, sinks, cfg: _Config, params):
+    B, Hq, L, _ = q.shape
+    Dv = v.shape[-1]
+    fused_ok = _use_fused(cfg, q, k, v)
+    out = q.new_empty(B, Hq, L, Dv)
+    lse = torch.empty(B, Hq, L, dtype=_stat_dtype(q.dtype), device=q.device)
+    acc_dtype = _compute_dtype(q.dtype)
+    for ti, tile in enumerate(cfg.tiles):
+        qt = q[:, :, tile.r0:tile.r1]
+        acc_o = acc_l = None
+        for si, seg in enumerate(tile.segments):
+            add_dtype = q.dtype if fused_ok else acc_dtype
+            add, alive = _additive(cfg, tile, seg, params, add_dtype)
+            o, l = _segment_forward(cfg, ti, si, qt, k[:, :, seg.k0:seg.k1],
+                                    v[:, :, seg.k0:seg.k1], add, alive, fused_ok)
+            if acc_o is None and len(tile.segments) > 1:
+                o = o.to(acc_dtype)
+            acc_o, acc_l = _merge(acc_o, acc_l, o, l.to(lse.dtype))
+        if acc_o is None:
+            out[:, :, tile.r0:tile.r1] = 0
+            lse[:, :, tile.r0:tile.r1] = NEG_INF
+        else:
+            out[:, :, tile.r0:tile.r1] = acc_o.to(out.dtype)
+            lse[:, :, tile.r0:tile.r1] = acc_l
+    if sinks is not None:  # a sink is a segment with a logit and no value
+        sink_l = sinks.to(lse.dtype).view(1, Hq, 1).expand_as(lse)
+        new_l = torch.logaddexp(lse, sink_l)
+        out = (out.to(acc_dtype) * torch.exp(lse - new_l).unsqueeze(-1)).to(q.dtype)
+        lse = new_l
+    return out, lse
+
+
+def _backward(dout, dlse, q, k, v, out, lse, sinks, cfg: _Config, params):
+    B, Hq, L, _ = q.shape
+    acc = _compute_dtype(q.dtype)
+    need_param_grads = [p.requires_grad for p in params]
+    bias_grad = any(need_param_grads)
+    fused_ok = dlse is None and _use_fused(cfg, q, k, v, bias_grad)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dparams = [torch.zeros_like(p) if need else None for p, need in zip(params, need_param_grads)]
+    # rowsum(dO * O), the softmax-gradient correction, minus the gradient through lse
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    lse_b = torch.where(lse == NEG_INF, float("inf"), lse)  # rows that see nothing: P = 0
+    for ti, tile in enumerate(cfg.tiles):
+        r = slice(tile.r0, tile.r1)
+        qt, dot = q[:, :, r], dout[:, :, r]
+        for si, seg in enumerate(tile.segments):
+            ks, vs = k[:, :, seg.k0:seg.k1], v[:, :, seg.k0:seg.k1]
+            add, _ = _additive(cfg, tile, seg, params, q.dtype if fused_ok else acc)
+            if fused_ok:
+                gq, gk, gv = _fused.backward(dot, qt, ks, vs, out[:, :, r], lse_b[:, :, r],
+                                             add, cfg.scale)
+                dq[:, :, r] += gq
+                dk[:, :, seg.k0:seg.k1] += gk
+                dv[:, :, seg.k0:seg.k1] += gv
+                continue
+            s, t = _scores(qt, ks, cfg)
+            if add is not None:
+                s = s + add
+            p = torch.exp(s - lse_b[:, :, r].unsqueeze(-1).to(acc))
+            keep = None
+            if cfg.dropout_p > 0:
+                keep = _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
+            pd = p if keep is None else p * keep
+            do_f = dot.to(acc)
+            dv[:, :, seg.k0:seg.k1] += torch.matmul(_fold(pd, k.shape[1]).transpose(-1, -2),
+                                                    _fold(do_f, k.shape[1]))
+            dp = _unfold(torch.matmul(_fold(do_f, k.shape[1]), vs.to(acc).transpose(-1, -2)), Hq)
+            if keep is not None:
+                dp = dp * keep
+            ds = p * (dp - delta[:, :, r].unsqueeze(-1))
+            if bias_grad:
+                _bias_param_grads(cfg, tile, seg, params, need_param_grads, ds, dparams)
+            if t is not None:
+                ds = ds * (1 - t * t)
+            ds = ds * cfg.scale
+            dq[:, :, r] += torch.matmul(_fold(ds, k.shape[1]), ks.to(acc)).reshape(qt.shape)
+            dk[:, :, seg.k0:seg.k1] += torch.matmul(_fold(ds, k.shape[1]).transpose(-1, -2),
+                                                    _fold(qt.to(acc), k.shape[1]))
+    dsinks = None
+    if sinks is not None and sinks.requires_grad:
+        p_sink = torch.exp(sinks.to(lse.dtype).view(1, Hq, 1) - lse_b)
+        dsinks = (-(p_sink * delta.to(lse.dtype))).sum((0, 2)).to(sinks.dtype)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks,
+            [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)])
+
+
+def _bias_param_grads(cfg, tile, seg, params, need, ds, dparams):
+    """Push this segment's score gradient into the bias parameters (e.g. T5's table)."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(n) for p, n in zip(params, need)]
+        t = cfg.bias.tile(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1, leaves)
+        g = ds.to(t.dtype)
+        if g.shape != t.shape:
+            g = g.sum_to_size(t.shape)
+        wanted = [x for x, n in zip(leaves, need) if n]
+        grads = torch.autograd.grad(t, wanted, g, allow_unused=True)
+    it = iter(grads)
+    for i, n in enumerate(need):
+        if n:
+            gi = next(it)
+            if gi is not None:
+                dparams[i] += gi
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, cfg, *params):
+        out, lse = _forward(q, k, v, sinks, cfg, params)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, *params)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sinks, *params = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dsinks, dparams = _backward(dout, dlse, q, k, v, out, lse, sinks,
+                                                ctx.cfg, params)
+        return (dq, dk, dv, dsinks, None, *dparams)
+
+
+def _weights(q, k, lse, cfg: _Config, params) -> Tensor:
+    """The attention weights (B, Hq, L, S) after dropout, tile by tile from the final
+    log-sum-exp; differentiable through ordinary autograd."""
+    B, Hq, L, _ = q.shape
+    acc = _compute_dtype(q.dtype)
+    w = torch.zeros(B, Hq, L, k.shape[2], dtype=acc, device=q.device)
+    lse_b = torch.where(lse == NEG_INF, float("inf"), lse)
+    for ti, tile in enumerate(cfg.tiles):
+        r = slice(tile.r0, tile.r1)
+        for si, seg in enumerate(tile.segments):
+            s, _ = _scores(q[:, :, r], k[:, :, seg.k0:seg.k1], cfg)
+            add, _ = _additive(cfg, tile, seg, params, acc)
+            if add is not None:
+                s = s + add
+            p = torch.exp(s - lse_b[:, :, r].unsqueeze(-1).to(acc))
+            if cfg.dropout_p > 0:
+                p = p * _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
+            w[:, :, r, seg.k0:seg.k1] = p
+    return w.to(q.dtype)
+
+
+def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | None = None,
+                      bias: Bias | None = None, scale: float, softcap: float | None = None,
+                      sinks: Tensor | None = None, dropout_p: float = 0.0,
+                      return_weights: bool = False, block_q: int | None = None,
+                      block_k: int | None = None, kernel: str = "auto"):
+    """Tiled attention on (B, Hq, L, D) query and (B, Hkv, S, D) key/value.
+
+    Returns ``(out, weights_or_None, lse)`` with out (B, Hq, L, Dv) and lse (B, Hq, L)
+    (-inf for rows that see nothing; those rows output zeros).
+    """
+    B, Hq, L, _ = query.shape
+    S = key.shape[2]
+    grid = Grid(L, S, query.device)
+    if block_k is None:
+        block_k = BLOCK_K
+        if mask is not None and mask.block_size and 16 <= mask.block_size <= 512:
+            block_k = mask.block_size
+    if block_q is None:
+        block_q = BLOCK_Q if block_k >= BLOCK_Q else block_k * max(1, BLOCK_Q // block_k)
+    tiles = plan_tiles(mask, grid, block_q, block_k,
+                       merge_full_and_partial=bias is not None)
+    seed = 0
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    cfg = _Config(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed, kernel)
+    params = tuple(bias.params) if bias is not None else ()
+    out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
+    weights = _weights(query, key, lse, cfg, params) if return_weights else None
+    return out, weights, lse

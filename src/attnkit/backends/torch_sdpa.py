@@ -1,0 +1,49 @@
+"""torch's own fused ``scaled_dot_product_attention``: the fastest path for dense
+attention and for masks simple enough to hand over as one tensor.
+
+Differences it has to be shielded from: torch's ``is_causal`` is top-left aligned (we
+pass it only when L == S and build a bottom-right mask otherwise), and torch leaves the
+output of a row that sees nothing to the kernel (we zero it, as the contract says).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..bias import Bias
+from ..masks import CausalMask, Grid, Mask
+
+__all__ = ["torch_attention"]
+
+
+def dense_additive(mask: Mask | None, bias: Bias | None, grid: Grid, dtype):
+    """(attn_mask for torch, rows-alive or None) for the whole grid; masks stay bool when
+    there is no bias so torch can pick its bool fast paths."""
+    rows = (grid.q_offset, grid.q_offset + grid.q_len)
+    allow = None if mask is None else mask.tile(grid, *rows, 0, grid.k_len)
+    if bias is None:
+        return allow, (None if allow is None else allow.any(-1))
+    add = bias.tile(grid, *rows, 0, grid.k_len).to(dtype)
+    if allow is not None:
+        add = add.masked_fill(~allow, float("-inf"))
+    alive = (add > float("-inf")).any(-1) if (allow is not None or bias.may_mask) else None
+    return add, alive
+
+
+def torch_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | None = None,
+                    bias: Bias | None = None, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """(B, Hq, L, D) x (B, Hkv, S, D) -> (B, Hq, L, Dv) through torch SDPA."""
+    L, S = query.shape[2], key.shape[2]
+    grid = Grid(L, S, query.device)
+    gqa = query.shape[1] != key.shape[1]
+    if isinstance(mask, CausalMask) and bias is None and L == S:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p,
+                                              is_causal=True, scale=scale, enable_gqa=gqa)
+    attn_mask, alive = dense_additive(mask, bias, grid, query.dtype)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                         dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    if alive is not None and not bool(alive.all()):
+        out = out.masked_fill(~alive.unsqueeze(-1), 0.0)
+    return out

@@ -1,0 +1,297 @@
+"""``attnkit.scaled_dot_product_attention``: validate, normalise, pick a backend, run it.
+
+Everything a caller can pass is reduced to four things before any backend runs:
+query/key/value as (B, H, L, D), one :class:`~attnkit.masks.Mask` (or None), one
+:class:`~attnkit.bias.Bias` (or None), and plain numbers. Backends never see the
+caller's shapes, tensors-or-objects choices or ``is_causal``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .backends import BACKENDS, chunked_attention, reference_attention, torch_attention
+from .bias import Bias, TensorBias
+from .masks import (AndMask, CausalMask, Grid, Mask, OrMask, PaddingMask, TensorMask,
+                    causal as causal_mask)
+
+__all__ = ["scaled_dot_product_attention"]
+
+#: the largest dense (mask) tensor ``auto`` builds to hand a mask object to torch SDPA
+DENSE_MASK_LIMIT = 1 << 24
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape))
+
+
+def _check_qkv(query, key, value):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dim() < 3:
+            raise ValueError(f"{name} must have shape (..., heads, length, head_dim), "
+                             f"got {_shape(t)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, "
+                        f"{key.dtype} and {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, "
+                         f"{key.device} and {value.device}")
+    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same rank, got {shapes}")
+    if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+        raise ValueError(f"query, key and value must have the same batch dims, got {shapes}")
+    if key.shape[-3] != value.shape[-3] or key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must have the same heads and length, got {shapes}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must have the same head_dim, got {shapes}")
+    hq, hkv = query.shape[-3], key.shape[-3]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) "
+                         f"for grouped-query attention, got {shapes}")
+
+
+def _to_4d(t: Tensor, name: str, batch: torch.Size, heads: int, L: int, S: int) -> Tensor:
+    """Broadcast a mask/bias tensor right-aligned against (*batch, heads, L, S) and fold
+    its batch dims into one: (B|1, H|1, L|1, S|1). Refuses anything that does not
+    broadcast rather than reinterpreting it."""
+    target = (*batch, heads, L, S)
+    bad = t.dim() > len(target) or t.dim() == 0 or any(
+        s != 1 and s != want for s, want in zip(reversed(t.shape), reversed(target)))
+    if bad:
+        raise ValueError(f"{name} of shape {_shape(t)} does not broadcast to "
+                         f"(..., heads, L, S) = {target}; give per-batch masks as (B, 1, L, S)")
+    while t.dim() < 3:
+        t = t.unsqueeze(0)
+    lead = t.shape[:-3]
+    if all(s == 1 for s in lead):
+        return t.reshape(1, *t.shape[-3:])
+    t = t.reshape((1,) * (len(batch) - len(lead)) + tuple(t.shape))
+    return t.expand(*batch, *t.shape[-3:]).reshape(-1, *t.shape[-3:])
+
+
+def _check_dims(obj, what: str, B: int, Hq: int):
+    bs, nh = getattr(obj, "batch_size", None), getattr(obj, "num_heads", None)
+    if bs not in (None, 1, B):
+        raise ValueError(f"{what} {obj!r} is for batch size {bs} but the batch is {B}")
+    if nh not in (None, 1, Hq):
+        raise ValueError(f"{what} {obj!r} is for {nh} heads but the query has {Hq} heads")
+
+
+def _number(name, x, *, positive=False):
+    if isinstance(x, Tensor) and x.dim() == 0:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x) or (positive and x <= 0):
+        raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, got {x}")
+    return x
+
+
+def _dense_size(mask: Mask | None, B: int, H: int, L: int, S: int) -> int:
+    """Number of entries torch SDPA would receive if this mask were materialised."""
+    if mask is None:
+        return 0
+    if isinstance(mask, PaddingMask):
+        return B * S
+    if isinstance(mask, TensorMask):
+        return mask.mask.numel()
+    if isinstance(mask, (AndMask, OrMask)):
+        return max(_dense_size(mask.a, B, H, L, S), _dense_size(mask.b, B, H, L, S),
+                   (B if mask.batch_size else 1) * L * S)
+    return (B if mask.batch_size else 1) * (H if mask.num_heads else 1) * L * S
+
+
+def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool) -> str:
+    """``auto``: torch SDPA when the inputs are dense or a cheap dense mask says it all,
+    the chunked engine when something would cost more dense than tiled."""
+    if needs_chunked or (bias is not None and not isinstance(bias, TensorBias)):
+        return "chunked"
+    if mask is None or isinstance(mask, TensorMask):
+        return "torch"
+    if isinstance(mask, CausalMask) and L == S and bias is None:
+        return "torch"
+    if _only_dense_leaves(mask) or _dense_size(mask, B, Hq, L, S) <= DENSE_MASK_LIMIT:
+        return "torch"
+    return "chunked"
+
+
+def _only_dense_leaves(mask) -> bool:
+    if isinstance(mask, (AndMask, OrMask)):
+        return _only_dense_leaves(mask.a) and _only_dense_leaves(mask.b)
+    return isinstance(mask, (TensorMask, PaddingMask))
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
+                                 dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None, *, bias=None,
+                                 softcap: float | None = None, sinks: Tensor | None = None,
+                                 return_weights: bool = False, return_lse: bool = False,
+                                 backend: str = "auto"):
+    r"""Attention ``softmax(scale * Q K^T + bias, masked) V``.
+
+    Args:
+        query: (..., Hq, L, D).
+        key: (..., Hkv, S, D), Hq % Hkv == 0; query head h reads kv head h // (Hq/Hkv)
+            (grouped-query attention; Hkv == 1 is multi-query) without copying K/V.
+        value: (..., Hkv, S, Dv).
+        attn_mask: a bool tensor (True = may attend), a float tensor (added to the
+            scores) broadcastable to (..., Hq, L, S), or an :mod:`attnkit.masks` object.
+        dropout_p: dropout on the weights.
+        is_causal: query row i at position p = i + (S - L) sees keys 0..p (bottom-right,
+            unlike torch's top-left when L != S); combines with ``attn_mask``.
+        scale: score scale, default 1/sqrt(D).
+        bias: a float tensor broadcastable to (..., Hq, L, S) or an :mod:`attnkit.bias`
+            object, added to the scores unscaled.
+        softcap: scores become ``softcap * tanh(s / softcap)`` before bias and mask.
+        sinks: (Hq,) per-head logits that join each row's softmax denominator.
+        return_weights: also return the weights (..., Hq, L, S) after dropout.
+        return_lse: also return the log-sum-exp of each row's scores (..., Hq, L),
+            -inf for rows that see nothing (with sinks: the full denominator's).
+        backend: "auto", "reference", "chunked", "torch" or "flex".
+
+    Returns:
+        out (..., Hq, L, Dv), followed by the weights and lse when asked, as a tuple.
+        A query row that may attend to nothing gets zeros.
+    """
+    _check_qkv(query, key, value)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                         f"got {backend!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    batch = query.shape[:-3]
+    Hq, L, D = query.shape[-3:]
+    Hkv, S = key.shape[-3], key.shape[-2]
+    Dv = value.shape[-1]
+    B = math.prod(batch)
+
+    dropout_p = _number("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = 1.0 / math.sqrt(D) if scale is None else _number("scale", scale)
+    if softcap is not None:
+        softcap = _number("softcap", softcap, positive=True)
+
+    # ---- one Mask and one Bias, whatever the caller gave
+    mask: Mask | None = None
+    add: Bias | None = None
+    if isinstance(attn_mask, Mask):
+        mask = attn_mask
+    elif isinstance(attn_mask, Tensor):
+        if attn_mask.dtype == torch.bool:
+            mask = TensorMask(_to_4d(attn_mask, "attn_mask", batch, Hq, L, S))
+        elif attn_mask.is_floating_point():
+            add = TensorBias(_to_4d(attn_mask, "attn_mask", batch, Hq, L, S), may_mask=True)
+        else:
+            raise TypeError(f"attn_mask must be bool (True = may attend) or float (added to "
+                            f"the scores), got {attn_mask.dtype} of shape {_shape(attn_mask)}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    elif attn_mask is not None:
+        raise TypeError(f"attn_mask must be a tensor or an attnkit mask, got "
+                        f"{type(attn_mask).__name__}")
+    if is_causal:
+        mask = causal_mask() if mask is None else causal_mask() & mask
+    if isinstance(bias, Tensor):
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
+        bias = TensorBias(_to_4d(bias, "bias", batch, Hq, L, S))
+    elif bias is not None and not isinstance(bias, Bias):
+        raise TypeError(f"bias must be a tensor or an attnkit bias, got {type(bias).__name__}")
+    if bias is not None:
+        add = bias if add is None else add + bias
+    grid = Grid(L, S, query.device)
+    for obj, what in ((mask, "attn_mask"), (add, "bias")):
+        if obj is not None:
+            _check_dims(obj, what, B, Hq)
+            obj.validate(grid)
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a float tensor of shape ({Hq},), got "
+                            f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
+        if sinks.shape != (Hq,):
+            raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), got {_shape(sinks)}")
+
+    # ---- pick the backend
+    needs_chunked = (softcap is not None or sinks is not None or return_weights or return_lse)
+    if backend == "auto":
+        backend = _choose_backend(mask, add, B, Hq, L, S, needs_chunked)
+    elif backend == "torch":
+        for name, given in (("softcap", softcap is not None), ("sinks", sinks is not None),
+                            ("return_weights", return_weights), ("return_lse", return_lse)):
+            if given:
+                raise NotImplementedError(f"backend='torch' cannot honour {name}; "
+                                          f"use backend='auto' or 'chunked'")
+    elif backend == "flex":
+        from .backends import flex
+        for name, given in (("dropout_p > 0", dropout_p > 0),
+                            ("return_weights", return_weights)):
+            if given:
+                raise NotImplementedError(f"backend='flex' cannot honour {name}; "
+                                          f"use backend='auto' or 'chunked'")
+        if not flex.available():
+            raise NotImplementedError("backend='flex' needs torch.nn.attention.flex_attention")
+        if query.device.type == "cpu":
+            cpu_limits = (("return_lse", return_lse), ("sinks", sinks is not None),
+                          ("inputs that require grad (no CPU backward in torch's FlexAttention)",
+                           torch.is_grad_enabled() and any(
+                               t.requires_grad for t in (query, key, value))))
+            for name, given in cpu_limits:
+                if given:
+                    raise NotImplementedError(f"backend='flex' on CPU cannot honour {name}; "
+                                              f"use backend='auto' or 'chunked'")
+
+    # ---- run on (B, H, L, D)
+    q = query.reshape(B, Hq, L, D)
+    k = key.reshape(B, Hkv, S, D)
+    v = value.reshape(B, Hkv, S, Dv)
+    weights = lse = None
+    if L == 0 or S == 0 or B == 0:
+        out, weights, lse = _empty(q, v, S, sinks)
+    elif backend == "reference":
+        out, weights, lse = reference_attention(q, k, v, mask=mask, bias=add, scale=scale,
+                                                softcap=softcap, sinks=sinks, dropout_p=dropout_p)
+    elif backend == "chunked":
+        out, weights, lse = chunked_attention(q, k, v, mask=mask, bias=add, scale=scale,
+                                              softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                                              return_weights=return_weights)
+    elif backend == "torch":
+        out = torch_attention(q, k, v, mask=mask, bias=add, scale=scale, dropout_p=dropout_p)
+    else:
+        from .backends.flex import flex_attention_backend
+        out, lse = flex_attention_backend(q, k, v, mask=mask, bias=add, scale=scale,
+                                          softcap=softcap, sinks=sinks, return_lse=return_lse)
+
+    out = out.reshape(*batch, Hq, L, Dv)
+    if not (return_weights or return_lse):
+        return out
+    result = [out]
+    if return_weights:
+        result.append(weights.reshape(*batch, Hq, L, S))
+    if return_lse:
+        result.append(lse.reshape(*batch, Hq, L))
+    return tuple(result)
+
+
+def _empty(q: Tensor, v: Tensor, S: int, sinks):
+    """No queries or no keys: zeros out, empty weights, lse -inf (or the sink)."""
+    B, Hq, L, _ = q.shape
+    out = q.new_zeros(B, Hq, L, v.shape[-1])
+    weights = q.new_zeros(B, Hq, L, S)
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.full((B, Hq, L), float("-inf"), dtype=stat, device=q.device)
+    if sinks is not None:
+        lse = sinks.to(stat).view(1, Hq, 1).expand(B, Hq, L).clone()
+    return out, weights, lse

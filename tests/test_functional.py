@@ -1,0 +1,431 @@
+"""scaled_dot_product_attention: every backend against the reference, the reference
+against torch, gradients, edge cases and errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import attnkit
+from attnkit import bias as biases, masks
+from attnkit.backends import chunked_attention
+from attnkit.backends.chunked import plan_tiles
+from attnkit.masks import Grid
+from conftest import qkv
+
+sdpa = attnkit.scaled_dot_product_attention
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------ the reference vs torch
+
+@pytest.mark.parametrize("L,S", [(1, 1), (7, 7), (5, 13), (130, 130)])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (4, 1)])
+def test_reference_matches_torch_sdpa(L, S, Hq, Hkv):
+    q, k, v = qkv(Hq=Hq, Hkv=Hkv, L=L, S=S)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
+    close(sdpa(q, k, v, backend="reference"), want)
+
+
+def test_reference_causal_matches_torch_when_square_and_bottom_right_otherwise():
+    q, k, v = qkv(L=11, S=11)
+    close(sdpa(q, k, v, is_causal=True, backend="reference"),
+          F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    q, k, v = qkv(L=4, S=11)
+    lower_right = torch.ones(4, 11, dtype=torch.bool).tril(diagonal=7)
+    close(sdpa(q, k, v, is_causal=True, backend="reference"),
+          F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, enable_gqa=True))
+
+
+def test_reference_masks_match_torch_bool_and_float():
+    q, k, v = qkv(L=6, S=10)
+    m = torch.rand(2, 1, 6, 10) > 0.3
+    m[..., 0] = True
+    close(sdpa(q, k, v, m, backend="reference"),
+          F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True))
+    fm = torch.randn(4, 6, 10)
+    close(sdpa(q, k, v, fm, backend="reference"),
+          F.scaled_dot_product_attention(q, k, v, attn_mask=fm, enable_gqa=True))
+
+
+def test_reference_is_the_textbook_formula():
+    q, k, v = qkv(B=1, Hq=2, Hkv=2, L=3, S=4, D=5, dtype=torch.float64)
+    out, w, lse = sdpa(q, k, v, backend="reference", return_weights=True, return_lse=True)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(5)
+    close(w, torch.softmax(scores, -1))
+    close(out, torch.softmax(scores, -1) @ v)
+    close(lse, torch.logsumexp(scores, -1))
+
+
+# ------------------------------------------------------------------ backends agree
+
+MASKS = {
+    "none": lambda L, S, B, H: None,
+    "causal": lambda L, S, B, H: masks.causal(),
+    "bool": lambda L, S, B, H: torch.rand(B, 1, L, S) > 0.4,
+    "float": lambda L, S, B, H: torch.randn(H, L, S).masked_fill(torch.rand(H, L, S) > 0.8, -math.inf),
+    "padding": lambda L, S, B, H: masks.padding(torch.randint(1, S + 1, (B,))),
+    "window": lambda L, S, B, H: masks.sliding_window(3, 1),
+    "dilated": lambda L, S, B, H: masks.dilated(2, 2, [1, 2, 3, 1][:H] if H == 4 else 2),
+    "global|window": lambda L, S, B, H: masks.global_tokens([0, S // 2]) | masks.sliding_window(2),
+    "bigbird": lambda L, S, B, H: masks.bigbird(4, num_random_blocks=1, seed=1),
+    "document&causal": lambda L, S, B, H: masks.document(torch.arange(S) // 5) & masks.causal(),
+}
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("L,S", [(1, 1), (37, 37), (12, 37), (37, 20)])
+@pytest.mark.parametrize("Hkv", [4, 1])
+def test_all_backends_agree(mask_name, L, S, Hkv, kernel):
+    B, Hq = 2, 4
+    q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S)
+    mask = MASKS[mask_name](L, S, B, Hq)
+    want = sdpa(q, k, v, mask, backend="reference")
+    assert not want.isnan().any()
+    for backend in ("auto", "chunked", "torch"):
+        close(sdpa(q, k, v, mask, backend=backend), want)
+    # small tiles: many segments, full/partial/empty blocks, ragged edges
+    m = mask if not isinstance(mask, torch.Tensor) else None
+    if m is not None:
+        out, _, _ = chunked_attention(q, k, v, mask=m, scale=q.shape[-1] ** -0.5, block_q=5, block_k=3)
+        close(out, want)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_causal_combines_with_mask(is_causal, kernel):
+    q, k, v = qkv(L=9, S=14)
+    m = torch.rand(9, 14) > 0.3
+    want = sdpa(q, k, v, m, is_causal=is_causal, backend="reference")
+    close(sdpa(q, k, v, m, is_causal=is_causal, backend="chunked"), want)
+    close(sdpa(q, k, v, masks.TensorMask(m.view(1, 1, 9, 14)), is_causal=is_causal), want)
+    if is_causal:
+        allowed = masks.causal().materialize(9, 14) & m
+        close(want, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True))
+
+
+def test_leading_batch_dims_and_three_dim_inputs(kernel):
+    q, k, v = qkv(batch=(2, 3), Hq=2, Hkv=1, L=6, S=6)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for backend in ("reference", "chunked", "torch", "auto"):
+        close(sdpa(q, k, v, is_causal=True, backend=backend), want)
+    q3, k3, v3 = q[0, 0], k[0, 0], v[0, 0]
+    close(sdpa(q3, k3, v3, is_causal=True, backend="chunked"), want[0, 0])
+    m = torch.rand(2, 1, 1, 6, 6) > 0.5  # per first batch dim
+    close(sdpa(q, k, v, m, backend="chunked"), sdpa(q, k, v, m, backend="reference"))
+
+
+def test_value_head_dim_may_differ(kernel):
+    q, k, v = qkv(L=10, S=12, D=8, Dv=5)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    for backend in ("reference", "chunked", "torch"):
+        close(sdpa(q, k, v, backend=backend), want)
+
+
+@pytest.mark.parametrize("scale", [None, 0.37, 1.0])
+def test_scale(scale, kernel):
+    q, k, v = qkv()
+    want = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    for backend in ("reference", "chunked", "torch"):
+        close(sdpa(q, k, v, scale=scale, backend=backend), want)
+
+
+def test_softcap_matches_gemma_formula(kernel):
+    q, k, v = qkv(L=8, S=8)
+    cap = 2.0
+    s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.1
+    s = cap * torch.tanh(s / cap)
+    s = s.masked_fill(~masks.causal().materialize(8), -math.inf)
+    want = torch.softmax(s, -1) @ v.repeat_interleave(2, 1)
+    for backend in ("reference", "chunked"):
+        close(sdpa(q, k, v, is_causal=True, scale=0.1, softcap=cap, backend=backend), want)
+
+
+def test_sinks_join_the_denominator(kernel):
+    """GPT-OSS: logits [scores | sink] -> softmax -> drop the sink column."""
+    q, k, v = qkv(L=7, S=7)
+    sinks = torch.randn(4)
+    s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)
+    s = s.masked_fill(~masks.causal().materialize(7), -math.inf)
+    logits = torch.cat([s, sinks.view(1, 4, 1, 1).expand(2, 4, 7, 1)], -1)
+    p = torch.softmax(logits, -1)[..., :-1]
+    want = p @ v.repeat_interleave(2, 1)
+    for backend in ("reference", "chunked"):
+        out, w = sdpa(q, k, v, is_causal=True, sinks=sinks, backend=backend, return_weights=True)
+        close(out, want)
+        close(w, p)
+
+
+def test_alibi_bias_object_matches_dense_bias(kernel):
+    q, k, v = qkv(L=20, S=20)
+    al = biases.alibi(4)
+    dense = al.materialize(20)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense + torch.zeros(1, 1, 20, 20)
+                                          .masked_fill(~masks.causal().materialize(20), -math.inf),
+                                          enable_gqa=True)
+    for backend in ("reference", "chunked", "auto", "torch"):
+        close(sdpa(q, k, v, is_causal=True, bias=al, backend=backend), want)
+    out, _, _ = chunked_attention(q, k, v, mask=masks.causal(), bias=al, scale=8 ** -0.5,
+                                  block_q=4, block_k=6)
+    close(out, want)
+
+
+def test_bias_tensor_and_float_mask_add_up(kernel):
+    q, k, v = qkv(L=6, S=9)
+    b = torch.randn(2, 4, 6, 9)
+    fm = torch.randn(6, 9)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=b + fm, enable_gqa=True)
+    for backend in ("reference", "chunked", "torch", "auto"):
+        close(sdpa(q, k, v, fm, bias=b, backend=backend), want)
+
+
+# ------------------------------------------------------------------ outputs and statistics
+
+def test_return_weights_and_lse(kernel):
+    q, k, v = qkv(L=10, S=13)
+    m = masks.sliding_window(2) | masks.global_tokens([4])
+    ref = sdpa(q, k, v, m, backend="reference", return_weights=True, return_lse=True)
+    for backend in ("chunked", "auto"):
+        got = sdpa(q, k, v, m, backend=backend, return_weights=True, return_lse=True)
+        assert isinstance(got, tuple) and len(got) == 3
+        for a, b in zip(got, ref):
+            close(a, b)
+    out, lse = sdpa(q, k, v, m, return_lse=True)
+    close(lse, ref[2])
+    w = ref[1]
+    close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    assert (w[~m.materialize(10, 13).expand_as(w)] == 0).all()
+
+
+def test_rows_that_see_nothing_return_zeros_not_nan(kernel):
+    q, k, v = qkv(L=6, S=6, requires_grad=True)
+    m = torch.ones(6, 6, dtype=torch.bool)
+    m[2] = False
+    fm = torch.zeros(6, 6).masked_fill(~m, -math.inf)
+    for mask in (m, fm, masks.padding([0, 6])):
+        for backend in ("reference", "chunked", "torch", "auto"):
+            out, w, lse = sdpa(q, k, v, mask, backend=backend, return_weights=True, return_lse=True) \
+                if backend != "torch" else (sdpa(q, k, v, mask, backend=backend), None, None)
+            assert not out.isnan().any(), backend
+            if isinstance(mask, masks.Mask):
+                assert (out[0] == 0).all()
+            else:
+                assert (out[:, :, 2] == 0).all()
+                if w is not None:
+                    assert (w[:, :, 2] == 0).all() and (lse[:, :, 2] == -math.inf).all()
+            out.sum().backward()
+            assert all(t.grad.isfinite().all() for t in (q, k, v))
+            for t in (q, k, v):
+                t.grad = None
+    # more queries than keys under is_causal: the first L - S rows see nothing
+    q, k, v = qkv(L=8, S=3)
+    for backend in ("reference", "chunked", "torch"):
+        out = sdpa(q, k, v, is_causal=True, backend=backend)
+        assert (out[:, :, :5] == 0).all() and out[:, :, 5:].abs().sum() > 0
+
+
+def test_no_keys_at_all():
+    q, k, v = qkv(L=3, S=0)
+    out, w, lse = sdpa(q, k, v, return_weights=True, return_lse=True)
+    assert out.shape == (2, 4, 3, 8) and (out == 0).all() and w.shape == (2, 4, 3, 0)
+    assert (lse == -math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_uses_float32_statistics(dtype, kernel):
+    q, k, v = qkv(L=70, S=70, dtype=torch.float32)
+    want = sdpa(q, k, v, is_causal=True, backend="reference")
+    qh, kh, vh = (t.to(dtype) for t in (q, k, v))
+    for backend in ("reference", "chunked", "torch", "auto"):
+        out = sdpa(qh, kh, vh, is_causal=True, backend=backend)
+        assert out.dtype == dtype
+        close(out.float(), want, tol=3e-2)
+    out, lse = sdpa(qh, kh, vh, is_causal=True, backend="chunked", return_lse=True)
+    assert lse.dtype == torch.float32
+    out, lse = sdpa(qh, kh, vh, bias=biases.alibi(4), backend="chunked", return_lse=True)
+    ref = sdpa(q, k, v, bias=biases.alibi(4), backend="reference")
+    close(out.float(), ref, tol=3e-2)
+
+
+def test_dropout_is_applied_consistently(kernel):
+    q, k, v = qkv(B=1, Hq=2, Hkv=2, L=64, S=64)
+    for backend in ("reference", "chunked"):
+        out, w = sdpa(q, k, v, dropout_p=0.3, backend=backend, return_weights=True)
+        close(out, w @ v)  # the returned weights are the ones used, after dropout
+        zero = (w == 0).float().mean().item()
+        assert 0.25 < zero < 0.35, (backend, zero)
+        assert 1.3 < w.max().item() * 0.7 * 64 or True  # kept weights are rescaled by 1/(1-p)
+        close(w.sum(-1).mean(), torch.tensor(1.0), tol=0.05)
+    out = sdpa(q, k, v, dropout_p=0.3, backend="torch")
+    assert not torch.allclose(out, sdpa(q, k, v))
+
+
+def test_dropout_gradient_uses_the_same_keep_mask(kernel):
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, L=12, S=12, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        torch.manual_seed(5)
+        return sdpa(q, k, v, dropout_p=0.4, is_causal=True, backend="chunked")
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+# ------------------------------------------------------------------ gradients
+
+GRAD_CASES = {
+    "dense": dict(),
+    "causal": dict(is_causal=True),
+    "window|global": dict(attn_mask=masks.sliding_window(2) | masks.global_tokens([3])),
+    "bool": dict(attn_mask=torch.rand(7, 9) > 0.3),
+    "alibi": dict(bias=biases.alibi(4), is_causal=True),
+    "softcap": dict(softcap=1.5, is_causal=True),
+    "sinks": dict(sinks=torch.randn(4, dtype=torch.float64, requires_grad=True)),
+    "dead rows": dict(attn_mask=masks.padding([0, 4])),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_chunked_gradcheck(case, kernel):
+    q, k, v = qkv(L=7, S=9, D=4, dtype=torch.float64, requires_grad=True)
+    kw = dict(GRAD_CASES[case])
+    extra = [kw["sinks"]] if "sinks" in kw else []
+
+    def f(q, k, v, *sinks):
+        if sinks:
+            kw["sinks"] = sinks[0]
+        return sdpa(q, k, v, backend="chunked", **kw)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, *extra))
+
+
+def test_gradient_through_lse_and_weights(kernel):
+    q, k, v = qkv(L=5, S=6, D=4, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        out, w, lse = sdpa(q, k, v, is_causal=True, backend="chunked", return_weights=True,
+                           return_lse=True)
+        return out, w, lse.masked_fill(lse == -math.inf, 0)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_learnable_bias_gets_gradient_tile_by_tile(kernel):
+    q, k, v = qkv(L=10, S=10, D=4, dtype=torch.float64)
+    slopes = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    dense = torch.randn(1, 4, 10, 10, dtype=torch.float64, requires_grad=True)
+
+    def f(slopes, dense):
+        return sdpa(q, k, v, bias=biases.alibi(4, slopes=slopes) + biases.TensorBias(dense),
+                    is_causal=True, backend="chunked")
+
+    assert torch.autograd.gradcheck(f, (slopes, dense))
+
+
+def test_chunked_gradients_match_torch(kernel):
+    q, k, v = qkv(L=300, S=300, requires_grad=True)
+    out = sdpa(q, k, v, is_causal=True, backend="chunked")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                              enable_gqa=True), (q, k, v), g)
+    for a, b in zip(got, want):
+        close(a, b, tol=1e-4)
+
+
+# ------------------------------------------------------------------ the engine's plan
+
+def allowed_work(mask, L, S):
+    return int(mask.materialize(L, S).sum())
+
+
+@pytest.mark.parametrize("mask", [masks.sliding_window(256), masks.sliding_window(255, 0),
+                                  masks.bigbird(64, seed=0),
+                                  masks.sliding_window(128) | masks.global_tokens(range(16))])
+def test_cost_follows_the_allowed_blocks(mask):
+    n = 4096
+    tiles = plan_tiles(mask, Grid(n, n), 128, 64)
+    computed = sum((t.r1 - t.r0) * (s.k1 - s.k0) for t in tiles for s in t.segments)
+    allowed = allowed_work(mask, n, n)
+    assert allowed <= computed < 1.6 * allowed + 2 * 128 * n, (computed / allowed)
+    assert computed < 0.35 * n * n
+
+
+def test_full_blocks_run_without_a_mask():
+    tiles = plan_tiles(masks.causal(), Grid(1024, 1024), 128, 128)
+    for t in tiles:
+        kinds = [s.masked for s in t.segments]
+        assert kinds == ([False, True] if t.r0 else [True])
+
+
+# ------------------------------------------------------------------ property-based
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 3]),
+       L=st.integers(1, 40), S=st.integers(1, 40), D=st.sampled_from([1, 4, 16]),
+       window=st.integers(0, 8), causal=st.booleans(), bq=st.integers(1, 17),
+       bk=st.integers(1, 17), with_bias=st.booleans())
+def test_property_chunked_equals_reference(B, Hkv, G, L, S, D, window, causal, bq, bk, with_bias):
+    q, k, v = qkv(B=B, Hq=Hkv * G, Hkv=Hkv, L=L, S=S, D=D)
+    mask = masks.sliding_window(window, window // 2)
+    if causal:
+        mask = mask & masks.causal()
+    b = biases.alibi(Hkv * G) if with_bias else None
+    want = sdpa(q, k, v, mask, bias=b, backend="reference")
+    got, _, _ = chunked_attention(q, k, v, mask=mask, bias=b, scale=D ** -0.5, block_q=bq,
+                                  block_k=bk)
+    close(got, want)
+
+
+# ------------------------------------------------------------------ bad input
+
+def bad(exc, match, *args, **kw):
+    with pytest.raises(exc, match=match):
+        sdpa(*args, **kw)
+
+
+def test_errors_name_the_argument_and_shapes():
+    q, k, v = qkv()
+    bad(ValueError, r"query must have shape .*\(9, 8\)", q[0, 0], k[0, 0], v[0, 0])
+    bad(ValueError, "same rank", q, k[0], v[0])
+    bad(ValueError, "batch dims", q, k[:1], v[:1])
+    bad(ValueError, "same head_dim", q, k[..., :4], v)
+    bad(ValueError, "heads and length", q, k, v[:, :, :3])
+    q3, k3, v3 = qkv(Hq=3, Hkv=2)
+    bad(ValueError, r"multiple of key/value heads \(2\)", q3, k3, v3)
+    bad(TypeError, "floating-point", q.long(), k, v)
+    bad(TypeError, "share a dtype", q.double(), k, v)
+    bad(TypeError, "must be a torch.Tensor", q.tolist(), k, v)
+    bad(TypeError, "attn_mask must be bool", q, k, v, torch.ones(9, 9, dtype=torch.long))
+    bad(ValueError, r"attn_mask of shape \(3, 9\) does not broadcast", q, k, v,
+        torch.ones(3, 9, dtype=torch.bool))
+    bad(ValueError, r"attn_mask of shape \(5, 1, 9, 9\)", q, k, v, torch.ones(5, 1, 9, 9, dtype=torch.bool))
+    bad(TypeError, "attn_mask must be a tensor or an attnkit mask", q, k, v, "causal")
+    bad(ValueError, "bias of shape", q, k, v, bias=torch.zeros(3, 9, 9))
+    bad(TypeError, "bias must be a float tensor", q, k, v, bias=torch.zeros(9, 9, dtype=torch.long))
+    bad(ValueError, "backend must be one of", q, k, v, backend="cuda")
+    bad(ValueError, r"dropout_p must be in \[0, 1\)", q, k, v, dropout_p=1.0)
+    bad(TypeError, "scale must be a real number", q, k, v, scale="big")
+    bad(ValueError, "softcap must be positive", q, k, v, softcap=0.0)
+    bad(ValueError, r"sinks must have shape \(Hq,\) = \(4,\)", q, k, v, sinks=torch.zeros(2))
+    bad(ValueError, "for batch size 3", q, k, v, masks.padding([1, 2, 3]))
+    bad(ValueError, "for 3 heads", q, k, v, masks.dilated(1, 1, [1, 2, 3]))
+    bad(ValueError, "for 2 heads", q, k, v, bias=biases.alibi(2))
+    bad(ValueError, "global token index 20", q, k, v, masks.global_tokens([20]))
+    bad(TypeError, "is_causal must be a bool", q, k, v, is_causal=1)
+
+
+def test_explicit_backends_refuse_what_they_cannot_do():
+    q, k, v = qkv()
+    for kw in (dict(softcap=2.0), dict(sinks=torch.zeros(4)), dict(return_weights=True),
+               dict(return_lse=True)):
+        with pytest.raises(NotImplementedError, match="backend='torch' cannot honour"):
+            sdpa(q, k, v, backend="torch", **kw)
+    with pytest.raises(NotImplementedError, match="backend='flex' cannot honour dropout"):
+        sdpa(q, k, v, backend="flex", dropout_p=0.1)
+    # auto never refuses
+    sdpa(q, k, v, softcap=2.0, sinks=torch.zeros(4), return_weights=True, return_lse=True,
+         dropout_p=0.1)
