@@ -1,0 +1,221 @@
+"""Multi-head attention as an ``nn.Module``: MHA, GQA and MQA from one class.
+
+    q = x W_q  -> (B, Hq,  L, d)        d = embed_dim / num_heads
+    k = m W_k  -> (B, Hkv, S, d)        Hkv = num_kv_heads (Hq: MHA, 1: MQA, else GQA)
+    v = m W_v  -> (B, Hkv, S, d)        m = x (self-attention) or the memory (cross)
+    o = attention(q, k, v)               query head h reads kv head h // (Hq / Hkv)
+    y = concat_h(o) W_o
+
+Inputs are batch-first (B, L, embed_dim). ``attn_mask`` follows attnkit's convention
+(True = may attend); ``key_padding_mask`` follows ``nn.MultiheadAttention`` (True marks
+padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..bias import Bias
+from ..cache import KVCache
+from ..functional import scaled_dot_product_attention
+from ..masks import Mask, TensorMask
+
+__all__ = ["MultiHeadAttention"]
+
+
+def _positive_int(name, x):
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return x
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with grouped/multi-query variants and a KV cache.
+
+    Args:
+        embed_dim: model width E; the output is (B, L, E).
+        num_heads: query heads Hq; E % Hq == 0.
+        num_kv_heads: key/value heads Hkv (None: Hq, MHA; 1: MQA; a divisor: GQA).
+        kdim, vdim: widths of the key and value inputs (cross-attention), default E.
+        bias: add biases to the four projections.
+        dropout: dropout on the attention weights in training mode.
+        positional: where positions enter attention: a rotary embedding (anything with a
+            ``rope(q, k, positions)`` method), an attnkit bias object (e.g. ALiBi), or a
+            module with ``bias(q_len, k_len)`` returning one (e.g. T5's relative bias).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, *,
+                 kdim: int | None = None, vdim: int | None = None, bias: bool = True,
+                 dropout: float = 0.0, positional=None, device=None, dtype=None):
+        super().__init__()
+        _positive_int("embed_dim", embed_dim)
+        _positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads "
+                             f"({num_kv_heads})")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = embed_dim if kdim is None else _positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else _positive_int("vdim", vdim)
+        self.dropout = float(dropout)
+        kv_width = num_kv_heads * self.head_dim
+        f = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **f)
+        self.k_proj = nn.Linear(self.kdim, kv_width, bias=bias, **f)
+        self.v_proj = nn.Linear(self.vdim, kv_width, bias=bias, **f)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **f)
+        self.positional = positional
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}")
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        """(B, L, n*d) -> (B, n, L, d)"""
+        B, L, _ = x.shape
+        return x.view(B, L, n, self.head_dim).transpose(1, 2)
+
+    def _check(self, name: str, x, width: int) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != width:
+            raise ValueError(f"{name} must be (batch, length, {width}), got {tuple(x.shape)}")
+
+    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None, *,
+                key_padding_mask: Tensor | None = None, attn_mask=None, is_causal: bool = False,
+                cache: KVCache | None = None, need_weights: bool = False):
+        """Returns ``(output (B, L, E), weights (B, Hq, L, S_total) or None)``.
+
+        ``key=None`` is self-attention, ``value=None`` means ``value = key``. With a
+        ``cache``, this call's keys/values are appended to it first, and query row i sits
+        at position ``S_total - L + i``: one token at a time with ``is_causal=True``
+        reproduces a single full causal call.
+        """
+        self._check("query", query, self.embed_dim)
+        if key is None:
+            key = query
+            if value is None:
+                value = query
+        self._check("key", key, self.kdim)
+        value = key if value is None else value
+        self._check("value", value, self.vdim)
+        B, L, _ = query.shape
+        if key.shape[0] != B or value.shape[:2] != key.shape[:2]:
+            raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                             f"{tuple(value.shape)} must share the batch size, and key/value "
+                             f"the length")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be an attnkit.KVCache, got {type(cache).__name__}")
+
+        q = self._heads(self.q_proj(query), self.num_heads)
+        k = self._heads(self.k_proj(key), self.num_kv_heads)
+        v = self._heads(self.v_proj(value), self.num_kv_heads)
+        past = len(cache) if cache is not None else 0
+        pos = self.positional
+        if pos is not None and hasattr(pos, "rope"):
+            if k.shape[2] != L:
+                raise ValueError(f"rotary positions need keys at the query positions "
+                                 f"(self-attention); got query length {L} and key length "
+                                 f"{k.shape[2]}")
+            q, k = pos.rope(q, k, torch.arange(past, past + L, device=q.device))
+        if cache is not None:
+            k, v = cache.update(k, v)
+        S = k.shape[2]
+
+        bias = None
+        if isinstance(pos, Bias):
+            bias = pos
+        elif pos is not None and callable(getattr(pos, "bias", None)):
+            bias = pos.bias(L, S)
+
+        if key_padding_mask is not None:
+            attn_mask = _with_padding(attn_mask, key_padding_mask, B, S)
+        out = scaled_dot_product_attention(
+            q, k, v, attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal, bias=bias, return_weights=need_weights)
+        weights = None
+        if need_weights:
+            out, weights = out
+        out = out.transpose(1, 2).reshape(B, L, self.embed_dim)
+        return self.out_proj(out), weights
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> "MultiHeadAttention":
+        """An equivalent batch-first layer holding a copy of ``module``'s weights.
+
+        Remember the mask conventions differ: torch's bool ``attn_mask`` marks keys that
+        may NOT be attended; attnkit's marks keys that may (pass ``~mask``).
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"from_torch takes an nn.MultiheadAttention, got "
+                            f"{type(module).__name__}")
+        if module.bias_k is not None or module.bias_v is not None:
+            raise ValueError("from_torch: nn.MultiheadAttention with add_bias_kv=True has no "
+                             "attnkit equivalent")
+        if module.add_zero_attn:
+            raise ValueError("from_torch: nn.MultiheadAttention with add_zero_attn=True has "
+                             "no attnkit equivalent")
+        E = module.embed_dim
+        has_bias = module.in_proj_bias is not None
+        w = module.in_proj_weight
+        ref = w if w is not None else module.q_proj_weight
+        layer = cls(E, module.num_heads, kdim=module.kdim, vdim=module.vdim, bias=has_bias,
+                    dropout=module.dropout, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            if module._qkv_same_embed_dim:
+                wq, wk, wv = module.in_proj_weight.chunk(3)
+            else:
+                wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+            for lin, wt in ((layer.q_proj, wq), (layer.k_proj, wk), (layer.v_proj, wv)):
+                lin.weight.copy_(wt)
+            if has_bias:
+                for lin, b in zip((layer.q_proj, layer.k_proj, layer.v_proj),
+                                  module.in_proj_bias.chunk(3)):
+                    lin.bias.copy_(b)
+            layer.out_proj.weight.copy_(module.out_proj.weight)
+            if has_bias:
+                layer.out_proj.bias.copy_(module.out_proj.bias)
+        layer.train(module.training)
+        return layer
+
+
+def _with_padding(attn_mask, key_padding_mask: Tensor, B: int, S: int):
+    """Fold a (B, S) key padding mask (True = padding, or float added) into attn_mask."""
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a tensor, got "
+                        f"{type(key_padding_mask).__name__}")
+    if key_padding_mask.shape != (B, S):
+        raise ValueError(f"key_padding_mask must be (batch, keys incl. cached) = ({B}, {S}), "
+                         f"got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.dtype == torch.bool:
+        keep = ~key_padding_mask.view(B, 1, 1, S)
+        if attn_mask is None:
+            return keep
+        if isinstance(attn_mask, Mask):
+            return attn_mask & TensorMask(keep)
+        if isinstance(attn_mask, Tensor) and attn_mask.dtype == torch.bool:
+            return attn_mask & keep
+        if isinstance(attn_mask, Tensor) and attn_mask.is_floating_point():
+            return attn_mask.masked_fill(~keep, float("-inf"))
+        raise TypeError(f"attn_mask must be a tensor or an attnkit mask, got "
+                        f"{type(attn_mask).__name__}")
+    if key_padding_mask.is_floating_point():
+        add = key_padding_mask.view(B, 1, 1, S)
+        if attn_mask is None:
+            return add
+        if isinstance(attn_mask, Tensor):
+            if attn_mask.dtype == torch.bool:
+                return add.masked_fill(~attn_mask, float("-inf"))
+            return attn_mask + add
+        raise TypeError("a float key_padding_mask combines only with a tensor attn_mask")
+    raise TypeError(f"key_padding_mask must be bool (True = padding) or float, got "
+                    f"{key_padding_mask.dtype}")
