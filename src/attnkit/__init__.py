@@ -1,0 +1,16 @@
+"""attnkit: every attention mechanism an LLM uses, as readable reference code and as a
+fast, memory-lean implementation checked against it.
+
+    import attnkit
+    out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=attnkit.masks.causal())
+"""
+
+from . import bias, masks
+from .cache import KVCache
+from .functional import scaled_dot_product_attention
+from .layers import MultiHeadAttention
+
+__version__ = "0.1.0"
+
+__all__ = ["scaled_dot_product_attention", "MultiHeadAttention", "KVCache", "masks", "bias",
+           "__version__"]
