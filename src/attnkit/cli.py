@@ -22,6 +22,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="language (default: from the locale)")
     t.add_argument("--out", default="attnkit-tour", help="folder for the pictures")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+
+    pl = sub.add_parser("plot", help="draw mask patterns side by side")
+    pl.add_argument("masks", nargs="+", metavar="MASK",
+                    help="NAME[:key=value,...] with NAME one of causal, padding, "
+                         "sliding_window, dilated, global, bigbird, document; join terms "
+                         "with & and |")
+    pl.add_argument("--length", type=int, default=64, help="sequence length (default 64)")
+    pl.add_argument("--out", required=True, help="output PNG file")
+
+    b = sub.add_parser("bench", help="time every variant against its peers")
+    b.add_argument("--quick", action="store_true", help="small sizes, under two minutes")
+    b.add_argument("--json", default=None, metavar="FILE", help="write every figure as JSON")
+    b.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="time and memory versus length")
     return p
 
 
@@ -35,6 +49,12 @@ def main(argv=None) -> int:
         if args.command == "tour":
             from .tour import run
             return run(lang=args.lang, out=args.out, seed=args.seed)
+        if args.command == "plot":
+            from .viz import plot_command
+            return plot_command(args.masks, length=args.length, out=args.out)
+        if args.command == "bench":
+            from .bench import run as bench
+            return bench(quick=args.quick, json_path=args.json, plot_path=args.plot)
     except (ValueError, TypeError, OSError) as e:
         print(f"attnkit: error: {e}", file=sys.stderr)
         return 2
