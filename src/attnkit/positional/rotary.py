@@ -1,0 +1,138 @@
+"""Rotary position embedding (RoPE; Su et al. 2021, RoFormer).
+
+Queries and keys are rotated, pair of dims by pair of dims, by an angle proportional to
+their position. For pair ``k`` (of ``r / 2``, ``r = rotary_dim``) at position ``m``:
+
+    theta_k = base^(-2k / r)
+    (x1, x2) -> (x1 cos(m theta_k) - x2 sin(m theta_k),  x2 cos(m theta_k) + x1 sin(m theta_k))
+
+so ``<R_m q, R_n k> = <q, R_(n-m) k>``: scores depend only on the offset ``n - m``, and a
+token keeps its rotation in a KV cache. Two layouts pick the pairs:
+
+* rotate-half (GPT-NeoX, Llama; ``interleaved=False``): pair k = dims (k, k + r/2);
+* interleaved (GPT-J, RoFormer; ``interleaved=True``): pair k = dims (2k, 2k + 1).
+
+With ``rotary_dim < head_dim`` only the first ``rotary_dim`` dims rotate (GPT-NeoX's
+``rotary_pct``, GPT-J's ``rotary_dim``); the rest pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RotaryEmbedding"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding for heads of size ``head_dim``; plugs into
+    ``attnkit.MultiHeadAttention(positional=RotaryEmbedding(...))``.
+
+    ``cos``/``sin`` tables are computed once per device (angles in float64, stored as
+    float32, or float64 for float64 inputs), grown by doubling as larger positions come,
+    and applied in float32 (float64 for float64 inputs); outputs keep the input dtype.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = False,
+                 rotary_dim: int | None = None):
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
+            raise TypeError(f"rotary_dim must be an int or None, got {rotary_dim!r}")
+        if not 2 <= rotary_dim <= head_dim or rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and in [2, head_dim={head_dim}], "
+                             f"got {rotary_dim}")
+        if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 1:
+            raise ValueError(f"base must be a number > 1, got {base!r}")
+        self.head_dim, self.rotary_dim = head_dim, rotary_dim
+        self.base, self.interleaved = float(base), bool(interleaved)
+        self._tables: dict = {}  # (device, dtype) -> (cos, sin), each (n, rotary_dim / 2)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "
+                f"interleaved={self.interleaved}")
+
+    def inv_freq(self, device=None) -> Tensor:
+        """theta_k = base^(-2k / rotary_dim), k = 0 .. rotary_dim/2 - 1, float64."""
+        k = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=device)
+        return self.base ** (-k / self.rotary_dim)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32):
+        """(cos, sin) of ``positions * theta``: each (*positions.shape, rotary_dim / 2)."""
+        positions = self._check_positions(positions)
+        key = (positions.device, dtype)
+        cos, sin = self._tables.get(key, (None, None))
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if cos is None or cos.shape[0] < need:
+            n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
+            angle = torch.outer(torch.arange(n, dtype=torch.float64, device=positions.device),
+                                self.inv_freq(positions.device))
+            cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+            self._tables[key] = (cos, sin)
+        return cos[positions], sin[positions]
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate x (..., L, head_dim) at ``positions`` (L,) or (B, L), where x is
+        (..., B, H, L, head_dim) for per-batch positions."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() < 2 or x.shape[-1] != self.head_dim:
+            raise ValueError(f"x must be (..., length, head_dim={self.head_dim}), got "
+                             f"{tuple(x.shape)}")
+        positions = self._check_positions(positions)
+        if positions.shape[-1] != x.shape[-2]:
+            raise ValueError(f"positions {tuple(positions.shape)} must have the length of x "
+                             f"{tuple(x.shape)} (dim -2)")
+        if positions.dim() == 2 and (x.dim() < 4 or x.shape[-4] not in (1, positions.shape[0])):
+            raise ValueError(f"per-batch positions {tuple(positions.shape)} need x as "
+                             f"(B, H, L, head_dim) with B = {positions.shape[0]}, got "
+                             f"{tuple(x.shape)}")
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = self.cos_sin(positions.to(x.device), work)
+        if positions.dim() == 2:  # (B, L, r/2) -> (B, 1, L, r/2), broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        r = self.rotary_dim
+        xr = x[..., :r].to(work)
+        if self.interleaved:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
+        else:
+            x1, x2 = xr[..., :r // 2], xr[..., r // 2:]
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+        out = out.to(x.dtype)
+        if r < self.head_dim:
+            out = torch.cat((out, x[..., r:]), -1)
+        return out
+
+    def rope(self, query: Tensor, key: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotated ``(query, key)``: inputs (..., H, L, head_dim) (head counts may differ,
+        lengths match), ``positions`` an integer tensor (L,) or (B, L)."""
+        for name, t in (("query", query), ("key", key)):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() < 3 or t.shape[-1] != self.head_dim:
+                raise ValueError(f"{name} must be (..., heads, length, head_dim="
+                                 f"{self.head_dim}), got {tuple(t.shape)}")
+        if query.shape[-2] != key.shape[-2]:
+            raise ValueError(f"query and key must have the same length, got query "
+                             f"{tuple(query.shape)} and key {tuple(key.shape)}")
+        return self.rotate(query, positions), self.rotate(key, positions)
+
+    forward = rope
+
+    @staticmethod
+    def _check_positions(positions) -> Tensor:
+        if not isinstance(positions, Tensor):
+            raise TypeError(f"positions must be an integer tensor (L,) or (B, L), got "
+                            f"{type(positions).__name__}")
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+        if positions.dim() not in (1, 2):
+            raise ValueError(f"positions must be (L,) or (B, L), got {tuple(positions.shape)}")
+        if positions.numel() and int(positions.min()) < 0:
+            raise ValueError(f"positions must be >= 0, got min {int(positions.min())}")
+        return positions.long()
