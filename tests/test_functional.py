@@ -429,3 +429,16 @@ def test_explicit_backends_refuse_what_they_cannot_do():
     # auto never refuses
     sdpa(q, k, v, softcap=2.0, sinks=torch.zeros(4), return_weights=True, return_lse=True,
          dropout_p=0.1)
+
+
+# ------------------------------------------------------------------ FlexAttention (compiles: few tests)
+
+def test_flex_backend_lowers_masks_and_biases():
+    """The same mask/bias objects lowered to FlexAttention's BlockMask and score_mod."""
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, L=150, S=200, D=16)
+    mask = (masks.sliding_window(20, 5) | masks.global_tokens([3])) & masks.padding([200, 120])
+    b = biases.alibi(4)
+    want = sdpa(q, k, v, mask, bias=b, softcap=3.0, backend="reference")
+    close(sdpa(q, k, v, mask, bias=b, softcap=3.0, backend="flex"), want, tol=1e-4)
+    with pytest.raises(NotImplementedError, match="on CPU cannot honour return_lse"):
+        sdpa(q, k, v, backend="flex", return_lse=True)
