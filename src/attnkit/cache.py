@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "SlidingWindowCache"]
 
 
 class KVCache:
@@ -87,3 +87,123 @@ class KVCache:
         self._v[:, :, self.length:need] = value
         self.length = need
         return self.keys, self.values
+
+
+class SlidingWindowCache(KVCache):
+    """A rolling cache for sliding-window attention: memory stays constant however long
+    generation runs.
+
+    ``window`` is the number of keys a query sees, itself included (transformers'
+    ``sliding_window=W``, attnkit's ``masks.sliding_window(W - 1, 0)``). Between calls the
+    cache keeps only the last ``window - 1`` keys and values, all a later query can reach.
+    ``update(k, v)`` returns the kept keys followed by the new ones, contiguous in
+    position and ending at the newest token, so with bottom-right alignment (query row i
+    of L sits at ``S - L + i``) the returned keys' indices are the absolute positions
+    shifted by ``len(cache) - S``: every shift-invariant rule (causal, sliding window,
+    ALiBi) stays exact. ``len(cache)`` is the number of tokens seen so far (the absolute
+    position of the next token, what rotary embeddings need), not the number kept.
+
+    Storage is one buffer of ``2 * (window - 1) + 16`` slots per head: new tokens are
+    written after the kept ones and, when the buffer is full, the kept tail moves to the
+    front (``window - 1`` copies every ``window`` tokens or so, O(1) per token amortised).
+    The tensors returned by ``update`` are views of that buffer, valid until the next
+    ``update``. Under autograd (keys that require grad) it concatenates instead and never
+    writes in place.
+
+    With a prompt longer than the buffer, ``update`` returns the whole prompt's keys once
+    (the caller needs them for that call) and keeps only the tail.
+    """
+
+    def __init__(self, window: int):
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (keys a query sees, itself included), "
+                             f"got {window}")
+        super().__init__()
+        self.window = window
+        self._start = 0  # kept keys are buffer slots [_start, _end)
+        self._end = 0
+
+    @property
+    def keep(self) -> int:
+        """Keys kept between calls: ``window - 1``."""
+        return self.window - 1
+
+    @property
+    def capacity(self) -> int:
+        """Slots per (batch, head) in the buffer; constant once allocated."""
+        return 2 * self.keep + 16
+
+    @property
+    def keys(self) -> Tensor | None:
+        return None if self._k is None else self._k[:, :, self._start:self._end]
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, self._start:self._end]
+
+    def reset(self) -> None:
+        super().reset()
+        self._start = self._end = 0
+
+    def _store(self, key: Tensor, value: Tensor) -> None:
+        """Keep the last ``keep`` positions of (key, value) in a fresh buffer."""
+        n = min(self.keep, key.shape[2])
+        self._k = key.new_empty(*key.shape[:2], self.capacity, key.shape[3])
+        self._v = value.new_empty(*value.shape[:2], self.capacity, value.shape[3])
+        self._k[:, :, :n] = key[:, :, key.shape[2] - n:]
+        self._v[:, :, :n] = value[:, :, value.shape[2] - n:]
+        self._start, self._end = 0, n
+
+    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (B, Hkv, n, D) keys and (B, Hkv, n, Dv) values; return the kept ones
+        (at most ``window - 1``) followed by these, (B, Hkv, kept + n, D)."""
+        _check_update(key, value, self.keys, self.values, "SlidingWindowCache")
+        n = key.shape[2]
+        if self._k is None:
+            self.length = n
+            if torch.is_grad_enabled() and key.requires_grad:
+                self._k, self._v = key[:, :, n - min(self.keep, n):], value[:, :, n - min(self.keep, n):]
+                self._start, self._end = 0, self._k.shape[2]
+            else:
+                self._store(key, value)
+            return key, value
+        old_k, old_v = self.keys, self.values
+        self.length += n
+        if torch.is_grad_enabled() and (key.requires_grad or old_k.requires_grad):
+            k_all, v_all = torch.cat([old_k, key], 2), torch.cat([old_v, value], 2)
+            cut = k_all.shape[2] - min(self.keep, k_all.shape[2])
+            self._k, self._v = k_all[:, :, cut:], v_all[:, :, cut:]
+            self._start, self._end = 0, self._k.shape[2]
+            return k_all, v_all
+        kept = self._end - self._start
+        if kept + n > self.capacity or self._k.shape[2] != self.capacity:
+            k_all, v_all = torch.cat([old_k, key], 2), torch.cat([old_v, value], 2)
+            self._store(k_all, v_all)
+            return k_all, v_all
+        if self._end + n > self.capacity:  # slide the kept tail to the front
+            self._k[:, :, :kept] = old_k.clone()
+            self._v[:, :, :kept] = old_v.clone()
+            self._start, self._end = 0, kept
+        s0, s1 = self._start, self._end + n
+        self._k[:, :, self._end:s1] = key
+        self._v[:, :, self._end:s1] = value
+        self._start, self._end = max(s0, s1 - self.keep), s1
+        return self._k[:, :, s0:s1], self._v[:, :, s0:s1]
+
+    def __repr__(self) -> str:
+        return (f"SlidingWindowCache(window={self.window}, seen={self.length}, "
+                f"kept={self._end - self._start})")
+
+
+def _check_update(key, value, old_k, old_v, who: str) -> None:
+    if not isinstance(key, Tensor) or not isinstance(value, Tensor):
+        raise TypeError(f"{who}.update takes key and value tensors")
+    if key.dim() != 4 or value.dim() != 4 or key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"{who}.update takes key (B, Hkv, n, D) and value (B, Hkv, n, Dv), "
+                         f"got {tuple(key.shape)} and {tuple(value.shape)}")
+    if old_k is not None and (key.shape[:2] != old_k.shape[:2] or key.shape[3] != old_k.shape[3]
+                              or value.shape[3] != old_v.shape[3] or key.dtype != old_k.dtype):
+        raise ValueError(f"{who} holds keys {tuple(old_k.shape)} ({old_k.dtype}); cannot add "
+                         f"{tuple(key.shape)} ({key.dtype})")
