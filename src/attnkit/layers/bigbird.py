@@ -1,0 +1,436 @@
+"""BigBird's block-sparse self-attention (Zaheer et al., 2020).
+
+The sequence is cut into blocks of ``block_size`` tokens. A query block sees a few key
+blocks only: its neighbours (the *window*), the *global* blocks (which also see
+everything) and a few *random* blocks. Two layouts are available:
+
+* ``pattern="bigbird"`` (default): attnkit's :func:`attnkit.masks.bigbird` — centred
+  window of ``num_window_blocks``, ``num_global_blocks`` global blocks, and
+  ``num_random_blocks`` further blocks per query block, drawn per head from a generator
+  seeded with ``seed`` (the same plan on any machine).
+* ``pattern="hf"``: exactly what HuggingFace's ``BigBirdBlockSparseAttention`` computes
+  (:func:`hf_block_counts`). Its rows differ from the generic pattern: query blocks 0 and
+  n-1 see everything; block 1 sees key blocks 0, 1, 2 and n-1; block n-2 sees 0, n-3, n-2,
+  n-1; middle block i sees 0, i-1, i, i+1, n-1; rows 1..n-2 also see their random blocks.
+  HuggingFace concatenates the key blocks of each row and takes one softmax over them, so
+  a key block listed twice counts twice. That matters: **in eval mode transformers draws no
+  random blocks at all, it uses block 0 for every random slot** (``rand_attn`` is all
+  zeros), so block 0 enters rows 1..n-2 ``1 + num_random_blocks`` times. A key listed c
+  times contributes ``c * exp(s)``, i.e. ``exp(s + log c)``: the layout here is a block
+  mask (count > 0) plus a block bias ``log(count)``, which reproduces HuggingFace to float
+  tolerance. In training mode the random plan is transformers' own numpy algorithm
+  (:func:`hf_random_plan`), seeded with the layer's ``seed`` as transformers does.
+
+Both patterns fall back to full attention when the sequence is too short for the blocks
+to be sparse, with BigBird's rule: ``L <= (num_window_blocks + num_global_blocks +
+2 * num_random_blocks) * block_size`` (HuggingFace: ``(5 + 2 r) * block_size``). A last
+partial block counts as a block (the same as HuggingFace padding the sequence to a
+multiple of the block size and masking the padding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..bias import Bias
+from ..functional import scaled_dot_product_attention
+from ..masks import BigBirdMask, BlockSparseMask, Mask, bigbird
+from .longformer import _bool_mask, _flag_states, _pick_rows
+
+__all__ = ["BigBirdAttention", "BlockBias", "KeyMask", "hf_block_counts", "hf_random_plan",
+           "hf_rand_attn_plan"]
+
+
+class KeyMask(Mask):
+    """A per-batch set of keys every query may see: ``keep`` (B, S) bool, True = may
+    attend (the complement of a key padding mask). Block states come from prefix counts,
+    so asking about many blocks costs one cumsum."""
+
+    def __init__(self, keep: Tensor):
+        if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
+            raise TypeError(f"keep must be a (batch, keys) bool tensor, got "
+                            f"{getattr(keep, 'shape', type(keep).__name__)}")
+        self.keep = keep
+        self.batch_size = keep.shape[0] if keep.shape[0] > 1 else None
+
+    def validate(self, grid):
+        if grid.k_len != self.keep.shape[1]:
+            raise ValueError(f"KeyMask covers {self.keep.shape[1]} keys, got a key length of "
+                             f"{grid.k_len}")
+
+    def mask_mod(self, grid, b, h, q, k):
+        return self.keep[_pick_rows(self.keep, b), k] & (q == q)
+
+    def tile(self, grid, q0, q1, k0, k1):
+        return self.keep[:, None, None, k0:k1]
+
+    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        st = _flag_states(self.keep, k_lo, k_hi)
+        return st.expand(st.shape[0], 1, q_lo.shape[0], st.shape[-1])
+
+    def __repr__(self):
+        return f"KeyMask({tuple(self.keep.shape)})"
+
+
+class BlockBias(Bias):
+    """A bias constant on blocks: ``table[h, p // block_size, k // block_size]`` added to
+    the score of query position p and key k. ``table`` is (H|1, nq_blocks, nk_blocks)."""
+
+    def __init__(self, table: Tensor, block_size: int):
+        if not isinstance(table, Tensor) or not table.is_floating_point() or table.dim() != 3:
+            raise TypeError("table must be a float tensor (H|1, nq_blocks, nk_blocks)")
+        self.table = table
+        self.block_size = int(block_size)
+        self.num_heads = table.shape[0] if table.shape[0] > 1 else None
+
+    def tile(self, grid, q0, q1, k0, k1, params=None):
+        bs = self.block_size
+        rows = torch.arange(q0, q1, device=grid.device) // bs
+        cols = torch.arange(k0, k1, device=grid.device) // bs
+        t = self.table.to(grid.device)
+        return t[:, rows][:, :, cols].unsqueeze(0)
+
+    def score_mod(self, grid, b, h, q, k):
+        t = self.table.to(grid.device)
+        hh = h if t.shape[0] > 1 else torch.zeros_like(h)
+        return t[hh, q // self.block_size, k // self.block_size]
+
+    def __repr__(self):
+        return f"BlockBias(<table {tuple(self.table.shape)}>, {self.block_size})"
+
+
+# ------------------------------------------------------------------ HuggingFace's layout
+
+def hf_block_counts(num_blocks: int, rand_attn: Tensor) -> Tensor:
+    """How many times each key block enters each query block's softmax in HuggingFace's
+    ``BigBirdBlockSparseAttention``: (H, n, n) long, n = ``num_blocks`` (>= 5).
+
+    ``rand_attn`` (H, n - 2, r): the random key blocks of query blocks 1..n-2 (row i - 1
+    for query block i), as transformers' ``rand_attn``.
+    """
+    n = int(num_blocks)
+    if n < 5:
+        raise ValueError(f"HuggingFace's block-sparse layout needs >= 5 blocks, got {n}")
+    if rand_attn.dim() != 3 or rand_attn.shape[1] != n - 2:
+        raise ValueError(f"rand_attn must be (heads, num_blocks - 2, r) = (H, {n - 2}, r), "
+                         f"got {tuple(rand_attn.shape)}")
+    H = rand_attn.shape[0]
+    counts = torch.zeros(H, n, n, dtype=torch.long)
+    counts[:, 0] = counts[:, -1] = 1                        # global rows see everything
+    i = torch.arange(1, n - 1)
+    # the key blocks each row lists: global first, window i-1..i+1, global last
+    listed = torch.stack([torch.zeros_like(i), i - 1, i, i + 1, torch.full_like(i, n - 1)], 1)
+    used = torch.ones_like(listed)
+    listed[0] = torch.tensor([0, 1, 2, n - 1, 0])           # block 1: 0, 1, 2, n-1
+    listed[-1] = torch.tensor([0, n - 3, n - 2, n - 1, 0])  # block n-2: 0, n-3, n-2, n-1
+    used[0, 4] = used[-1, 4] = 0
+    counts[:, 1:-1] += torch.zeros(n - 2, n, dtype=torch.long).scatter_add_(1, listed, used)
+    rand = rand_attn.long()
+    counts[:, 1:-1].scatter_add_(2, rand, torch.ones_like(rand))
+    return counts
+
+
+def hf_rand_attn_plan(seq_len: int, block_size: int, num_random_blocks: int):
+    """transformers' ``_get_rand_attn_plan``: where random blocks are drawn from."""
+    r, nb = num_random_blocks, seq_len // block_size
+    if (2 * r + 5) < nb:
+        return [int((2 * r + 5) * block_size), seq_len], [r, 0]
+    if (r + 5) < nb:
+        return [int((r + 5) * block_size), seq_len], [r // 2, r - r // 2]
+    return [seq_len], [r]
+
+
+def _hf_single_row(rng, block_id, to_start, to_end, r, wl=1, wr=1, gl=1, gr=1):
+    """transformers' ``_get_single_block_row_attention``."""
+    perm = rng.permutation(np.arange(to_start, to_end, dtype=np.int32))
+    illegal = list(range(block_id - wl, block_id + wr + 1))
+    illegal.extend(range(gl))
+    illegal.extend(range(to_end - gr, to_end))
+    if block_id == 1:
+        illegal.append(to_end - 2)
+    if block_id == to_end - 2:
+        illegal.append(1)
+    chosen = []
+    for i in range(to_end - to_start):
+        if perm[i] not in illegal:
+            chosen.append(perm[i])
+        if len(chosen) == r:
+            break
+    return np.array(chosen, dtype=np.int32)
+
+
+def _hf_rand_mask_legacy(rng, n, block_size, r, last_idx, training):
+    """transformers' ``_bigbird_block_rand_mask`` (the paper's plans, lengths 1024/3072/4096),
+    for ``n`` blocks of the model's maximum length."""
+    rand_attn = np.zeros((n - 2, r), dtype=np.int32)
+    if not training:
+        return rand_attn
+    middle = np.arange(1, n - 1, dtype=np.int32)
+    last = n - 1
+    if last_idx > 2 * block_size:
+        last = last_idx // block_size - 1
+    for i in range(1, n - 1):
+        start, end = i - 2, i
+        if i == 1:
+            rand_attn[i - 1, :] = rng.permutation(middle[2:last])[:r]
+        elif i == 2:
+            rand_attn[i - 1, :] = rng.permutation(middle[3:last])[:r]
+        elif i in (n - 3, n - 2):
+            rand_attn[i - 1, :] = rng.permutation(middle[:last])[:r]
+        elif start > last:
+            rand_attn[i - 1, :] = rng.permutation(middle[:last])[:r]
+        elif end + 1 == last:
+            rand_attn[i - 1, :] = rng.permutation(middle[:start])[:r]
+        else:
+            rand_attn[i - 1, :] = rng.permutation(
+                np.concatenate((middle[:start], middle[end + 1:last])))[:r]
+    return rand_attn
+
+
+def _hf_rand_mask_with_head(rng, seq_len, block_size, num_heads, plan_len, plan_r, training):
+    """transformers' ``_bigbird_block_rand_mask_with_head`` (window 1+1, one global block
+    at each end)."""
+    n = seq_len // block_size
+    plan_blocks = np.array(plan_len) // block_size
+    max_plan = plan_len.index(seq_len)
+    width = int(np.sum(plan_r[:max_plan + 1]))
+    rand_attn = [np.zeros((n, width), dtype=np.int32) for _ in range(num_heads)]
+    if training:
+        for p in range(max_plan + 1):
+            rnd = 0
+            if p > 0:
+                if plan_r[p] > 0:
+                    rnd, cur = int(np.sum(plan_r[:p])), int(np.sum(plan_r[:p + 1]))
+                    for row in range(1, plan_blocks[p - 1]):
+                        for h in range(num_heads):
+                            rand_attn[h][row, rnd:cur] = _hf_single_row(
+                                rng, row, plan_blocks[p - 1], plan_blocks[p], plan_r[p])
+                for q in range(p):
+                    if plan_r[q] == 0:
+                        continue
+                    for row in range(plan_blocks[p - 1], plan_blocks[p]):
+                        rnd, to_start = 0, 0
+                        if q > 0:
+                            rnd, to_start = int(np.sum(plan_r[:q])), plan_blocks[q - 1]
+                        cur = int(np.sum(plan_r[:q + 1]))
+                        for h in range(num_heads):
+                            rand_attn[h][row, rnd:cur] = _hf_single_row(
+                                rng, row, to_start, plan_blocks[q], plan_r[q])
+            if plan_r[p] == 0:
+                continue
+            cur = int(np.sum(plan_r[:p + 1]))
+            from_start, to_start = 1, 0
+            if p > 0:
+                rnd = int(np.sum(plan_r[:p]))
+                from_start = to_start = plan_blocks[p - 1]
+            for row in range(from_start, plan_blocks[p]):
+                for h in range(num_heads):
+                    rand_attn[h][row, rnd:cur] = _hf_single_row(
+                        rng, row, to_start, plan_blocks[p], plan_r[p])
+    return [a[1:n - 1] for a in rand_attn]
+
+
+def hf_random_plan(seq_len: int, block_size: int, num_random_blocks: int, num_heads: int, *,
+                   training: bool = False, seed: int | None = None,
+                   max_seqlen: int = 4096) -> Tensor:
+    """transformers' ``rand_attn`` for one call, (H, n - 2, r) long, n = seq_len // block_size.
+
+    Eval mode (``training=False``): all zeros, as transformers 5.x returns it (every random
+    slot is block 0). Training: transformers' numpy algorithm on a ``RandomState(seed)``,
+    the stream ``np.random.seed(seed)`` gives it. ``max_seqlen`` is the config's
+    ``max_position_embeddings`` (used by the paper's plans at lengths 1024, 3072, 4096).
+    """
+    rng = np.random.RandomState(seed) if training else None
+    n = seq_len // block_size
+    if seq_len in (1024, 3072, 4096):
+        plans = [_hf_rand_mask_legacy(rng, max_seqlen // block_size, block_size,
+                                      num_random_blocks, 1024, training)[:n - 2]
+                 for _ in range(num_heads)]
+    else:
+        plan_len, plan_r = hf_rand_attn_plan(seq_len, block_size, num_random_blocks)
+        plans = _hf_rand_mask_with_head(rng, seq_len, block_size, num_heads, plan_len, plan_r,
+                                        training)
+    return torch.as_tensor(np.stack(plans, 0), dtype=torch.long)
+
+
+# ------------------------------------------------------------------ the layer
+
+def _layout(mask, seq_len: int) -> Tensor:
+    return mask.layout(seq_len) if isinstance(mask, BigBirdMask) else mask.layout
+
+
+def _differs_per_head(mask, seq_len: int) -> bool:
+    lay = _layout(mask, seq_len)
+    return lay.shape[0] > 1 and not bool((lay == lay[:1]).all())
+
+
+def _head(obj, h: int, seq_len: int):
+    """Head h's share of a per-head block mask or block bias (None stays None)."""
+    if obj is None:
+        return None
+    if isinstance(obj, BlockBias):
+        return BlockBias(obj.table[h:h + 1] if obj.table.shape[0] > 1 else obj.table,
+                         obj.block_size)
+    return BlockSparseMask(_layout(obj, seq_len)[h], obj.block_size)
+
+
+class BigBirdAttention(nn.Module):
+    """BigBird block-sparse self-attention with HuggingFace's parameter names.
+
+    Args:
+        embed_dim: model width E = num_heads * head_dim.
+        num_heads: H.
+        block_size: tokens per block.
+        num_random_blocks: random key blocks per query block (r).
+        num_window_blocks, num_global_blocks: the generic pattern's window (odd) and
+            global block counts (``pattern="hf"`` is fixed at 3 and 2, as transformers).
+        seed: the random plan's seed (generic: per-head draw of ``masks.bigbird``; hf:
+            the numpy seed transformers uses in training, its layer index).
+        pattern: "bigbird" or "hf" (see the module docstring).
+        bias: biases on the projections. dropout: on the weights, in training mode.
+        max_seqlen: transformers' ``max_position_embeddings`` (hf training plans only).
+        backend: passed to :func:`attnkit.scaled_dot_product_attention`.
+
+    ``query``, ``key``, ``value`` are ``nn.Linear(E, E)`` as in transformers, so a
+    ``BigBirdBlockSparseAttention`` ``state_dict`` loads as is. ``forward`` returns the
+    concatenated heads (B, L, E) before the output projection, like transformers' module.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, block_size: int = 64,
+                 num_random_blocks: int = 3, *, num_window_blocks: int = 3,
+                 num_global_blocks: int = 2, seed: int | None = 0, pattern: str = "bigbird",
+                 bias: bool = True, dropout: float = 0.0, max_seqlen: int = 4096,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, x in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                        ("block_size", block_size)):
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"{name} must be a positive int, got {x!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads})")
+        if pattern not in ("bigbird", "hf"):
+            raise ValueError(f"pattern must be 'bigbird' or 'hf', got {pattern!r}")
+        if pattern == "hf" and (num_window_blocks, num_global_blocks) != (3, 2):
+            raise ValueError(f"pattern='hf' has 3 window and 2 global blocks, got "
+                             f"num_window_blocks={num_window_blocks}, "
+                             f"num_global_blocks={num_global_blocks}")
+        if pattern == "bigbird" and seed is None:
+            raise ValueError("pattern='bigbird' needs an int seed")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.block_size, self.num_random_blocks = block_size, num_random_blocks
+        self.num_window_blocks, self.num_global_blocks = num_window_blocks, num_global_blocks
+        self.seed, self.pattern, self.max_seqlen = seed, pattern, max_seqlen
+        self.dropout, self.backend = float(dropout), backend
+        if pattern == "bigbird":  # validates the counts and caches layouts per length
+            self._bigbird = bigbird(block_size, num_window_blocks, num_global_blocks,
+                                    num_random_blocks, seed, num_heads)
+        self._hf_layouts: dict = {}
+        #: run heads one call each when their layouts differ: the tiled engine plans one
+        #: set of key blocks per query tile for all heads, and the union of per-head random
+        #: blocks is ~3x denser than one head's (see benchmarks/long_bench.py)
+        self.per_head_calls = True
+        E = embed_dim
+        f = dict(bias=bias, device=device, dtype=dtype)
+        self.query, self.key, self.value = nn.Linear(E, E, **f), nn.Linear(E, E, **f), nn.Linear(E, E, **f)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"block_size={self.block_size}, num_random_blocks={self.num_random_blocks}, "
+                f"pattern={self.pattern!r}, seed={self.seed}")
+
+    def is_sparse(self, seq_len: int) -> bool:
+        """False when BigBird falls back to full attention for this length."""
+        blocks = self.num_window_blocks + self.num_global_blocks + 2 * self.num_random_blocks
+        return seq_len > blocks * self.block_size
+
+    def pattern_for(self, seq_len: int) -> tuple[Mask | None, Bias | None]:
+        """The (mask, bias) of the sparse pattern at this length (None, None when the
+        layer falls back to full attention). The mask is (H, n, n) blocks of ``block_size``."""
+        if not self.is_sparse(seq_len):
+            return None, None
+        if self.pattern == "bigbird":
+            return self._bigbird, None
+        n = -(-seq_len // self.block_size)
+        key = (n, self.training)
+        if key not in self._hf_layouts or (self.training and self.seed is None):
+            plan = hf_random_plan(n * self.block_size, self.block_size, self.num_random_blocks,
+                                  self.num_heads, training=self.training, seed=self.seed,
+                                  max_seqlen=self.max_seqlen)
+            counts = hf_block_counts(n, plan)
+            mask = BlockSparseMask(counts > 0, self.block_size)
+            bias = None
+            if (counts > 1).any():
+                log_c = torch.log(counts.clamp(min=1).to(torch.float32))
+                bias = BlockBias(log_c, self.block_size)
+            self._hf_layouts[key] = (mask, bias)
+        return self._hf_layouts[key]
+
+    def forward(self, hidden_states: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``hidden_states`` (B, L, E) -> (B, L, E); ``key_padding_mask`` (B, L), True marks
+        padding (those rows output zeros)."""
+        x = hidden_states
+        if not isinstance(x, Tensor):
+            raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"hidden_states must be (batch, length, {self.embed_dim}), got "
+                             f"{tuple(x.shape)}")
+        B, L, E = x.shape
+        pad = _bool_mask("key_padding_mask", key_padding_mask, B, L)
+        if pad is not None and not pad.any():
+            pad = None
+        heads = lambda t: t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        mask, bias = self.pattern_for(L)
+        keep = None if pad is None else KeyMask(~pad)
+        p = self.dropout if self.training else 0.0
+        if mask is not None and self.per_head_calls and _differs_per_head(mask, L):
+            out = torch.cat([self._attend(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1],
+                                          _head(mask, h, L), _head(bias, h, L), keep, p)
+                             for h in range(self.num_heads)], 1)
+        else:
+            out = self._attend(q, k, v, mask, bias, keep, p)
+        out = out.transpose(1, 2).reshape(B, L, E)
+        if pad is not None:
+            out = out.masked_fill(pad.unsqueeze(-1), 0.0)
+        return out
+
+    def _attend(self, q, k, v, mask, bias, keep, p):
+        if keep is not None:
+            mask = keep if mask is None else mask & keep
+        if bias is not None:
+            bias = BlockBias(bias.table.to(device=q.device, dtype=q.dtype), self.block_size)
+        return scaled_dot_product_attention(q, k, v, mask, dropout_p=p, bias=bias,
+                                            backend=self.backend)
+
+    # ------------------------------------------------------------------ HuggingFace
+
+    @classmethod
+    def from_hf(cls, module: nn.Module) -> "BigBirdAttention":
+        """A ``pattern="hf"`` layer holding a copy of a transformers
+        ``BigBirdBlockSparseAttention``'s weights, block size, random blocks and seed."""
+        if not all(hasattr(module, n) for n in ("block_size", "num_random_blocks", "query")):
+            raise TypeError(f"from_hf takes a transformers BigBirdBlockSparseAttention, got "
+                            f"{type(module).__name__}")
+        ref = module.query.weight
+        layer = cls(module.query.in_features, module.num_attention_heads, module.block_size,
+                    module.num_random_blocks, seed=module.seed, pattern="hf",
+                    bias=module.query.bias is not None, max_seqlen=module.max_seqlen,
+                    device=ref.device, dtype=ref.dtype)
+        layer.load_state_dict(module.state_dict())
+        layer.train(module.training)
+        return layer
+
+    def forward_hf(self, hidden_states, band_mask=None, from_mask=None, to_mask=None,
+                   from_blocked_mask=None, to_blocked_mask=None, **kwargs):
+        """``BigBirdBlockSparseAttention.forward``'s signature; returns ``(out, None)``
+        (no attention probabilities). Padding is read from ``to_mask`` (B, 1, 1, L)."""
+        pad = None
+        if to_mask is not None:
+            pad = to_mask.reshape(hidden_states.shape[0], -1) == 0
+        return self(hidden_states, key_padding_mask=pad), None
