@@ -1,0 +1,574 @@
+"""Texts of ``attnkit tour``, in English and Chinese.
+
+Each entry is a ``str.format`` template; the numbers are filled in at run time. The two
+languages are written separately, each for its own readers, not translated line by line.
+Paragraphs are wrapped by hand (Chinese characters take two terminal columns).
+
+Every Chinese character used here must exist in the shipped font subset
+(``attnkit/fonts/``); ``tests/test_tour.py`` checks it, and
+``python -m attnkit.fonts.make_subset`` rebuilds the subset after a text change.
+"""
+
+EN = {
+    "title": "attnkit tour: attention, computed for real",
+    "header": "Every number below is computed as you watch, with attnkit's own functions\n"
+              "(seed {seed}). Pictures go to {out}/",
+    "no_cjk_font": "attnkit: no CJK font found; Chinese labels in the pictures may show as "
+                   "boxes (install fonts-noto-cjk).",
+    "picture": "picture: {path}",
+    "elapsed": "{s:.1f} s",
+    "done": "\nDone in {s:.1f} s. {n} pictures in {out}/:",
+    "tokens": ["cat", "on", "tree"],
+
+    "sec_why": "Why attention",
+    "sec_qkv": "Q, K and V, from a three-word sentence",
+    "sec_cross": "Self-attention and cross-attention",
+    "sec_heads": "Multi-head, multi-query and grouped-query attention",
+    "sec_padding": "Padding masks",
+    "sec_positions": "Positions inside attention",
+    "sec_long": "Long sequences: sparse patterns and memory",
+
+    # 1 ------------------------------------------------------------------------------
+    "why_intro":
+        "A classic encoder-decoder (an RNN seq2seq model) squeezes the whole input into one\n"
+        "fixed-size vector, and the decoder sees nothing else: the longer the input, the less\n"
+        "of any single token survives. Attention lets every output position look at every\n"
+        "input position directly and take what it needs.\n"
+        "\n"
+        "Experiment with n random token vectors (d = {d}, averaged over {trials} random\n"
+        "sentences). The fixed-size summary is their mean; an attention query that asks for\n"
+        "token 1 (q = x_1) reads all n of them. How close to token 1 is what each delivers\n"
+        "(cosine)? And how much does token 1 still move position n: the norm of the\n"
+        "Jacobian d out_n / d x_1 for a recurrent network h_t = tanh(W h_(t-1) + U x_t)\n"
+        "and for one attention layer.",
+    "why_headers": ["n", "summary cos", "attention cos", "weight on x_1",
+                    "RNN |dh_n/dx_1|", "attention |dy_n/dx_1|"],
+    "why_outro":
+        "The mean keeps less and less of token 1 (about 1/sqrt(n)); attention still finds it.\n"
+        "In the RNN the signal from token 1 crosses n-1 nonlinear steps and fades\n"
+        "geometrically; in attention every token is one step from every other, so long-range\n"
+        "dependencies need no recurrence, and all positions are computed in parallel.",
+    "fig_why_summary": "fixed-size summary (mean)",
+    "fig_why_attn": "attention, q = x₁",
+    "fig_why_n": "sequence length n",
+    "fig_why_cos": "cosine with token 1",
+    "fig_why_title1": "What reaches the decoder about token 1",
+    "fig_why_attn_layer": "one attention layer",
+    "fig_why_grad": "‖∂ out_n / ∂ x₁‖",
+    "fig_why_title2": "Influence of token 1 on position n",
+
+    # 2 ------------------------------------------------------------------------------
+    "qkv_embed":
+        "Each token gets an embedding (d_model = {d}) plus a sinusoidal position encoding,\n"
+        "so the same word at another position gives a different vector.",
+    "qkv_name_E": "E: token embeddings",
+    "qkv_name_P": "P: position encodings (attnkit.positional.sinusoidal_encoding)",
+    "qkv_name_X": "X = E + P",
+    "qkv_proj":
+        "Three learned matrices (random here, from the seed) project X into queries, keys\n"
+        "and values of d_k = {dk} dimensions: Q asks, K advertises, V is what is handed over.",
+    "qkv_scores": "Scores: every query against every key, Q K^T (rows: queries, columns: keys):",
+    "qkv_scaled": "Divided by sqrt(d_k) = {s:.2f}:",
+    "qkv_weights":
+        "Softmax over each row gives the attention weights; every row sums to 1.\n"
+        "These come from attnkit.scaled_dot_product_attention(Q, K, V, return_weights=True):",
+    "qkv_check": "softmax(scaled scores) above vs the library's weights: max |diff| = {e:.1e}",
+    "qkv_out": "The output of each token is the weights times the values, a weighted sum of V:",
+    "qkv_out_check": "weights @ V vs the library's output: max |diff| = {e:.1e}",
+    "qkv_analogy":
+        "An everyday picture: a library. You walk in with a query, a short summary of what\n"
+        "you are looking for. Every book has a catalogue card (its key) and a content (its\n"
+        "value). You compare your summary with each card (the dot product), split your\n"
+        "reading time among the books in proportion to how well they match, shares that add\n"
+        "up to 1 (the softmax), and come away with a blend of their contents (the weighted\n"
+        "sum of values). Unlike a real catalogue search nothing is all-or-nothing: every\n"
+        "book contributes a little.",
+    "fig_key": "key",
+    "fig_query": "query",
+    "fig_score": "score",
+    "fig_weight": "attention weight",
+    "fig_weights_title": "softmax → weights",
+    "fig_qkv_suptitle": "Scores and weights for “cat on tree”",
+
+    "scale_intro":
+        "Why divide by sqrt(d_k)? If the entries of q and k have mean 0 and variance 1, q.k\n"
+        "is a sum of d_k such products, so its variance is d_k. Measured on {n} random pairs,\n"
+        "and the softmax over {keys} keys (entropy ln {keys} = {hmax:.2f} means uniform, 0 means\n"
+        "all weight on one key):",
+    "scale_headers": ["d_k", "Var(q.k)", "Var(q.k/sqrt(d_k))", "entropy unscaled",
+                      "entropy scaled", "max weight unscaled", "max weight scaled"],
+    "scale_outro":
+        "Unscaled, the scores grow like sqrt(d_k) and the softmax saturates into an almost\n"
+        "one-hot choice, where its gradient vanishes (the softmax is flat away from the\n"
+        "winner). Scaled by 1/sqrt(d_k), the entropy stays the same at every width.",
+    "fig_variance": "variance",
+    "fig_scale_title1": "Variance of q·k grows with d_k",
+    "fig_unscaled": "unscaled: softmax(q·k)",
+    "fig_scaled": "scaled: softmax(q·k / √d_k)",
+    "fig_uniform": "uniform over {n} keys",
+    "fig_entropy": "entropy of the weights (nats)",
+    "fig_scale_title2": "Softmax over {n} keys: saturation without scaling",
+
+    # 3 ------------------------------------------------------------------------------
+    "cross_intro":
+        "Same computation, different sources: in self-attention Q, K and V come from one\n"
+        "sequence; in cross-attention the queries come from one sequence (the decoder) and\n"
+        "the keys and values from another (the encoder's output). A tiny translation model\n"
+        "(embeddings built so that words with the same meaning are close in both languages,\n"
+        "as a trained model would have learned):\n"
+        "  encoder reads   {src}\n"
+        "  decoder writes  {tgt}",
+    "cross_enc": "Encoder self-attention: Q, K and V from the {S} encoder tokens:",
+    "cross_dec": "Decoder self-attention, causal (no peeking at later words): {L} x {L}:",
+    "cross_cross":
+        "Cross-attention: Q from the decoder ({L} tokens), K and V from the encoder\n"
+        "({S} tokens), so the weights are {L} x {S}:",
+    "cross_best": "Each decoder word and the source word it attends to most:",
+    "cross_same":
+        "All three are the same attnkit.MultiHeadAttention class; only the inputs differ.\n"
+        "The cross-attention layer's output equals scaled_dot_product_attention on the\n"
+        "projected decoder queries and encoder keys/values: max |diff| = {e:.1e}",
+    "cross_outro":
+        "Each Chinese word puts its weight on its English counterpart (在 splits it between\n"
+        "\"is\" and \"on\"), and no decoder word asks for \"the\", which has no counterpart:\n"
+        "cross-attention is a soft, learned alignment between the two sentences.",
+    "fig_enc_self": "encoder self-attention",
+    "fig_dec_self": "decoder self-attention (causal)",
+    "fig_cross": "cross-attention",
+    "fig_key_enc": "key (encoder)",
+    "fig_query_dec": "query (decoder)",
+    "fig_cross_suptitle": "Self-attention vs cross-attention in a tiny encoder-decoder",
+
+    # 4 ------------------------------------------------------------------------------
+    "heads_intro":
+        "Multi-head attention splits d_model = {E} into {H} heads of {d} dimensions. Each head\n"
+        "has its own slice of the projections, compares tokens in its own subspace and can\n"
+        "attend differently. The heads of one attnkit.MultiHeadAttention({E}, {H}) on our\n"
+        "sentence (need_weights=True):",
+    "head": "head {h}",
+    "heads_gqa":
+        "Keys and values need not have one head per query head. MHA: every query head has\n"
+        "its own K/V head. GQA (grouped-query): a group of query heads shares one K/V head.\n"
+        "MQA (multi-query): all query heads share a single K/V head. attnkit shares by\n"
+        "indexing, without copying K/V: {hq} query heads on {hkv} K/V heads give the same\n"
+        "result as repeating each K/V head {g} times: max |diff| = {e:.1e}.",
+    "heads_real":
+        "Why it matters: at inference the KV cache keeps K and V of every past token in\n"
+        "every layer, and its size limits batch size and context length. Sizes from the\n"
+        "models' public configs (hidden 4096, 32 layers, 32 query heads of 128 dimensions;\n"
+        "Llama-2-7B has 32 K/V heads, Llama-3-8B has 8). Parameters counted on an\n"
+        "attnkit.MultiHeadAttention built on the meta device (no memory used), cache bytes\n"
+        "from an attnkit.KVCache holding one fp16 token, times the layers; {ctx} tokens is\n"
+        "Llama-3-8B's context:",
+    "heads_headers": ["model", "Q heads", "K/V heads", "head dim", "attn params/layer",
+                      "all layers", "KV cache/token", "KV cache, 8192 tok"],
+    "mqa_name": "MQA, same sizes",
+    "heads_outro":
+        "GQA with 8 K/V heads makes the cache {r_gqa:.0f}x smaller than MHA; MQA {r_mqa:.0f}x,\n"
+        "at some cost in quality. The GQA paper (Ainslie et al., 2023) found GQA close to\n"
+        "MHA in quality and close to MQA in speed, which is why Llama 3, Mistral and Qwen2\n"
+        "use it.",
+    "fig_heads_suptitle": "Two heads of MultiHeadAttention({E}, {H}) attend differently",
+    "fig_kv_per_token": "KV cache per token (KiB, fp16)",
+    "fig_kv_title": "KV cache per token, whole model",
+    "fig_params_layer": "parameters per layer (millions)",
+    "fig_params_title": "Attention parameters per layer",
+
+    # 5 ------------------------------------------------------------------------------
+    "pad_sentences": [["cats", "sleep", "on", "trees"], ["dogs", "bark"]],
+    "pad_intro":
+        "Sentences in a batch have different lengths, so the short ones are padded to the\n"
+        "longest. Padding is not text: no real token may attend to it. The mask sets those\n"
+        "scores to -inf before the softmax, and exp(-inf) = 0. The batch:\n"
+        "  sentence 1 (length {l1}):  {s1}\n"
+        "  sentence 2 (length {l2}):  {s2}\n"
+        "Scaled scores of sentence 2 with attnkit.masks.padding([{l1}, {l2}]):",
+    "pad_weights":
+        "Weights (from the library): the padded columns are exactly zero (largest weight\n"
+        "on a padded key: {m}):",
+    "pad_rows":
+        "The padded rows (padding as a query) still get weights; their outputs are simply\n"
+        "ignored downstream, e.g. by the loss.",
+    "pad_nomask": "Without the mask, real tokens spend weight on padding:",
+    "pad_wrong":
+        "What goes wrong: a real token's output now depends on whatever sits in the\n"
+        "padding. Replace the pad vectors by other ones and the output of \"{tok}\" changes\n"
+        "by {d_nomask:.3f} without the mask, by {d_mask} with it. With the mask, sentence 2 in\n"
+        "the batch gives the same output as sentence 2 alone, unpadded: max |diff| = {e:.1e}.",
+    "fig_pad_mask": "padding mask, sentence 2 (length {n})",
+    "fig_pad_with": "weights with the mask",
+    "fig_pad_without": "weights without the mask",
+    "fig_pad_suptitle": "Padded keys get exactly zero weight only with the mask",
+
+    # 6 ------------------------------------------------------------------------------
+    "pos_intro":
+        "Attention by itself is blind to order: shuffle the keys and values together and\n"
+        "the output does not change (measured: max |diff| = {e:.1e}). Four ways to bring\n"
+        "positions back, inside the attention scores:",
+    "t5_intro":
+        "1) T5 relative buckets. Each head adds a learned bias that depends only on the\n"
+        "offset key - query. Offsets are bucketed: below {exact} in size each has its own\n"
+        "bucket, larger ones share logarithmically wider buckets, and from {maxd} on they all\n"
+        "share the last one. attnkit.positional.relative_position_bucket (bidirectional,\n"
+        "{nb} buckets):",
+    "t5_offset": "offset",
+    "t5_bucket": "bucket",
+    "t5_toeplitz":
+        "T5RelativeBias turns buckets into biases, so the bias is constant along every\n"
+        "diagonal (same offset, same bias): largest spread along a diagonal = {e:.1e}.",
+    "fig_t5_offset": "offset j − i (key − query)",
+    "fig_t5_bucket": "bucket",
+    "fig_t5_title1": "T5 buckets ({nb} buckets, max_distance {maxd})",
+    "fig_t5_title2": "bucket of every (i, j), L = {L}",
+
+    "alibi_intro":
+        "2) ALiBi. No learned parameters: each head adds -slope * |i - j| to the scores, a\n"
+        "penalty that grows linearly with distance. The slopes form a geometric sequence,\n"
+        "so some heads look far and others near. attnkit.bias.alibi_slopes(8):\n"
+        "  {s8}\n"
+        "For 12 heads (not a power of two), the 8 slopes above followed by every other\n"
+        "slope of 16 heads:\n"
+        "  {s12}\n"
+        "The bias of head 1 (slope {s:.3f}) under a causal mask:",
+    "fig_alibi_head": "head {h}, slope {s:.3g}",
+    "fig_bias": "bias added to the score",
+    "fig_alibi_suptitle": "ALiBi: −slope·|i − j|, a different slope per head (causal)",
+
+    "rope_intro":
+        "3) RoPE rotates each pair of dimensions of q and k by an angle proportional to the\n"
+        "position. Rotating q by m*theta and k by n*theta leaves (m - n)*theta in their dot\n"
+        "product: the score depends on the offset only. The same q and k placed at different\n"
+        "positions (attnkit.positional.RotaryEmbedding({d})):",
+    "rope_outro":
+        "Equal offsets, equal scores: along every diagonal of the {P} x {P} score matrix the\n"
+        "largest spread is {e:.1e}; different offsets give different scores.",
+    "fig_rope_title1": "q_m · k_n after RoPE (d = {d}): constant along diagonals",
+    "fig_key_pos_n": "key position n",
+    "fig_query_pos_m": "query position m",
+    "fig_rope_offset": "offset m − n",
+    "fig_rope_score": "q·k / d  (q = k = all ones, d = 64)",
+    "fig_rope_title2": "RoPE's long-range decay",
+
+    "txl_intro":
+        "4) Transformer-XL reads a long text segment by segment and keeps the previous\n"
+        "segment's hidden states as memory: the {L} queries of the current segment also see\n"
+        "the {M} memory positions, causally. Positions are relative, and the score splits into\n"
+        "four terms (R: sinusoidal encoding of the distance i - j; u, v: learned biases):\n"
+        "  (a) q.k content   (b) q.W_r R content-position   (c) u.k global content\n"
+        "  (d) v.W_r R global position.   For the first query of segment 2 (x0):",
+    "txl_headers": ["key", "(a)", "(b)", "(c)", "(d)", "sum/sqrt(d)", "weight"],
+    "txl_check":
+        "Softmax of these four terms, times V and o_net, reproduces\n"
+        "attnkit.layers.TransformerXLAttention(x, mems): max |diff| = {e:.1e}",
+    "txl_memory":
+        "Memory extends the context: the first token of segment 2 puts {w:.0%} of its\n"
+        "weight on the {M} memory positions (m0..m3, the previous segment).",
+    "fig_txl_mask": "causal with memory: {L} queries, {M} memory + {L} keys",
+    "fig_txl_weights": "Transformer-XL weights, segment 2",
+
+    # 7 ------------------------------------------------------------------------------
+    "long_longformer": "Longformer",
+    "long_dilated": "Longformer, dilated",
+    "long_mistral": "Mistral-style window",
+    "long_dense": "dense",
+    "long_intro":
+        "Dense attention compares every query with every key: L^2 scores. Long-document\n"
+        "models keep only some of them. Longformer: a sliding window plus a few global\n"
+        "tokens (dilated windows in some heads); BigBird: window, global and random blocks;\n"
+        "Mistral: a causal sliding window. Share of the L x L entries each pattern keeps\n"
+        "(the same parameters at every length; attnkit.masks + materialize):",
+    "long_headers": ["pattern", "spec (attnkit plot)", "L = 64", "L = 256", "L = 1024"],
+    "fig_long_suptitle": "Sparse attention patterns, L = {n}",
+    "mem_intro":
+        "Memory: peak bytes allocated by one attention call (1 head, d = {d}), measured in a\n"
+        "fresh subprocess with torch.profiler (profile_memory). \"dense\" materialises the\n"
+        "L x L scores (backend=\"reference\"); \"chunked\" is attnkit's tiled online softmax,\n"
+        "which never holds more than a tile of scores, once with full causal attention and\n"
+        "once with a window of +-{w} plus a global token:",
+    "mem_running": "measuring in a subprocess ...",
+    "mem_headers": ["L", "dense (MiB)", "chunked causal (MiB)", "chunked window (MiB)",
+                    "dense / window"],
+    "mem_outro":
+        "Dense memory grows about {g:.1f}x each time L doubles (L^2 scores); chunked grows\n"
+        "about {gc:.1f}x (only O(L) outputs and statistics). The window also saves time: the\n"
+        "tiled engine skips the tiles the mask rules out.",
+    "fig_mem_dense": "dense (materialised scores)",
+    "fig_mem_chunked_causal": "chunked, causal",
+    "fig_mem_chunked_window": "chunked, sliding window",
+    "fig_mem_x": "sequence length L",
+    "fig_mem_y": "peak allocated memory (MiB)",
+    "fig_mem_title": "Peak memory of one attention call (1 head, d = {d})",
+}
+
+
+ZH = {
+    "title": "attnkit 导览：把注意力机制一步一步真算出来",
+    "header": "下面的每个数字都是现场用 attnkit 自己的函数算出来的（随机种子 {seed}）。\n"
+              "图片保存在 {out}/",
+    "no_cjk_font": "attnkit：没有找到中文字体，图里的中文可能显示成方框"
+                   "（可以安装 fonts-noto-cjk）。",
+    "picture": "图片：{path}",
+    "elapsed": "用时 {s:.1f} 秒",
+    "done": "\n全部完成，用时 {s:.1f} 秒。{n} 张图片保存在 {out}/：",
+    "tokens": ["猫", "在", "树上"],
+
+    "sec_why": "为什么需要注意力",
+    "sec_qkv": "从一句三个词的话算出 Q、K、V",
+    "sec_cross": "自注意力与交叉注意力",
+    "sec_heads": "多头、多查询与分组查询注意力",
+    "sec_padding": "填充掩码（padding mask）",
+    "sec_positions": "注意力里的位置信息",
+    "sec_long": "长序列：稀疏模式与内存占用",
+
+    # 1 ------------------------------------------------------------------------------
+    "why_intro":
+        "经典的编码器-解码器（基于 RNN 的 seq2seq）要把整句输入压进一个固定长度的向量，\n"
+        "解码器只能看到这一个向量。句子越长，每个词在里面留下的痕迹就越淡。注意力换了个\n"
+        "思路：输出的每个位置都可以直接回头看输入的每个位置，需要什么就取什么。\n"
+        "\n"
+        "做个实验：随机生成 n 个词向量（d = {d}，结果是 {trials} 个随机句子的平均）。“固定\n"
+        "长度摘要”取这些向量的平均值；注意力则用一个“想找第 1 个词”的查询（q = x_1）去读\n"
+        "全部 n 个向量。两者交给下游的东西和第 1 个词有多像（余弦相似度）？再看第 1 个词\n"
+        "对第 n 个位置还有多大影响：分别对 RNN（h_t = tanh(W h_(t-1) + U x_t)）和一层注意力\n"
+        "求雅可比矩阵 ∂out_n/∂x_1 的范数。",
+    "why_headers": ["n", "摘要余弦", "注意力余弦", "x_1 的权重", "RNN |∂h_n/∂x_1|",
+                    "注意力 |∂y_n/∂x_1|"],
+    "why_outro":
+        "平均摘要里第 1 个词的成分越来越少（大约按 1/√n 衰减），注意力却依然能把它找回来。\n"
+        "在 RNN 里，第 1 个词的信号要穿过 n-1 步非线性变换，呈几何级数衰减；在注意力里，\n"
+        "任意两个位置之间只隔一步，所以捕捉长距离依赖不需要循环，所有位置还能并行计算。",
+    "fig_why_summary": "固定长度摘要（取平均）",
+    "fig_why_attn": "注意力，q = x₁",
+    "fig_why_n": "序列长度 n",
+    "fig_why_cos": "与第 1 个词的余弦相似度",
+    "fig_why_title1": "解码器还能拿到多少第 1 个词的信息",
+    "fig_why_attn_layer": "一层注意力",
+    "fig_why_grad": "‖∂ out_n / ∂ x₁‖",
+    "fig_why_title2": "第 1 个词对第 n 个位置的影响",
+
+    # 2 ------------------------------------------------------------------------------
+    "qkv_embed":
+        "每个词先查出一个词向量（d_model = {d}），再加上正弦位置编码。这样同一个词放在\n"
+        "不同位置，得到的向量也不一样。",
+    "qkv_name_E": "E：词向量",
+    "qkv_name_P": "P：位置编码（attnkit.positional.sinusoidal_encoding）",
+    "qkv_name_X": "X = E + P",
+    "qkv_proj":
+        "三个可学习的矩阵（这里用固定种子随机初始化）把 X 分别投影成查询、键、值，维度\n"
+        "d_k = {dk}。Q 负责“提问”，K 负责“自我介绍”，V 是真正要交出去的内容。",
+    "qkv_scores": "打分：每个查询和每个键做点积，得到 Q K^T（行是查询，列是键）：",
+    "qkv_scaled": "再除以 √d_k = {s:.2f}：",
+    "qkv_weights":
+        "对每一行做 softmax，就得到注意力权重，每行之和为 1。下面这组数直接取自\n"
+        "attnkit.scaled_dot_product_attention(Q, K, V, return_weights=True)：",
+    "qkv_check": "对上面缩放后的打分做 softmax，与库函数给出的权重对比：最大误差 {e:.1e}",
+    "qkv_out": "每个词的输出就是权重乘以 V，即对各个值向量加权求和：",
+    "qkv_out_check": "weights @ V 与库函数的输出对比：最大误差 {e:.1e}",
+    "qkv_analogy":
+        "打个比方：去图书馆找书。你带着一段“我想找什么”的描述进门（查询 Q）；每本书都有\n"
+        "一张目录卡片（键 K）和书本身的内容（值 V）。你拿描述逐张比对卡片（点积），按匹配\n"
+        "程度分配阅读时间，所有份额加起来等于 1（softmax），最后读到的是各本书内容按比例\n"
+        "混合的结果（对 V 加权求和）。和真的查目录不同，这里不是非此即彼：每本书都会贡献\n"
+        "一点，只是多少不同。",
+    "fig_key": "键",
+    "fig_query": "查询",
+    "fig_score": "打分",
+    "fig_weight": "注意力权重",
+    "fig_weights_title": "softmax → 权重",
+    "fig_qkv_suptitle": "“猫 在 树上”的打分与注意力权重",
+
+    "scale_intro":
+        "为什么要除以 √d_k？如果 q、k 每一维的均值为 0、方差为 1，那么 q·k 是 d_k 个乘积\n"
+        "之和，方差就是 d_k。下面用 {n} 对随机向量实测方差；softmax 作用在 {keys} 个键上，\n"
+        "用熵衡量权重有多“平均”（熵 = ln {keys} = {hmax:.2f} 表示完全均匀，0 表示权重全压在\n"
+        "一个键上）：",
+    "scale_headers": ["d_k", "Var(q·k)", "Var(q·k/√d_k)", "不缩放的熵", "缩放后的熵",
+                      "不缩放最大权重", "缩放后最大权重"],
+    "scale_outro":
+        "不缩放的话，打分的量级随 √d_k 增长，softmax 很快饱和，几乎变成 one-hot 的硬选择，\n"
+        "梯度也随之消失（除了最大的那个位置，softmax 对其余打分几乎没有梯度）。乘上\n"
+        "1/√d_k 之后，无论维度多大，熵都稳定在同一水平。",
+    "fig_variance": "方差",
+    "fig_scale_title1": "q·k 的方差随 d_k 增长",
+    "fig_unscaled": "不缩放：softmax(q·k)",
+    "fig_scaled": "缩放：softmax(q·k / √d_k)",
+    "fig_uniform": "{n} 个键上完全均匀",
+    "fig_entropy": "权重的熵（nat）",
+    "fig_scale_title2": "{n} 个键上的 softmax：不缩放就会饱和",
+
+    # 3 ------------------------------------------------------------------------------
+    "cross_intro":
+        "计算完全一样，区别只在 Q、K、V 从哪里来：自注意力里三者来自同一个序列；交叉注意力\n"
+        "里，查询来自一个序列（解码器），键和值来自另一个序列（编码器的输出）。来看一个\n"
+        "迷你翻译模型（词向量是特意构造的：两种语言里意思相同的词，向量也相近，相当于\n"
+        "训练好的模型学到的东西）：\n"
+        "  编码器读入  {src}\n"
+        "  解码器生成  {tgt}",
+    "cross_enc": "编码器自注意力：Q、K、V 都来自编码器的 {S} 个词：",
+    "cross_dec": "解码器自注意力，带因果掩码（不能偷看后面的词），{L} × {L}：",
+    "cross_cross":
+        "交叉注意力：Q 来自解码器（{L} 个词），K 和 V 来自编码器（{S} 个词），所以权重\n"
+        "矩阵是 {L} × {S}：",
+    "cross_best": "解码器的每个词，以及它最关注的源语言词：",
+    "cross_same":
+        "三处用的都是同一个 attnkit.MultiHeadAttention 类，只是输入不同。交叉注意力层的\n"
+        "输出，与先投影解码器的查询和编码器的键/值、再调用 scaled_dot_product_attention\n"
+        "的结果一致：最大误差 {e:.1e}",
+    "cross_outro":
+        "在源句里有对应词的英文词，会把大部分权重放在对应词上（is 和 on 都找到了“在”）；\n"
+        "“the”在中文里没有对应词，没什么特定要找的，权重就比较分散。交叉注意力本质上是\n"
+        "两句话之间一种“软”的、可学习的对齐。",
+    "fig_enc_self": "编码器自注意力",
+    "fig_dec_self": "解码器自注意力（因果）",
+    "fig_cross": "交叉注意力",
+    "fig_key_enc": "键（编码器）",
+    "fig_query_dec": "查询（解码器）",
+    "fig_cross_suptitle": "迷你编码器-解码器里的自注意力与交叉注意力",
+
+    # 4 ------------------------------------------------------------------------------
+    "heads_intro":
+        "多头注意力把 d_model = {E} 切成 {H} 个头，每个头 {d} 维。每个头拿到投影矩阵里属于\n"
+        "自己的那一段，在各自的子空间里比较词与词，所以关注的地方可以不一样。用\n"
+        "attnkit.MultiHeadAttention({E}, {H}) 处理我们的句子（need_weights=True），各个头的\n"
+        "权重如下：",
+    "head": "第 {h} 个头",
+    "heads_gqa":
+        "键和值不一定要和查询头一一对应。MHA：每个查询头都有自己的 K/V 头；GQA（分组查询）：\n"
+        "一组查询头共用一个 K/V 头；MQA（多查询）：所有查询头共用同一个 K/V 头。attnkit 靠\n"
+        "索引实现共享，不复制 K/V：{hq} 个查询头配 {hkv} 个 K/V 头，和把每个 K/V 头重复\n"
+        "{g} 次的结果一致，最大误差 {e:.1e}。",
+    "heads_real":
+        "为什么要在意这个？推理时 KV 缓存要存下每一层、每个历史词的 K 和 V，它的大小直接\n"
+        "限制了 batch 能开多大、上下文能拉多长。下面的尺寸取自模型公开的 config（hidden\n"
+        "4096，32 层，32 个查询头，每头 128 维；Llama-2-7B 有 32 个 K/V 头，Llama-3-8B\n"
+        "只有 8 个）。参数量来自在 meta 设备上构建的 attnkit.MultiHeadAttention（不占内存），\n"
+        "缓存字节数来自一个存了 1 个 fp16 词的 attnkit.KVCache，再乘以层数；{ctx} 是\n"
+        "Llama-3-8B 的上下文长度：",
+    "heads_headers": ["模型", "Q 头数", "K/V 头数", "每头维度", "每层注意力参数", "全部层",
+                      "每词 KV 缓存", "8192 词 KV 缓存"],
+    "mqa_name": "MQA（同尺寸）",
+    "heads_outro":
+        "8 个 K/V 头的 GQA 让 KV 缓存比 MHA 小 {r_gqa:.0f} 倍，MQA 小 {r_mqa:.0f} 倍，但质量会\n"
+        "有些损失。GQA 论文（Ainslie 等，2023）的结论是：GQA 的质量接近 MHA，速度接近\n"
+        "MQA。所以 Llama 3、Mistral、Qwen2 这些模型都选了 GQA。",
+    "fig_heads_suptitle": "MultiHeadAttention({E}, {H}) 的两个头关注点不同",
+    "fig_kv_per_token": "每个词的 KV 缓存（KiB，fp16）",
+    "fig_kv_title": "整个模型每个词的 KV 缓存",
+    "fig_params_layer": "每层参数量（百万）",
+    "fig_params_title": "每层注意力的参数量",
+
+    # 5 ------------------------------------------------------------------------------
+    "pad_sentences": [["猫", "在", "树上", "睡觉"], ["狗", "叫"]],
+    "pad_intro":
+        "同一个 batch 里的句子长短不一，短句要补齐（padding）到最长句的长度。补上去的位置\n"
+        "不是真实内容，任何真实的词都不该关注它们。掩码的做法是在 softmax 之前把这些位置的\n"
+        "打分设为 -inf，因为 exp(-inf) = 0。这个 batch：\n"
+        "  第 1 句（长度 {l1}）：{s1}\n"
+        "  第 2 句（长度 {l2}）：{s2}\n"
+        "对第 2 句应用 attnkit.masks.padding([{l1}, {l2}]) 之后的缩放打分：",
+    "pad_weights":
+        "权重（库函数算出）：填充列严格等于 0（填充键上的最大权重：{m}）：",
+    "pad_rows":
+        "填充位置作为查询时也会算出权重，下游（比如计算损失时）直接忽略这几行即可。",
+    "pad_nomask": "如果不加掩码，真实的词会把一部分权重分给填充位置：",
+    "pad_wrong":
+        "问题出在哪？真实词的输出会受到填充位置里那些向量的影响。把填充向量换成别的值，\n"
+        "“{tok}”的输出在没有掩码时变了 {d_nomask:.3f}，有掩码时变化为 {d_mask}。有了掩码，\n"
+        "batch 里的第 2 句和单独计算（不补齐）的结果完全一致：最大误差 {e:.1e}。",
+    "fig_pad_mask": "第 2 句的填充掩码（长度 {n}）",
+    "fig_pad_with": "加掩码的权重",
+    "fig_pad_without": "不加掩码的权重",
+    "fig_pad_suptitle": "只有加了掩码，填充位置的权重才严格为 0",
+
+    # 6 ------------------------------------------------------------------------------
+    "pos_intro":
+        "注意力本身对顺序是“盲”的：把键和值一起打乱顺序，输出完全不变（实测最大误差\n"
+        "{e:.1e}）。下面四种做法，都是在注意力打分里把位置信息加回来：",
+    "t5_intro":
+        "1）T5 的相对位置分桶。每个头在打分上加一个可学习的偏置，只取决于相对偏移\n"
+        "（键位置 - 查询位置）。偏移先分桶：绝对值小于 {exact} 的每个偏移独占一个桶，更远的\n"
+        "按对数间隔共用越来越宽的桶，{maxd} 及以上全部落进最后一个桶。\n"
+        "attnkit.positional.relative_position_bucket（双向，{nb} 个桶）：",
+    "t5_offset": "偏移",
+    "t5_bucket": "桶",
+    "t5_toeplitz":
+        "T5RelativeBias 再把桶号换成偏置，所以偏置沿每条对角线都是常数（偏移相同，偏置\n"
+        "就相同）：同一条对角线上的最大差异 = {e:.1e}。",
+    "fig_t5_offset": "偏移 j − i（键 − 查询）",
+    "fig_t5_bucket": "桶编号",
+    "fig_t5_title1": "T5 分桶（{nb} 个桶，max_distance {maxd}）",
+    "fig_t5_title2": "每个 (i, j) 的桶编号，L = {L}",
+
+    "alibi_intro":
+        "2）ALiBi。没有任何可学习参数：每个头在打分上加 -slope × |i - j|，距离越远扣分越多，\n"
+        "线性增长。各头的斜率是等比数列，有的头看得远，有的头只看眼前。\n"
+        "attnkit.bias.alibi_slopes(8)：\n"
+        "  {s8}\n"
+        "12 个头（不是 2 的幂）时，先取上面 8 个头的斜率，再从 16 个头的斜率里隔一个取一个：\n"
+        "  {s12}\n"
+        "第 1 个头（斜率 {s:.3f}）在因果掩码下的偏置：",
+    "fig_alibi_head": "第 {h} 个头，斜率 {s:.3g}",
+    "fig_bias": "加到打分上的偏置",
+    "fig_alibi_suptitle": "ALiBi：−slope·|i − j|，每个头斜率不同（因果）",
+
+    "rope_intro":
+        "3）RoPE（旋转位置编码）把 q 和 k 的每两维看成一个平面，按位置旋转一个角度。q 在\n"
+        "位置 m 转 m·θ，k 在位置 n 转 n·θ，点积里只剩下 (m - n)·θ，所以打分只和相对偏移有关。\n"
+        "把同一对 q、k 放到不同位置（attnkit.positional.RotaryEmbedding({d})）：",
+    "rope_outro":
+        "偏移相同，打分就相同：{P} × {P} 打分矩阵每条对角线上的最大差异只有 {e:.1e}；\n"
+        "偏移不同，打分才不同。",
+    "fig_rope_title1": "RoPE 之后的 q_m · k_n（d = {d}）：沿对角线不变",
+    "fig_key_pos_n": "键位置 n",
+    "fig_query_pos_m": "查询位置 m",
+    "fig_rope_offset": "偏移 m − n",
+    "fig_rope_score": "q·k / d（q = k = 全 1，d = 64）",
+    "fig_rope_title2": "RoPE 的远程衰减",
+
+    "txl_intro":
+        "4）Transformer-XL 把长文本切成一段一段来读，并把上一段的隐状态留作“记忆”：当前段\n"
+        "的 {L} 个查询除了看本段，还能按因果顺序看到 {M} 个记忆位置。它用相对位置编码，打分\n"
+        "拆成四项（R 是距离 i - j 的正弦编码，u、v 是可学习的偏置）：\n"
+        "  (a) q·k 内容项   (b) q·W_r R 内容-位置项   (c) u·k 全局内容偏置\n"
+        "  (d) v·W_r R 全局位置偏置。下面是第 2 段第一个查询（x0）的四项：",
+    "txl_headers": ["键", "(a)", "(b)", "(c)", "(d)", "求和/√d", "权重"],
+    "txl_check":
+        "用这四项算 softmax，再乘 V、过 o_net，结果与\n"
+        "attnkit.layers.TransformerXLAttention(x, mems) 一致：最大误差 {e:.1e}",
+    "txl_memory":
+        "记忆延长了上下文：第 2 段的第一个词把 {w:.0%} 的权重放在 {M} 个记忆位置上\n"
+        "（m0..m3，也就是上一段）。",
+    "fig_txl_mask": "带记忆的因果掩码：{L} 个查询，{M} 个记忆 + {L} 个键",
+    "fig_txl_weights": "Transformer-XL 第 2 段的权重",
+
+    # 7 ------------------------------------------------------------------------------
+    "long_longformer": "Longformer",
+    "long_dilated": "Longformer（空洞窗口）",
+    "long_mistral": "Mistral 式滑动窗口",
+    "long_dense": "稠密",
+    "long_intro":
+        "稠密注意力要把每个查询和每个键都比一遍，共 L² 个打分。长文档模型只保留其中一部分：\n"
+        "Longformer 用滑动窗口加少量全局词（部分头用空洞窗口）；BigBird 用窗口块、全局块和\n"
+        "随机块；Mistral 用因果滑动窗口。各模式保留的 L × L 打分比例（参数固定、长度变化；\n"
+        "用 attnkit.masks 构造，materialize 统计）：",
+    "long_headers": ["模式", "写法（attnkit plot）", "L = 64", "L = 256", "L = 1024"],
+    "fig_long_suptitle": "稀疏注意力模式，L = {n}",
+    "mem_intro":
+        "再看内存：一次注意力调用（1 个头，d = {d}）分配内存的峰值，在一个全新的子进程里\n"
+        "用 torch.profiler（profile_memory）测量。“稠密”会把 L × L 的打分整个存下来\n"
+        "（backend=\"reference\"）；“分块”是 attnkit 的分块在线 softmax，任何时候最多只存\n"
+        "一块打分。分块各测两次：完整的因果注意力，以及 ±{w} 的滑动窗口加一个全局词：",
+    "mem_running": "正在子进程里测量……",
+    "mem_headers": ["L", "稠密 (MiB)", "分块·因果 (MiB)", "分块·窗口 (MiB)", "稠密/窗口"],
+    "mem_outro":
+        "L 每翻一倍，稠密注意力的内存涨到约 {g:.1f} 倍（L² 个打分）；分块只涨到约 {gc:.1f} 倍\n"
+        "（只存 O(L) 的输出和统计量）。滑动窗口还能省时间：分块引擎会直接跳过掩码排除的块。",
+    "fig_mem_dense": "稠密（存下全部打分）",
+    "fig_mem_chunked_causal": "分块，因果",
+    "fig_mem_chunked_window": "分块，滑动窗口",
+    "fig_mem_x": "序列长度 L",
+    "fig_mem_y": "分配内存峰值（MiB）",
+    "fig_mem_title": "一次注意力调用的内存峰值（1 个头，d = {d}）",
+}
+
+TEXT = {"en": EN, "zh": ZH}
