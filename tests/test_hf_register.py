@@ -470,6 +470,12 @@ def test_an_unknown_mask_type_is_refused():
         ak_hf.attention_forward(torch.nn.Module(), q, k, v, [[1, 1]])
 
 
+def test_per_token_sinks_are_refused_not_ignored():
+    q = k = v = torch.randn(1, 2, 5, 8)
+    with pytest.raises(NotImplementedError, match="sinks"):
+        ak_hf.attention_forward(torch.nn.Module(), q, k, v, None, sinks=torch.zeros(1, 2, 5, 1))
+
+
 def test_a_module_called_without_a_mask_follows_its_is_causal():
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
     layer = torch.nn.Module()

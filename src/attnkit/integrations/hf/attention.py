@@ -79,11 +79,16 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
         position_bias: T5's (1|B, Hq, L, S) relative bias, added to the scores.
         s_aux: GPT-OSS's (Hq,) learnable sink logits.
         **kwargs: ``output_attentions`` is honoured; ``sliding_window`` is already part of
-            the mask; the rest is ignored.
+            the mask; per-token ``sinks`` raise NotImplementedError; the rest (cache and
+            packing bookkeeping for other kernels) is not needed.
 
     Returns:
         (out (B, L, Hq, D), weights (B, Hq, L, S) or None).
     """
+    if kwargs.get("sinks") is not None:
+        raise NotImplementedError(
+            f"this model passes `sinks` of shape {tuple(kwargs['sinks'].shape)} (per token); "
+            f"attnkit's sinks are one logit per head (s_aux, as GPT-OSS passes them)")
     L, S = query.shape[-2], key.shape[-2]
     attn_mask, causal = _attn_mask(module, attention_mask, is_causal, L, S)
     want_weights = _wants_weights(module, kwargs)

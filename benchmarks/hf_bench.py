@@ -1,0 +1,229 @@
+"""Issue 5 targets for ``attnkit.integrations.hf.register()``, measured in one run.
+
+    python benchmarks/hf_bench.py             # the targets below
+    python benchmarks/hf_bench.py --quick     # shorter inputs (2048 / 512 tokens)
+
+* Mistral with sliding_window=512 at 4096 tokens (float32, B=1, tiny widths: hidden 128,
+  4 query heads and 2 key/value heads of 32, 2 layers, so attention dominates): the base
+  model's forward under "attnkit" vs "eager" and "sdpa". Targets: >= 2x faster than
+  eager, not slower than sdpa.
+* T5 self-attention (T5EncoderModel: bidirectional attention + relative position bias)
+  at 1024 tokens (d_model 128, 4 heads of 32, 2 layers) under "attnkit" vs "sdpa"
+  (and "eager" for reference). Target: not slower than sdpa.
+* "attnkit+sparse-auto": attnkit with the change to ``functional._choose_backend``
+  proposed in the issue-5 report (:func:`proposed_choose_backend`): masks that rule out
+  most blocks go to the tiled engine even when a dense mask would be small enough to
+  build. Shown to size that proposal; the model code is the same.
+
+Time: the implementations run alternately in one process (so they share the machine's
+load, which other people's jobs make noisy), best of N after a warm-up; ratios compare
+best times, and medians are printed too. Memory: each (model, implementation) runs in a
+fresh subprocess; the peak resident set (VmHWM) is reset through /proc/self/clear_refs
+once the model and input exist, so "growth" is what the forward call added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+MISTRAL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+               sliding_window=512, initializer_range=0.2)
+T5 = dict(vocab_size=256, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+          dropout_rate=0.0)
+IMPLS = ("eager", "sdpa", "attnkit", "attnkit+sparse-auto")
+
+
+# ------------------------------------------------------------------ the proposal
+
+SPARSE_FRACTION = 0.5
+
+
+def allowed_fraction(mask, L: int, S: int, block: int = 128) -> float:
+    """Share of the (block x block) tiles of the (L, S) grid that ``mask`` does not rule
+    out, from its ``block_states`` (no dense mask is drawn)."""
+    from attnkit.masks import EMPTY, Grid
+    off = S - L
+    q = torch.arange(off, off + L, block)
+    k = torch.arange(0, S, block)
+    states = mask.block_states(Grid(L, S), q.view(-1, 1), (q + block).clamp(max=S).view(-1, 1),
+                               k.view(1, -1), (k + block).clamp(max=S).view(1, -1))
+    return float((states != EMPTY).float().mean())
+
+
+def proposed_choose_backend(mask, bias, B, Hq, L, S, needs_chunked):
+    """``functional._choose_backend`` with one more rule: a mask that rules out most blocks
+    (sliding windows, block-sparse patterns) goes to the tiled engine, whose cost follows
+    the allowed blocks, instead of being drawn densely for torch SDPA."""
+    from attnkit import functional as F
+    if needs_chunked or (bias is not None and not isinstance(bias, F.TensorBias)):
+        return "chunked"
+    if mask is None or isinstance(mask, F.TensorMask):
+        return "torch"
+    if isinstance(mask, F.CausalMask) and L == S and bias is None:
+        return "torch"
+    if F._only_dense_leaves(mask):
+        return "torch"
+    if (F._dense_size(mask, B, Hq, L, S) <= F.DENSE_MASK_LIMIT
+            and allowed_fraction(mask, L, S) > SPARSE_FRACTION):
+        return "torch"
+    return "chunked"
+
+
+@contextlib.contextmanager
+def backend_policy(impl: str):
+    from attnkit import functional
+    real = functional._choose_backend
+    if impl == "attnkit+sparse-auto":
+        functional._choose_backend = proposed_choose_backend
+    try:
+        yield
+    finally:
+        functional._choose_backend = real
+
+
+# ------------------------------------------------------------------ the models
+
+def _model(cls_name: str, config, impl: str):
+    import transformers
+
+    import attnkit.integrations.hf as ak_hf
+    ak_hf.register()
+    torch.manual_seed(0)
+    name = "attnkit" if impl.startswith("attnkit") else impl
+    cls = getattr(transformers, cls_name)
+    return cls._from_config(copy.deepcopy(config), attn_implementation=name).eval()
+
+
+def mistral(impl: str, n: int):
+    """A forward call of MistralModel on n tokens, and the score entries the window allows."""
+    import transformers
+    model = _model("MistralModel", transformers.MistralConfig(**MISTRAL), impl)
+    ids = torch.randint(0, MISTRAL["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+    w = MISTRAL["sliding_window"]
+    entries = sum(min(i + 1, w) for i in range(n))
+    return (lambda: model(input_ids=ids)), entries
+
+
+def t5(impl: str, n: int):
+    """A forward call of T5EncoderModel on n tokens (every score entry allowed)."""
+    import transformers
+    model = _model("T5EncoderModel", transformers.T5Config(**T5), impl)
+    ids = torch.randint(0, T5["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+    return (lambda: model(input_ids=ids)), n * n
+
+
+MODELS = {"mistral": (mistral, MISTRAL["num_attention_heads"], 32, 2),
+          "t5": (t5, T5["num_heads"], T5["d_kv"], 2)}
+
+
+# ------------------------------------------------------------------ measurements
+
+def timings(calls: dict, rounds: int) -> dict:
+    """All times of each call, calling them alternately so they share the machine's load."""
+    times = {k: [] for k in calls}
+    with torch.no_grad():
+        for impl, fn in calls.items():
+            with backend_policy(impl):
+                fn()
+        for _ in range(rounds):
+            for impl, fn in calls.items():
+                with backend_policy(impl):
+                    t = time.perf_counter()
+                    fn()
+                    times[impl].append(time.perf_counter() - t)
+    return times
+
+
+def _status(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def worker(model: str, impl: str, n: int) -> dict:
+    """In a fresh process: peak RSS growth (MiB) of one forward call."""
+    fn, _ = MODELS[model][0](impl, n)
+    with torch.no_grad(), backend_policy(impl):
+        # the first call: after it the allocator keeps freed blocks and would hide a peak
+        open("/proc/self/clear_refs", "w").write("5")
+        base = _status("VmRSS")
+        fn()
+        return dict(growth_mib=_status("VmHWM") - base)
+
+
+def memory(model: str, impl: str, n: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", model, impl, str(n)],
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        return dict(error=(out.stderr.strip().splitlines() or ["failed"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ the run
+
+def compare(model: str, n: int, impls, rounds: int, targets: dict) -> dict:
+    make, heads, head_dim, layers = MODELS[model]
+    calls, entries = {}, 0
+    for impl in impls:
+        calls[impl], entries = make(impl, n)
+    times = timings(calls, rounds)
+    best = {k: min(v) for k, v in times.items()}
+    mem = {impl: memory(model, impl, n) for impl in impls}
+    print(f"\n{model} at {n} tokens (best of {rounds}; median in brackets; "
+          f"useful GFLOP/s over {layers} attention layers)")
+    for impl in impls:
+        gf = 4 * heads * head_dim * entries * layers / best[impl] / 1e9
+        m = mem[impl]
+        mtxt = m.get("error") or f"peak growth {m['growth_mib']:7.1f} MiB"
+        print(f"  {impl:20s} {best[impl] * 1e3:8.1f} ms [{statistics.median(times[impl]) * 1e3:8.1f}]"
+              f"  {gf:6.2f} GFLOP/s  {mtxt}")
+    ratios = {}
+    for ours in (i for i in impls if i.startswith("attnkit")):
+        for peer, target in targets.items():
+            r = best[peer] / best[ours]
+            ratios[f"{ours} vs {peer}"] = r
+            print(f"  {ours} is {r:.2f}x as fast as {peer} (target >= {target:g}x)")
+    return dict(n=n, seconds=times, memory=mem, ratios=ratios)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2048 / 512 tokens")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None, help="write all timings to this file")
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "IMPL", "N"))
+    args = ap.parse_args(argv)
+    if args.worker:
+        model, impl, n = args.worker
+        print(json.dumps(worker(model, impl, int(n))))
+        return
+    import transformers
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads; float32, batch 1")
+    n_mistral, n_t5 = (2048, 512) if args.quick else (4096, 1024)
+    report = {
+        "mistral": compare("mistral", n_mistral, IMPLS, args.rounds,
+                           targets={"eager": 2.0, "sdpa": 1.0}),
+        "t5": compare("t5", n_t5, IMPLS, args.rounds, targets={"sdpa": 1.0}),
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
