@@ -1,0 +1,255 @@
+"""``attnkit bench``: every attention variant against its peers, in one run.
+
+    attnkit bench [--quick] [--json FILE] [--plot FILE.png]
+
+The parent process describes the machine, measures its float32 GEMM peak (torch.mm,
+4096 x 4096), plans which (case, length, implementation) fit the time and memory
+budgets, and hands the plan to worker processes (``attnkit.bench.worker``): one fresh
+process per case in a full run, one for all cases with ``--quick`` (process start-up
+would otherwise eat the two minutes). It then adds the derived figures (useful GFLOP/s,
+share of the GEMM peak, speedups over each peer, the issues' targets), prints the table
+and writes the JSON and the plot. Methods: ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from .cases import CASES, D, FULL_LENGTHS, Case, missing_requirement
+from .measurement import PeakRSS, WORKER_ENV, describe_machine, gemm_peak_gflops
+from .report import Progress, format_table, format_targets, outcome, write_json
+from .targets import TARGETS, evaluate
+
+__all__ = ["run", "SETTINGS"]
+
+GiB = 1 << 30
+
+#: time and memory budgets: calls estimated beyond them are skipped with a note
+SETTINGS = {
+    # --quick is a smoke test: one thread, so that a machine busy with other work does
+    # not turn every small op into a wait for the second core (seen: 150 ms instead of 7)
+    "quick": {"budget_s": 0.1, "min_repeats": 2, "max_repeats": 5, "max_call_s": 0.6,
+              "max_bytes": 1.5 * GiB, "worker_timeout_s": 240, "threads": 1},
+    "full": {"budget_s": 1.2, "min_repeats": 3, "max_repeats": 15, "max_call_s": 5.0,
+             "max_bytes": 6 * GiB, "worker_timeout_s": 900, "threads": None},
+}
+
+
+def _estimate(case: Case, variant, n: int, gemm_peak: float) -> tuple[float, float]:
+    """(seconds per call, extra bytes) a variant is expected to need at length n."""
+    if variant.work == "dense":
+        flops = 4 * case.batch * case.heads * n * n * D * (3 if case.kind == "train" else 1)
+    elif variant.work == "causal":
+        flops = 2 * case.batch * case.heads * n * n * D * (3 if case.kind == "train" else 1)
+    else:
+        flops = case.useful_flops(n)
+    seconds = flops / (0.4 * gemm_peak * 1e9) * (case.steps if case.kind == "decode" else 1)
+    return seconds, variant.mem(n)
+
+
+def plan_runs(mode: str, gemm_peak: float, cases=CASES) -> tuple[list, list, dict]:
+    """(jobs for the workers, rows skipped up front, case notes).
+
+    A job is {"case": name, "lengths": [[n, [variant labels]], ...]}."""
+    cfg = SETTINGS[mode]
+    jobs, skipped, case_notes = [], [], {}
+    for case in cases:
+        why = missing_requirement(case.needs, heavy=False)
+        if why:
+            case_notes[case.name] = why
+            continue
+        lengths = case.quick_lengths if mode == "quick" else case.lengths
+        job = {"case": case.name, "lengths": []}
+        for n in lengths:
+            labels = []
+            for v in case.variants:
+                if mode == "quick" and (not v.quick or (v.compiled and n != max(lengths))):
+                    continue
+                if mode == "full" and v.lengths is not None and n not in v.lengths:
+                    continue
+                note = missing_requirement(v.needs, heavy=False)
+                if note is None and v.max_length is not None and n > v.max_length:
+                    note = f"run up to n={v.max_length} only (time)"
+                if note is None:
+                    secs, mem = _estimate(case, v, n, gemm_peak)
+                    if mem > cfg["max_bytes"]:
+                        note = f"needs ~{mem / GiB:.1f} GiB > budget {cfg['max_bytes'] / GiB:.1f}"
+                    elif secs > cfg["max_call_s"]:
+                        note = f"~{secs:.0f} s per call > budget {cfg['max_call_s']:g} s"
+                if note:
+                    skipped.append({"case": case.name, "n": n, "variant": v.label,
+                                    "role": v.role, "status": "skipped", "note": note})
+                else:
+                    labels.append(v.label)
+            if labels:
+                job["lengths"].append([n, labels])
+        if job["lengths"]:
+            jobs.append(job)
+    return jobs, skipped, case_notes
+
+
+def _run_worker(jobs: list, cfg: dict, progress: Progress, on_result) -> None:
+    """One worker process for these jobs; results streamed back line by line."""
+    env = dict(os.environ, **WORKER_ENV)
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    plan = {"jobs": jobs, "budget": cfg, "threads": cfg["threads"]}
+    pending = {(j["case"], n, label) for j in jobs for n, labels in j["lengths"]
+               for label in labels}
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "attnkit.bench.worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env=env)
+        timer = threading.Timer(cfg["worker_timeout_s"], proc.kill)
+        timer.start()
+        try:
+            proc.stdin.write(json.dumps(plan))
+            proc.stdin.close()
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event["type"] == "start":
+                    progress.start(f"{event['case']} n={event['n']} {event['variant']}")
+                elif event["type"] == "result":
+                    pending.discard((event["case"], event["n"], event["variant"]))
+                    on_result(event)
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            raise
+        finally:
+            timer.cancel()
+        if pending:
+            err.seek(0)
+            tail = [ln for ln in err.read().strip().splitlines() if ln.strip()][-1:]
+            why = (f"worker stopped (exit {proc.returncode}"
+                   f"{', killed after ' + str(cfg['worker_timeout_s']) + ' s' if proc.returncode == -9 else ''})"
+                   f"{': ' + tail[0][:150] if tail else ''}")
+            for case, n, label in sorted(pending):
+                on_result({"type": "result", "case": case, "n": n, "variant": label,
+                           "status": "failed", "note": why})
+
+
+def _derive(rows: list, cases: dict, gemm_peak: float) -> None:
+    """Useful GFLOP/s, share of the GEMM peak, speedup over each peer (same case and n)."""
+    for row in rows:
+        case = cases[row["case"]]
+        row["entries"] = case.entries(row["n"])
+        row["useful_flops"] = case.useful_flops(row["n"])
+        if row["status"] == "ok":
+            row["useful_gflops"] = row["useful_flops"] / row["median_s"] / 1e9
+            row["useful_gflops_best"] = row["useful_flops"] / row["min_s"] / 1e9
+            row["peak_share"] = row["useful_gflops"] / gemm_peak
+    by_key: dict = {}
+    for row in rows:
+        by_key.setdefault((row["case"], row["n"]), []).append(row)
+    for group in by_key.values():
+        peers = [r for r in group if r["role"] == "peer" and r["status"] == "ok"]
+        for row in group:
+            if row["role"] == "attnkit" and row["status"] == "ok":
+                row["speedup_vs"] = {p["variant"]: p["median_s"] / row["median_s"] for p in peers}
+
+
+def run(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,
+        cases=None, stream=None) -> int:
+    """Run the benchmark, print the table; returns the exit code (0 unless nothing ran)."""
+    stream = stream or sys.stdout
+    mode = "quick" if quick else "full"
+    cfg = SETTINGS[mode]
+    selected = CASES if cases is None else tuple(c for c in CASES if c.name in set(cases))
+    if plot_path and not plot_path.lower().endswith(".png"):
+        raise ValueError(f"--plot must name a .png file, got {plot_path!r}")
+    t_start = time.time()
+    threads_before = torch.get_num_threads()
+    try:
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        return _run(mode, cfg, selected, json_path, plot_path, stream, t_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(mode, cfg, selected, json_path, plot_path, stream, t_start) -> int:
+    quick = mode == "quick"
+    machine = describe_machine()
+    print(f"attnkit bench ({mode}) on {machine['cpu_model']}, {machine['cores']} cores, "
+          f"torch {machine['torch_version']} ({machine['torch_threads']} threads)",
+          file=stream, flush=True)
+    gemm_peak = gemm_peak_gflops(4096, repeats=1 if quick else 3)
+    print(f"float32 GEMM peak (torch.mm 4096x4096): {gemm_peak:.0f} GFLOP/s", file=stream,
+          flush=True)
+
+    jobs, rows, case_notes = plan_runs(mode, gemm_peak, selected)
+    total = sum(len(labels) for j in jobs for _, labels in j["lengths"])
+    progress = Progress(total)
+    roles = {(c.name, v.label): v.role for c in selected for v in c.variants}
+
+    def on_result(event):
+        event.pop("type", None)
+        event["role"] = roles[(event["case"], event["variant"])]
+        rows.append(event)
+        progress.finish(f"{event['case']} n={event['n']} {event['variant']}", outcome(event))
+
+    groups = [jobs] if quick else [[j] for j in jobs]
+    for group in groups:
+        if group:
+            _run_worker(group, cfg, progress, on_result)
+    progress.close()
+
+    by_name = {c.name: c for c in selected}
+    _derive(rows, by_name, gemm_peak)
+    order = {(c.name, v.label): (i, j) for i, c in enumerate(selected)
+             for j, v in enumerate(c.variants)}
+    rows.sort(key=lambda r: (order[(r["case"], r["variant"])][0], r["n"],
+                             order[(r["case"], r["variant"])][1]))
+    machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report = {
+        "mode": mode,
+        "command": "attnkit bench" + (" --quick" if quick else ""),
+        "machine": machine,
+        "gemm_peak_gflops": gemm_peak,
+        "settings": {"heads": 8, "head_dim": D, "dtype": "float32", "lengths": list(FULL_LENGTHS),
+                     **cfg, "memory_method": PeakRSS.method,
+                     "useful_gflops": "4 * B * H * allowed score entries * head_dim / median "
+                                      "time (x3 for forward+backward)"},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
+        "duration_s": None,
+        "cases": [],
+    }
+    for c in selected:
+        entry = {"name": c.name, "title": c.title, "kind": c.kind, "batch": c.batch,
+                 "heads": c.heads, "head_dim": D, "note": c.note,
+                 "lengths": list(c.quick_lengths if quick else c.lengths),
+                 "implementations": {v.label: v.role for v in c.variants},
+                 "results": [r for r in rows if r["case"] == c.name]}
+        if c.name in case_notes:
+            entry["skipped"] = case_notes[c.name]
+        report["cases"].append(entry)
+    index = {(r["case"], r["n"], r["variant"]): r for r in rows}
+    report["targets"] = [evaluate(t, index) for t in TARGETS if t.case in by_name]
+    report["duration_s"] = time.time() - t_start
+
+    print(format_table(report), file=stream)
+    print(format_targets(report), file=stream)
+    print(f"\n{sum(r['status'] == 'ok' for r in rows)} measurements, "
+          f"{sum(r['status'] == 'skipped' for r in rows)} skipped, "
+          f"{sum(r['status'] == 'failed' for r in rows)} failed in "
+          f"{report['duration_s']:.0f} s", file=stream)
+    if json_path:
+        write_json(report, json_path)
+        print(f"figures written to {json_path}", file=stream)
+    if plot_path:
+        from .plot import plot_report
+        plot_report(report, plot_path)
+        print(f"plot written to {plot_path}", file=stream)
+    return 0 if any(r["status"] == "ok" for r in rows) else 1

@@ -1,0 +1,189 @@
+"""Turning results into something to read: a progress bar while the run goes, the table
+at the end, the JSON file with every figure."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .targets import format_value
+
+__all__ = ["Progress", "format_table", "format_targets", "write_json"]
+
+MiB = 1 << 20
+
+
+class Progress:
+    """A one-line progress bar on a terminal; one line per finished item elsewhere."""
+
+    def __init__(self, total: int, stream=None, width: int = 28):
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def _bar(self) -> str:
+        filled = int(self.width * self.done / self.total)
+        elapsed = time.perf_counter() - self.t0
+        return (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done:3d}/{self.total} "
+                f"{elapsed:5.0f}s")
+
+    def start(self, label: str) -> None:
+        if self.tty:
+            self.stream.write(f"\r\033[K{self._bar()}  {label}")
+            self.stream.flush()
+
+    def finish(self, label: str, outcome: str) -> None:
+        self.done += 1
+        if self.tty:
+            self.stream.write(f"\r\033[K{self._bar()}  {label}: {outcome}")
+        else:
+            self.stream.write(f"{self._bar()}  {label}: {outcome}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _ms(seconds) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    return f"{ms:.2f}"
+
+
+def outcome(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('note', '')}"
+    return f"{_ms(row['median_s'])} ms"
+
+
+def _speedups(row: dict) -> str:
+    parts = [f"{peer} {x:.2f}x" for peer, x in row.get("speedup_vs", {}).items()]
+    return ", ".join(parts)
+
+
+def _notes(row: dict, marks: list) -> str:
+    notes = []
+    if row["status"] != "ok":
+        notes.append(f"{row['status']}: {row.get('note', '')}")
+    else:
+        if row.get("compile_s") is not None:
+            notes.append(f"compile {row['compile_s']:.1f}s excluded")
+        if row.get("cache_bytes_per_token") is not None:
+            notes.append(f"cache {row['cache_bytes_per_token']:.0f} B/token")
+        if row.get("setup_bytes", 0) >= 64 * MiB:
+            notes.append(f"incl. {row['setup_bytes'] / MiB:.0f} MiB precomputed")
+        if row.get("note"):
+            notes.append(row["note"])
+    notes.extend(marks)
+    return "; ".join(notes)
+
+
+HEADER = (f"{'n':>7}  {'implementation':<17}{'median ms':>10}{'min ms':>9}{'GFLOP/s':>9}"
+          f"{'%peak':>7}{'mem MiB':>9}  {'attnkit speedup over peers':<40}  notes")
+
+
+def format_table(report: dict) -> str:
+    """Every case as a block: one line per (length, implementation)."""
+    marks: dict = {}
+    for t in report.get("targets", []):
+        if t["status"] in ("met", "missed"):
+            word = "MISSED" if t["status"] == "missed" else "met"
+            marks.setdefault((t["case"], t["n"], t["variant"]), []).append(
+                f"{word} #{t['issue']}: {t['text'].replace(t['variant'] + ' ', '', 1)}"
+                f" ({format_value(t)})")
+    lines = []
+    for case in report["cases"]:
+        unit = "per token" if case["kind"] == "decode" else (
+            "forward+backward" if case["kind"] == "train" else "forward")
+        lines.append("")
+        lines.append(f"== {case['name']}: {case['title']}  (B={case['batch']}, H={case['heads']}, "
+                     f"D={case['head_dim']}, float32, {unit})")
+        if case.get("skipped"):
+            lines.append(f"   skipped: {case['skipped']}")
+            continue
+        lines.append(HEADER)
+        last_n = None
+        for row in case["results"]:
+            n = f"{row['n']:>7}" if row["n"] != last_n else " " * 7
+            last_n = row["n"]
+            ok = row["status"] == "ok"
+            gf = f"{row['useful_gflops']:.1f}" if ok else "-"
+            share = f"{100 * row['peak_share']:.0f}%" if ok else "-"
+            mem = f"{row['mem_bytes'] / MiB:.1f}" if ok else "-"
+            lines.append(
+                f"{n}  {row['variant']:<17}{_ms(row.get('median_s')):>10}"
+                f"{_ms(row.get('min_s')):>9}{gf:>9}{share:>7}{mem:>9}  "
+                f"{_speedups(row):<40}  "
+                f"{_notes(row, marks.get((case['name'], row['n'], row['variant']), []))}".rstrip())
+    return "\n".join(lines)
+
+
+def format_targets(report: dict) -> str:
+    lines = ["", "== targets from the issues (median times; n/a = not measured in this run)"]
+    for t in report.get("targets", []):
+        status = {"met": "met   ", "missed": "MISSED", "n/a": "n/a   "}[t["status"]]
+        why = f" ({t['why']})" if t["status"] == "n/a" else f": {format_value(t)}"
+        lines.append(f"  {status} #{t['issue']} {t['case']} n={t['n']}: {t['text']}{why}")
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict, lengths: tuple | None = None) -> str:
+    """A condensed Markdown table for the README: per case and length, each attnkit
+    implementation's median time, useful GFLOP/s, peak memory and speedup over the peers
+    measured beside it; then the issues' targets."""
+    m = report["machine"]
+    lines = [
+        f"Measured on {m['cpu_model']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+        f"torch {m['torch_version']}, float32, B=1, H=8, D=64 unless the case says otherwise; "
+        f"float32 GEMM peak {report['gemm_peak_gflops']:.0f} GFLOP/s; "
+        f"load average {m['load_average_at_start'][0]:.1f} at start, "
+        f"{m['load_average_at_end'][0]:.1f} at end (the cores are shared: compare ratios "
+        f"within a row, not across runs).",
+        "",
+        "| case | n | attnkit | median ms | GFLOP/s (% peak) | peak MiB | speedup over peers |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for case in report["cases"]:
+        if case.get("skipped"):
+            lines.append(f"| {case['name']} | | skipped: {case['skipped']} | | | | |")
+            continue
+        for row in case["results"]:
+            if row["role"] != "attnkit" or (lengths and row["n"] not in lengths):
+                continue
+            if row["status"] != "ok":
+                lines.append(f"| {case['name']} | {row['n']} | {row['variant']} | "
+                             f"{row['status']}: {row.get('note', '')} | | | |")
+                continue
+            unit = " /token" if case["kind"] == "decode" else ""
+            mem = (f"{row['cache_bytes'] / MiB:.1f} (cache)" if case["kind"] == "decode"
+                   else f"{row['mem_bytes'] / MiB:.0f}")
+            lines.append(
+                f"| {case['name']} | {row['n']} | {row['variant']} | {_ms(row['median_s'])}{unit} | "
+                f"{row['useful_gflops']:.0f} ({100 * row['peak_share']:.0f}%) | {mem} | "
+                f"{_speedups(row)} |")
+    lines += ["", "Targets from the issues (median times):", ""]
+    for t in report.get("targets", []):
+        if t["status"] == "n/a":
+            lines.append(f"- n/a: #{t['issue']} {t['case']} n={t['n']}: {t['text']} ({t['why']})")
+        else:
+            word = "**MISSED**" if t["status"] == "missed" else "met"
+            lines.append(f"- {word}: #{t['issue']} {t['case']} n={t['n']}: {t['text']}: "
+                         f"{format_value(t)}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")

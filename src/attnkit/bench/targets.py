@@ -1,0 +1,143 @@
+"""The speed and memory targets the mechanisms' issues set, checked against a run.
+
+Times are medians; memory targets about "peak memory growth" use the growth during one
+call (``peak_bytes``), comparisons between implementations use setup + call
+(``mem_bytes``: a precomputed dense mask or bias counts against the one that needs it).
+A target whose rows were not measured in this run (``--quick``, a skipped variant, a
+feature not built yet) is "n/a", never "met".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Target", "TARGETS", "evaluate"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: int
+    case: str
+    n: int
+    variant: str            # the attnkit row the target is about
+    kind: str               # speedup | within | gflops | growth_mib | mem_below | mem_linear | mem_mib
+    threshold: float
+    peer: str | None = None
+
+    @property
+    def text(self) -> str:
+        t, p = self.threshold, self.peer
+        return {
+            "speedup": f"{self.variant} >= {t:g}x faster than {p}",
+            "within": f"{self.variant} time <= {t:g}x {p}",
+            "gflops": f"{self.variant} >= {t:g} useful GFLOP/s",
+            "growth_mib": f"{self.variant} peak memory growth < {t:g} MiB",
+            "mem_mib": f"{self.variant} peak memory < {t:g} MiB",
+            "mem_below": f"{self.variant} peak memory below {p}",
+            "mem_linear": f"{self.variant} memory roughly doubles n/2 -> n (x{t:g} at most)",
+        }[self.kind]
+
+
+def _t(issue, case, n, variant, kind, threshold, peer=None):
+    return Target(issue, case, n, variant, kind, threshold, peer)
+
+
+TARGETS: tuple[Target, ...] = (
+    # issue 2: the core
+    _t(2, "dense", 2048, "attnkit", "within", 1.05, "torch sdpa"),
+    _t(2, "dense", 4096, "attnkit", "within", 1.05, "torch sdpa"),
+    _t(2, "dense", 4096, "attnkit chunked", "within", 1.6, "torch sdpa"),
+    _t(2, "dense", 4096, "attnkit chunked", "gflops", 90),
+    _t(2, "causal", 16384, "attnkit chunked", "growth_mib", 600),
+    _t(2, "causal_train", 8192, "attnkit chunked", "growth_mib", 400),
+    # issue 3: positional biases through the chunked engine
+    _t(3, "alibi", 8192, "attnkit", "growth_mib", 400),
+    _t(3, "alibi", 8192, "attnkit", "within", 1.5, "sdpa+bias"),
+    _t(3, "t5", 8192, "attnkit", "growth_mib", 400),
+    _t(3, "t5", 8192, "attnkit", "within", 1.5, "sdpa+bias"),
+    # issue 4: long sequences
+    _t(4, "sliding_window", 8192, "attnkit", "speedup", 8, "sdpa+mask"),
+    _t(4, "sliding_window", 16384, "attnkit", "speedup", 1.3, "flex"),
+    _t(4, "sliding_window", 16384, "attnkit", "gflops", 100),
+    _t(4, "longformer_layer", 4096, "attnkit layer", "speedup", 4, "hf Longformer"),
+    _t(4, "longformer_layer", 4096, "attnkit layer", "mem_below", 0, "hf Longformer"),
+    _t(4, "bigbird_layer", 4096, "attnkit layer", "speedup", 3, "hf BigBird"),
+    _t(4, "longformer_layer", 16384, "attnkit layer", "mem_linear", 2.6),
+    _t(4, "longformer_layer", 32768, "attnkit layer", "mem_linear", 2.6),
+    _t(4, "longformer_layer", 32768, "attnkit layer", "mem_mib", 1536),
+    _t(4, "bigbird_layer", 16384, "attnkit layer", "mem_linear", 2.6),
+    _t(4, "bigbird_layer", 32768, "attnkit layer", "mem_linear", 2.6),
+    _t(4, "bigbird_layer", 32768, "attnkit layer", "mem_mib", 1536),
+    # issue 5: HF interop, attention module against attention module
+    _t(5, "longformer_layer", 4096, "attnkit patched", "speedup", 4, "hf Longformer"),
+    _t(5, "longformer_layer", 4096, "attnkit patched", "mem_below", 0, "hf Longformer"),
+    _t(5, "bigbird_layer", 4096, "attnkit patched", "speedup", 3, "hf BigBird"),
+    _t(5, "bigbird_layer", 4096, "attnkit patched", "mem_below", 0, "hf BigBird"),
+    _t(5, "t5_layer", 1024, "attnkit patched", "within", 1.0, "hf t5 sdpa"),
+    _t(5, "mistral_layer", 4096, "attnkit", "speedup", 2, "hf mistral eager"),
+    _t(5, "mistral_layer", 4096, "attnkit", "within", 1.0, "hf mistral sdpa"),
+)
+
+
+def _row(rows: dict, case: str, n: int, variant: str | None):
+    r = rows.get((case, n, variant))
+    return r if r is not None and r.get("status") == "ok" else None
+
+
+def evaluate(target: Target, rows: dict) -> dict:
+    """``rows``: {(case, n, variant): row}. Returns the target with its measured value
+    and status "met", "missed" or "n/a" (and why)."""
+    out = {"issue": target.issue, "case": target.case, "n": target.n,
+           "variant": target.variant, "peer": target.peer, "kind": target.kind,
+           "threshold": target.threshold, "text": target.text, "measured": None}
+    me = _row(rows, target.case, target.n, target.variant)
+    if me is None:
+        return {**out, "status": "n/a", "why": f"{target.variant} not measured at n={target.n}"}
+    k = target.kind
+    if k in ("speedup", "within", "mem_below"):
+        peer = _row(rows, target.case, target.n, target.peer)
+        if peer is None:
+            return {**out, "status": "n/a", "why": f"{target.peer} not measured at n={target.n}"}
+        if k == "speedup":
+            value = peer["median_s"] / me["median_s"]
+            ok = value >= target.threshold
+        elif k == "within":
+            value = me["median_s"] / peer["median_s"]
+            ok = value <= target.threshold
+        else:
+            value = me["mem_bytes"] / MiB
+            ok = me["mem_bytes"] < peer["mem_bytes"]
+            out["peer_value"] = peer["mem_bytes"] / MiB
+    elif k == "gflops":
+        value = me["useful_gflops"]
+        ok = value >= target.threshold
+    elif k == "growth_mib":
+        value = me["peak_bytes"] / MiB
+        ok = value < target.threshold
+    elif k == "mem_mib":
+        value = me["mem_bytes"] / MiB
+        ok = value < target.threshold
+    elif k == "mem_linear":
+        half = _row(rows, target.case, target.n // 2, target.variant)
+        if half is None:
+            return {**out, "status": "n/a", "why": f"not measured at n={target.n // 2}"}
+        value = me["mem_bytes"] / max(half["mem_bytes"], 1)
+        ok = value <= target.threshold
+    else:  # pragma: no cover
+        raise ValueError(k)
+    return {**out, "measured": value, "status": "met" if ok else "missed"}
+
+
+def format_value(result: dict) -> str:
+    v, k = result["measured"], result["kind"]
+    if v is None:
+        return "-"
+    if k in ("speedup", "within", "mem_linear"):
+        return f"{v:.2f}x"
+    if k == "gflops":
+        return f"{v:.0f} GFLOP/s"
+    if k == "mem_below":
+        return f"{v:.0f} vs {result.get('peer_value', 0):.0f} MiB"
+    return f"{v:.0f} MiB"

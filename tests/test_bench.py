@@ -1,0 +1,235 @@
+"""attnkit bench: the smoke run end to end, and the pieces its figures rest on.
+
+No timing assertions: the machine is shared. What is checked is that every case is
+reported, that every figure is there and consistent, and that the instruments themselves
+(allowed-entry counting, peak-memory measurement, target checks) are right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit.masks as M
+from attnkit.bench import cases as bench_cases
+from attnkit.bench.cases import CASES, count_allowed
+from attnkit.bench.measurement import PeakRSS, time_call
+from attnkit.bench.targets import Target, evaluate
+
+MiB = 1 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _attnkit_command() -> list[str]:
+    """The installed console script (what a user runs), else the same entry point."""
+    script = Path(sys.executable).with_name("attnkit")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from attnkit.cli import main; sys.exit(main())"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(_attnkit_command() + ["bench", "--quick", "--json", str(json_path),
+                                                "--plot", str(png_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    return proc, json_path, png_path
+
+
+def test_quick_run_exits_cleanly_and_prints_a_table(quick_run):
+    proc, _, _ = quick_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "median ms" in proc.stdout and "GFLOP/s" in proc.stdout
+    for case in CASES:
+        assert f"== {case.name}:" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_quick_json_describes_the_machine(quick_run):
+    _, json_path, _ = quick_run
+    report = json.loads(json_path.read_text())
+    assert report["mode"] == "quick"
+    m = report["machine"]
+    for key in ("cpu_model", "cores", "torch_version", "torch_threads", "memory_method"):
+        assert m[key], key
+    assert m["torch_version"] == torch.__version__
+    assert report["gemm_peak_gflops"] > 0
+
+
+def test_quick_json_has_every_case_with_sane_figures(quick_run):
+    _, json_path, _ = quick_run
+    report = json.loads(json_path.read_text())
+    by_name = {c["name"]: c for c in report["cases"]}
+    assert set(by_name) == {c.name for c in CASES}
+    peak = report["gemm_peak_gflops"]
+    for case in CASES:
+        entry = by_name[case.name]
+        if entry.get("skipped"):  # a feature not built yet: said so, with the reason
+            assert "not available" in entry["skipped"] or "not installed" in entry["skipped"]
+            continue
+        rows = entry["results"]
+        assert rows, case.name
+        mine = [r for r in rows if r["role"] == "attnkit"]
+        assert any(r["status"] == "ok" for r in mine) or all(
+            "not available" in r["note"] for r in mine), case.name
+        assert any(r["status"] == "ok" and r["role"] == "peer" for r in rows), case.name
+        ok_peers = {r["variant"] for r in rows if r["status"] == "ok" and r["role"] == "peer"}
+        for r in rows:
+            where = f"{case.name} n={r['n']} {r['variant']}"
+            assert r["status"] in ("ok", "skipped"), f"{where}: {r.get('note')}"
+            if r["status"] == "skipped":
+                assert r["note"], where
+                continue
+            assert 0 < r["min_s"] <= r["median_s"], where
+            assert r["repeats"] >= 2 and len(r["times_s"]) == r["repeats"], where
+            assert r["setup_bytes"] >= 0 and r["peak_bytes"] >= 0, where
+            assert r["mem_bytes"] >= 0, where
+            bound = case.batch * case.heads * r["n"] * (1 if case.kind == "decode" else r["n"])
+            assert 0 < r["entries"] <= bound, where
+            factor = 12 if case.kind == "train" else 4
+            assert r["useful_flops"] == factor * 64 * r["entries"], where
+            assert r["useful_gflops"] == pytest.approx(r["useful_flops"] / r["median_s"] / 1e9)
+            assert r["peak_share"] == pytest.approx(r["useful_gflops"] / peak)
+            if case.kind == "decode":
+                assert r["cache_bytes"] > 0 and r["cache_bytes_per_token"] > 0, where
+            if r["role"] == "attnkit":
+                assert set(r["speedup_vs"]) == ok_peers, where
+                for peer, x in r["speedup_vs"].items():
+                    other = next(p for p in rows if p["variant"] == peer and p["n"] == r["n"])
+                    assert x == pytest.approx(other["median_s"] / r["median_s"]), where
+
+
+def test_quick_json_kv_cache_bytes_follow_the_kv_heads(quick_run):
+    _, json_path, _ = quick_run
+    report = json.loads(json_path.read_text())
+    per_token = {}
+    for c in report["cases"]:
+        for r in c["results"]:
+            if c["name"] in ("decode_mha", "decode_gqa", "decode_mqa") and r["role"] == "attnkit":
+                per_token[c["name"]] = r["cache_bytes_per_token"]
+    # keys + values, float32, head_dim 64: 2 * Hkv * 64 * 4 bytes per token
+    assert per_token == {"decode_mha": 4096, "decode_gqa": 1024, "decode_mqa": 512}
+
+
+def test_quick_plot_is_a_png_with_content(quick_run):
+    _, _, png_path = quick_run
+    data = png_path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(png_path))
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    assert img[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_bad_plot_path_is_a_one_line_error_with_exit_code_2(tmp_path):
+    proc = subprocess.run(_attnkit_command() + ["bench", "--quick", "--plot",
+                                                str(tmp_path / "figure.txt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and ".png" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- counting
+
+MASKS = [
+    (M.causal(), 1),
+    (M.sliding_window(40), 1),
+    (M.sliding_window(30, 0), 1),
+    (M.dilated(9, 5, [1, 2, 3, 4]), 1),
+    (M.bigbird(16), 1),
+    (M.bigbird(16, num_heads=4), 1),
+    (M.sliding_window(20) | M.global_tokens([0, 3, 77]), 1),
+    (M.causal() & M.sliding_window(50, 0), 1),
+    (M.padding([300, 123]), 2),
+]
+
+
+@pytest.mark.parametrize("mask,batch", MASKS, ids=lambda x: repr(x)[:40])
+@pytest.mark.parametrize("L,S", [(300, 300), (257, 300)])
+def test_count_allowed_equals_the_materialised_mask(mask, batch, L, S):
+    heads = 4
+    dense = mask.materialize(L, S)
+    while dense.dim() < 4:
+        dense = dense.unsqueeze(0)
+    expected = int(dense.expand(batch, heads, L, S).sum())
+    assert count_allowed(mask, L, S, batch, heads) == expected
+    assert count_allowed(mask, L, S, batch, heads, block=64) == expected
+
+
+def test_case_entries_count_causal_and_mask_together():
+    case = bench_cases.case_by_name("mistral_layer")
+    n = 300
+    dense = (M.causal() & M.sliding_window(511, 0)).materialize(n, n)
+    assert case.entries(n) == case.heads * int(dense.sum())
+    assert case.useful_flops(n) == 4 * 64 * case.entries(n)
+
+
+# ----------------------------------------------------------------------------- memory, timing
+
+def test_peak_rss_sees_a_transient_allocation_and_not_a_quiet_block():
+    with PeakRSS() as big:
+        x = torch.ones(64 * MiB // 4)  # 64 MiB, written so it is resident
+        del x
+    with PeakRSS() as quiet:
+        y = sum(range(1000))
+    assert big.peak >= 60 * MiB
+    assert quiet.peak < 16 * MiB and y == 499500
+
+
+def test_time_call_warms_up_then_repeats_and_uses_self_timed_results():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return 0.5  # the call says it took 0.5 s
+    t = time_call(fn, budget_s=0.0, min_repeats=3, max_repeats=10, measure_memory=False)
+    assert len(calls) == 4 and t.times == [0.5, 0.5, 0.5] and t.median == 0.5
+
+
+# ----------------------------------------------------------------------------- targets
+
+def _rows(**figures):
+    return {(c, n, v): dict(status="ok", **f) for (c, n, v), f in figures.items()}
+
+
+def test_targets_are_met_missed_or_not_applicable():
+    rows = _rows(**{})
+    rows[("sliding_window", 8192, "attnkit")] = dict(status="ok", median_s=0.1, mem_bytes=1,
+                                                     peak_bytes=1, useful_gflops=120.0)
+    rows[("sliding_window", 8192, "sdpa+mask")] = dict(status="ok", median_s=0.9, mem_bytes=9,
+                                                       peak_bytes=9, useful_gflops=1.0)
+    speed = Target(4, "sliding_window", 8192, "attnkit", "speedup", 8, "sdpa+mask")
+    assert evaluate(speed, rows)["status"] == "met"
+    assert evaluate(speed, rows)["measured"] == pytest.approx(9.0)
+    strict = Target(4, "sliding_window", 8192, "attnkit", "speedup", 10, "sdpa+mask")
+    assert evaluate(strict, rows)["status"] == "missed"
+    flops = Target(4, "sliding_window", 8192, "attnkit", "gflops", 100)
+    assert evaluate(flops, rows)["status"] == "met"
+    absent = Target(4, "sliding_window", 16384, "attnkit", "speedup", 1.3, "flex")
+    assert evaluate(absent, rows)["status"] == "n/a"
+    rows[("sliding_window", 8192, "sdpa+mask")]["status"] = "skipped"
+    assert evaluate(speed, rows)["status"] == "n/a"
+
+
+def test_memory_targets_use_growth_and_linear_scaling():
+    rows = {
+        ("c", 8192, "attnkit layer"): dict(status="ok", median_s=1, mem_bytes=100 * MiB,
+                                           peak_bytes=90 * MiB),
+        ("c", 16384, "attnkit layer"): dict(status="ok", median_s=1, mem_bytes=300 * MiB,
+                                            peak_bytes=290 * MiB),
+    }
+    linear = Target(4, "c", 16384, "attnkit layer", "mem_linear", 2.6)
+    assert evaluate(linear, rows)["status"] == "missed"  # x3 is not "roughly doubles"
+    growth = Target(2, "c", 16384, "attnkit layer", "growth_mib", 600)
+    assert evaluate(growth, rows)["status"] == "met"
+    assert evaluate(growth, rows)["measured"] == pytest.approx(290)
