@@ -16,7 +16,7 @@ EN = {
     "no_cjk_font": "attnkit: no CJK font found; Chinese labels in the pictures may show as "
                    "boxes (install fonts-noto-cjk).",
     "picture": "picture: {path}",
-    "elapsed": "{s:.1f} s",
+    "elapsed": "({s:.1f} s)",
     "done": "\nDone in {s:.1f} s. {n} pictures in {out}/:",
     "tokens": ["cat", "on", "tree"],
 
@@ -308,7 +308,7 @@ ZH = {
     "no_cjk_font": "attnkit：没有找到中文字体，图里的中文可能显示成方框"
                    "（可以安装 fonts-noto-cjk）。",
     "picture": "图片：{path}",
-    "elapsed": "用时 {s:.1f} 秒",
+    "elapsed": "（用时 {s:.1f} 秒）",
     "done": "\n全部完成，用时 {s:.1f} 秒。{n} 张图片保存在 {out}/：",
     "tokens": ["猫", "在", "树上"],
 
@@ -326,11 +326,11 @@ ZH = {
         "解码器只能看到这一个向量。句子越长，每个词在里面留下的痕迹就越淡。注意力换了个\n"
         "思路：输出的每个位置都可以直接回头看输入的每个位置，需要什么就取什么。\n"
         "\n"
-        "做个实验：随机生成 n 个词向量（d = {d}，结果是 {trials} 个随机句子的平均）。“固定\n"
-        "长度摘要”取这些向量的平均值；注意力则用一个“想找第 1 个词”的查询（q = x_1）去读\n"
-        "全部 n 个向量。两者交给下游的东西和第 1 个词有多像（余弦相似度）？再看第 1 个词\n"
-        "对第 n 个位置还有多大影响：分别对 RNN（h_t = tanh(W h_(t-1) + U x_t)）和一层注意力\n"
-        "求雅可比矩阵 ∂out_n/∂x_1 的范数。",
+        "做个实验：随机生成 n 个词向量（d = {d}，结果取 {trials} 个随机句子的平均）。\n"
+        "“固定长度摘要”就是这些向量的平均值；注意力则用一个“想找第 1 个词”的查询\n"
+        "（q = x_1）去读全部 n 个向量。两者交给下游的东西和第 1 个词有多像（余弦相似度）？\n"
+        "再看第 1 个词对第 n 个位置还有多大影响：分别对 RNN（h_t = tanh(W h_(t-1) + U x_t)）\n"
+        "和一层注意力求雅可比矩阵 ∂out_n/∂x_1 的范数。",
     "why_headers": ["n", "摘要余弦", "注意力余弦", "x_1 的权重", "RNN |∂h_n/∂x_1|",
                     "注意力 |∂y_n/∂x_1|"],
     "why_outro":
@@ -448,9 +448,9 @@ ZH = {
                       "每词 KV 缓存", "8192 词 KV 缓存"],
     "mqa_name": "MQA（同尺寸）",
     "heads_outro":
-        "8 个 K/V 头的 GQA 让 KV 缓存比 MHA 小 {r_gqa:.0f} 倍，MQA 小 {r_mqa:.0f} 倍，但质量会\n"
-        "有些损失。GQA 论文（Ainslie 等，2023）的结论是：GQA 的质量接近 MHA，速度接近\n"
-        "MQA。所以 Llama 3、Mistral、Qwen2 这些模型都选了 GQA。",
+        "用 8 个 K/V 头的 GQA，KV 缓存只有 MHA 的 1/{r_gqa:.0f}；MQA 更是只有 1/{r_mqa:.0f}，\n"
+        "但质量会有些损失。GQA 论文（Ainslie 等，2023）的结论是：GQA 的质量接近 MHA，\n"
+        "速度接近 MQA。所以 Llama 3、Mistral、Qwen2 这些模型都选了 GQA。",
     "fig_heads_suptitle": "MultiHeadAttention({E}, {H}) 的两个头关注点不同",
     "fig_kv_per_token": "每个词的 KV 缓存（KiB，fp16）",
     "fig_kv_title": "整个模型每个词的 KV 缓存",
