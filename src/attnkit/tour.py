@@ -453,12 +453,12 @@ def attention_params(hidden: int, heads: int, kv_heads: int) -> int:
 
 
 def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if n == int(n) and unit == "B" else f"{n:.1f} {unit}" \
-                if n < 10 else f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    """1536 -> '1.5 KiB', 524288 -> '512 KiB' (one decimal below 10 of a unit)."""
+    units = ["B", "KiB", "MiB", "GiB"]
+    k = 0
+    while n >= 1024 and k < len(units) - 1:
+        n, k = n / 1024, k + 1
+    return f"{n:.1f} {units[k]}" if n < 10 and k > 0 else f"{n:.0f} {units[k]}"
 
 
 def section_heads(tour: Tour) -> None:
@@ -486,7 +486,7 @@ def section_heads(tour: Tour) -> None:
 
     tour.say("heads_real", ctx=KV_CONTEXT)
     rows, bars = [], []
-    for idx, (name, hidden, layers, heads, kv) in enumerate(REAL_MODELS):
+    for name, hidden, layers, heads, kv in REAL_MODELS:
         name = tour.t("mqa_name") if kv == 1 else name
         head_dim = hidden // heads
         p = attention_params(hidden, heads, kv)

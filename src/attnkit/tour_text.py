@@ -88,7 +88,7 @@ EN = {
     "fig_score": "score",
     "fig_weight": "attention weight",
     "fig_weights_title": "softmax → weights",
-    "fig_qkv_suptitle": "Scores and weights for “cat on tree”",
+    "fig_qkv_suptitle": "Scores and weights for \"cat on tree\"",
 
     "scale_intro":
         "Why divide by sqrt(d_k)? If the entries of q and k have mean 0 and variance 1, q.k\n"
