@@ -90,6 +90,7 @@ def main(argv: list[str]) -> int:
     sub.populate(text=text)
     sub.subset(font)
     rename(font)
+    font.recalcTimestamp = False   # same input, same bytes: no churn in the repository
     font.save(OUTPUT)
     print(f"{OUTPUT}: {len(text)} characters, {OUTPUT.stat().st_size / 1024:.0f} KiB")
     return 0
