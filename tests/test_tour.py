@@ -279,3 +279,22 @@ def test_shipped_font_covers_every_chinese_character():
                          f"run python -m attnkit.fonts.make_subset")
     assert viz.font_family()[0] == viz.SHIPPED_FAMILY
     assert (viz.FONT_DIR / "OFL.txt").exists()
+
+
+def test_pictures_need_no_installed_cjk_font(monkeypatch, tmp_path, recwarn):
+    """On a fresh machine only the shipped subset is there: every Chinese picture label
+    must still render without a missing glyph."""
+    from attnkit import viz
+    monkeypatch.setattr(viz, "SYSTEM_CJK_FAMILIES", [])
+    monkeypatch.setattr(viz, "_font_cache", None)
+    labels = [v for k, v in ZH.items() if k.startswith(("fig_", "long_", "mqa", "head"))]
+    labels += ZH["tokens"] + [w for s in ZH["pad_sentences"] for w in s]
+    labels += [str(v) for v in viz.LABELS["zh"].values()]
+    with viz.style():
+        fig = viz.new_figure(6, 6)
+        ax = fig.subplots()
+        for k, text in enumerate(labels):
+            ax.text(0, k / len(labels), text, fontsize=4)
+        viz.save(fig, tmp_path / "labels.png")
+    assert viz.font_family()[:2] == [viz.SHIPPED_FAMILY, "DejaVu Sans"]
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]
