@@ -383,8 +383,10 @@ def test_t5_decoding_with_offset_one_token_at_a_time_equals_full_pass():
 def test_t5_bad_input():
     t5 = T5RelativeBias(4)
     q = torch.randn(1, 4, 5, 8)
-    with pytest.raises(ValueError, match=r"q_len=5, k_len=5.*q_len=5, k_len=7"):
-        sdpa(q, torch.randn(1, 4, 7, 8), torch.randn(1, 4, 7, 8), bias=t5.bias(5, 5, offset=0))
+    for offset in (None, 0):
+        with pytest.raises(ValueError, match=r"q_len=5, k_len=5.*q_len=5, k_len=7"):
+            sdpa(q, torch.randn(1, 4, 7, 8), torch.randn(1, 4, 7, 8),
+                 bias=t5.bias(5, 5, offset=offset))
     with pytest.raises(ValueError, match="for 4 heads but the query has 2"):
         sdpa(q[:, :2], q[:, :2], q[:, :2], bias=t5.bias(5, 5))
     with pytest.raises(TypeError, match="integer"):

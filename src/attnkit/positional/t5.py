@@ -86,10 +86,10 @@ class T5Bias(Bias):
         return 0 if self.offset is None else self.offset - grid.q_offset
 
     def validate(self, grid: Grid) -> None:
-        if self.offset is not None and (grid.q_len, grid.k_len) != (self.q_len, self.k_len):
+        if (grid.q_len, grid.k_len) != (self.q_len, self.k_len):
             raise ValueError(f"this T5 bias was made for q_len={self.q_len}, k_len="
-                             f"{self.k_len} with offset={self.offset}, but attention has "
-                             f"q_len={grid.q_len}, k_len={grid.k_len}")
+                             f"{self.k_len}, but attention has q_len={grid.q_len}, "
+                             f"k_len={grid.k_len}")
 
     def _bucket(self, rel: Tensor) -> Tensor:
         m = self.module
@@ -110,9 +110,10 @@ class T5Bias(Bias):
         # offsets k - i, smallest first: c = 0 .. nq+nk-2 <-> rel = k0 - (q1-1+shift) + c
         rel = torch.arange(k0 - (q1 - 1 + shift), k1 - (q0 + shift), device=weight.device)
         values = weight[self._bucket(rel)].t().contiguous()  # (H, nq + nk - 1)
-        # row a (from the bottom, a' = nq-1-a) and column t read values[a' + t]
+        # row a (from the bottom, a' = nq-1-a) and column t read values[a' + t]; made
+        # contiguous before the flip so the tile comes out row-major, as kernels want it
         band = values.as_strided((values.shape[0], nq, nk), (values.stride(0), 1, 1))
-        return band.flip(1).unsqueeze(0)
+        return band.contiguous().flip(1).unsqueeze(0)
 
     def __repr__(self):
         return (f"T5Bias(heads={self.num_heads}, q_len={self.q_len}, k_len={self.k_len}, "
