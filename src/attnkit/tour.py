@@ -870,6 +870,7 @@ def section_long(tour: Tour) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.margins(y=0.12)                       # room for the value labels above and below
     ax.set_xlabel(tour.t("fig_mem_x"))
     ax.set_ylabel(tour.t("fig_mem_y"))
     ax.set_title(tour.t("fig_mem_title", d=MEMORY_HEAD_DIM))
