@@ -255,25 +255,106 @@ def hf_random_plan(seq_len: int, block_size: int, num_random_blocks: int, num_he
     return torch.as_tensor(np.stack(plans, 0), dtype=torch.long)
 
 
-# ------------------------------------------------------------------ the layer
+# ------------------------------------------------------------------ gathered blocks
 
-def _layout(mask, seq_len: int) -> Tensor:
-    return mask.layout(seq_len) if isinstance(mask, BigBirdMask) else mask.layout
-
-
-def _differs_per_head(mask, seq_len: int) -> bool:
-    lay = _layout(mask, seq_len)
-    return lay.shape[0] > 1 and not bool((lay == lay[:1]).all())
+#: bytes of gathered keys + values per chunk of query blocks (kept small: on this machine a
+#: fresh multi-MiB allocation costs more in page faults than the copy itself)
+CHUNK_BYTES = 8 << 20
 
 
-def _head(obj, h: int, seq_len: int):
-    """Head h's share of a per-head block mask or block bias (None stays None)."""
-    if obj is None:
-        return None
-    if isinstance(obj, BlockBias):
-        return BlockBias(obj.table[h:h + 1] if obj.table.shape[0] > 1 else obj.table,
-                         obj.block_size)
-    return BlockSparseMask(_layout(obj, seq_len)[h], obj.block_size)
+def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, counts: Tensor,
+                           block_size: int, key_keep: Tensor | None = None,
+                           dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """Block-sparse attention by gathering each query block's key blocks, as BigBird does.
+
+    ``counts`` (H|1, n, n) long: how many times key block c enters query block r's
+    softmax (0: not seen; c > 1 adds ``log c`` to those scores, a key listed c times).
+    query/key/value (B, H, L, D) with n = ceil(L / block_size) (a last partial block is
+    padded with keys nobody sees); ``key_keep`` (B, L) bool, False = padding.
+
+    * query blocks that see every key block once in every head (BigBird's global rows)
+      run as one dense call over all keys;
+    * every other query block gathers its m listed key blocks (m = the most any row
+      lists) into a contiguous (bs, m * bs) problem, and all of them run as batched calls
+      of :func:`attnkit.scaled_dot_product_attention` (chunks of ``CHUNK_BYTES``), with
+      a (…, 1, m * bs) mask for empty slots and padding and a log-count bias: cost
+      ``L * m * block_size`` score entries, never an L x L tensor.
+
+    Equals ``scaled_dot_product_attention(q, k, v, block_sparse(counts > 0) & keep,
+    bias=log(counts))``; differentiable.
+    """
+    B, H, L, D = query.shape
+    Dv = value.shape[-1]
+    bs = int(block_size)
+    n = -(-L // bs)
+    Lp = n * bs
+    if Lp != L:  # pad to whole blocks; the padded keys are never seen
+        grow = lambda t: nn.functional.pad(t, (0, 0, 0, Lp - L))
+        query, key, value = grow(query), grow(key), grow(value)
+        if key_keep is None:
+            key_keep = torch.ones(B, L, dtype=torch.bool, device=query.device)
+        key_keep = nn.functional.pad(key_keep, (0, Lp - L), value=False)
+    if key_keep is not None and bool(key_keep.all()):
+        key_keep = None
+    counts = counts.to(query.device)
+    pieces, order = [], []  # output blocks (B, H, r, bs, Dv) and the query blocks they are
+
+    dense = (counts == 1).all(-1).all(0)  # (n,): sees every key block once, in every head
+    if bool(dense.any()):
+        blocks = dense.nonzero().view(-1)
+        tok = (blocks.view(-1, 1) * bs + torch.arange(bs, device=query.device)).view(-1)
+        keep = None if key_keep is None else key_keep.view(B, 1, 1, Lp)
+        o = scaled_dot_product_attention(query[:, :, tok], key, value, keep,
+                                         dropout_p=dropout_p, backend=backend)
+        pieces.append(o.view(B, H, -1, bs, Dv))
+        order.append(blocks)
+    rows = (~dense).nonzero().view(-1)
+    if rows.numel():
+        _gathered_rows(query, key, value, counts, rows, bs, key_keep, dropout_p, backend,
+                       pieces, order)
+    out = torch.cat(pieces, 2).index_select(2, torch.argsort(torch.cat(order)))
+    return out.reshape(B, H, Lp, Dv)[:, :, :L]
+
+
+def _gathered_rows(query, key, value, counts, rows, bs, key_keep, dropout_p, backend,
+                   pieces, order):
+    """Query blocks ``rows``: gather their listed key blocks, attend in chunks, and append
+    the output blocks (B, H, r, bs, Dv) to ``pieces`` and their indices to ``order``."""
+    B, H, Lp, D = query.shape
+    Dv, n = value.shape[-1], Lp // bs
+    c = counts[:, rows].expand(H, -1, -1)                      # (H, r, n)
+    m = int((c > 0).sum(-1).max())
+    if m == 0:  # rows that see nothing output zeros
+        pieces.append(query.new_zeros(B, H, rows.numel(), bs, Dv))
+        order.append(rows)
+        return
+    listed = torch.argsort((c == 0).to(torch.int8), dim=-1, stable=True)[..., :m]  # (H, r, m)
+    listed_counts = c.gather(-1, listed)                       # 0: an empty slot
+    flat = listed + n * torch.arange(H, device=query.device).view(H, 1, 1)
+    k_blocks = key.contiguous().view(B, H * n, bs * D)
+    v_blocks = value.contiguous().view(B, H * n, bs * Dv)
+    q_blocks = query.contiguous().view(B, H, n, bs, D)
+    per_row = B * H * m * bs * (D + Dv) * query.element_size()
+    step = max(1, CHUNK_BYTES // per_row)
+    for j0 in range(0, rows.numel(), step):
+        j1 = min(rows.numel(), j0 + step)
+        r = j1 - j0
+        at = flat[:, j0:j1].reshape(-1)
+        kc = k_blocks.index_select(1, at).view(B, H * r, m * bs, D)
+        vc = v_blocks.index_select(1, at).view(B, H * r, m * bs, Dv)
+        qc = q_blocks[:, :, rows[j0:j1]].reshape(B, H * r, bs, D)
+        cnt = listed_counts[:, j0:j1].reshape(1, H * r, 1, m).repeat_interleave(bs, -1)
+        keep = cnt > 0
+        if key_keep is not None:
+            seen = key_keep.view(B, n, bs)[:, listed[:, j0:j1]]  # (B, H, r, m, bs)
+            keep = keep & seen.reshape(B, H * r, 1, m * bs)
+        bias = None
+        if bool((cnt > 1).any()):
+            bias = torch.log(cnt.clamp(min=1).to(torch.float64)).to(query.dtype)
+        oc = scaled_dot_product_attention(qc, kc, vc, None if bool(keep.all()) else keep,
+                                          dropout_p=dropout_p, bias=bias, backend=backend)
+        pieces.append(oc.view(B, H, r, bs, Dv))
+        order.append(rows[j0:j1])
 
 
 class BigBirdAttention(nn.Module):
@@ -331,10 +412,11 @@ class BigBirdAttention(nn.Module):
             self._bigbird = bigbird(block_size, num_window_blocks, num_global_blocks,
                                     num_random_blocks, seed, num_heads)
         self._hf_layouts: dict = {}
-        #: run heads one call each when their layouts differ: the tiled engine plans one
-        #: set of key blocks per query tile for all heads, and the union of per-head random
-        #: blocks is ~3x denser than one head's (see benchmarks/long_bench.py)
-        self.per_head_calls = True
+        #: True: gather each query block's key blocks (:func:`block_sparse_attention`);
+        #: False: hand the block mask to the tiled engine, which plans one set of key
+        #: blocks per 128-row tile for all heads (the union of per-head random blocks is
+        #: ~3x denser than one head's; measured in benchmarks/long_bench.py)
+        self.gather = True
         E = embed_dim
         f = dict(bias=bias, device=device, dtype=dtype)
         self.query, self.key, self.value = nn.Linear(E, E, **f), nn.Linear(E, E, **f), nn.Linear(E, E, **f)
@@ -349,13 +431,14 @@ class BigBirdAttention(nn.Module):
         blocks = self.num_window_blocks + self.num_global_blocks + 2 * self.num_random_blocks
         return seq_len > blocks * self.block_size
 
-    def pattern_for(self, seq_len: int) -> tuple[Mask | None, Bias | None]:
-        """The (mask, bias) of the sparse pattern at this length (None, None when the
-        layer falls back to full attention). The mask is (H, n, n) blocks of ``block_size``."""
+    def block_counts(self, seq_len: int) -> Tensor | None:
+        """(H|1, n, n) long: how many times key block c enters query block r's softmax
+        (n = ceil(seq_len / block_size); None when the layer falls back to full attention).
+        The generic pattern lists every block once; HF's may list block 0 several times."""
         if not self.is_sparse(seq_len):
-            return None, None
+            return None
         if self.pattern == "bigbird":
-            return self._bigbird, None
+            return self._bigbird.layout(seq_len).long()
         n = -(-seq_len // self.block_size)
         key = (n, self.training)
         if key not in self._hf_layouts or (self.training and self.seed is None):
@@ -363,13 +446,24 @@ class BigBirdAttention(nn.Module):
                                   self.num_heads, training=self.training, seed=self.seed,
                                   max_seqlen=self.max_seqlen)
             counts = hf_block_counts(n, plan)
-            mask = BlockSparseMask(counts > 0, self.block_size)
-            bias = None
-            if (counts > 1).any():
-                log_c = torch.log(counts.clamp(min=1).to(torch.float32))
-                bias = BlockBias(log_c, self.block_size)
-            self._hf_layouts[key] = (mask, bias)
+            if bool((counts == counts[:1]).all()):  # eval: the same layout in every head
+                counts = counts[:1]
+            self._hf_layouts[key] = counts
         return self._hf_layouts[key]
+
+    def pattern_for(self, seq_len: int) -> tuple[Mask | None, Bias | None]:
+        """The pattern at this length as attnkit objects: a block mask (count > 0) and a
+        ``log(count)`` block bias where a block counts more than once (else None);
+        ``(None, None)`` when the layer falls back to full attention."""
+        counts = self.block_counts(seq_len)
+        if counts is None:
+            return None, None
+        mask = BlockSparseMask(counts[0] > 0 if counts.shape[0] == 1 else counts > 0,
+                               self.block_size)
+        bias = None
+        if bool((counts > 1).any()):
+            bias = BlockBias(torch.log(counts.clamp(min=1).to(torch.float64)), self.block_size)
+        return mask, bias
 
     def forward(self, hidden_states: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``hidden_states`` (B, L, E) -> (B, L, E); ``key_padding_mask`` (B, L), True marks
@@ -386,27 +480,23 @@ class BigBirdAttention(nn.Module):
             pad = None
         heads = lambda t: t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        mask, bias = self.pattern_for(L)
-        keep = None if pad is None else KeyMask(~pad)
         p = self.dropout if self.training else 0.0
-        if mask is not None and self.per_head_calls and _differs_per_head(mask, L):
-            out = torch.cat([self._attend(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1],
-                                          _head(mask, h, L), _head(bias, h, L), keep, p)
-                             for h in range(self.num_heads)], 1)
-        else:
-            out = self._attend(q, k, v, mask, bias, keep, p)
+        counts = self.block_counts(L)
+        if counts is not None and self.gather:
+            out = block_sparse_attention(q, k, v, counts, self.block_size,
+                                         None if pad is None else ~pad, p, self.backend)
+        else:  # full attention (short sequences), or the tiled engine with mask objects
+            mask, bias = self.pattern_for(L)
+            if pad is not None:
+                mask = KeyMask(~pad) if mask is None else mask & KeyMask(~pad)
+            if bias is not None:
+                bias = BlockBias(bias.table.to(device=x.device, dtype=x.dtype), self.block_size)
+            out = scaled_dot_product_attention(q, k, v, mask, dropout_p=p, bias=bias,
+                                               backend=self.backend)
         out = out.transpose(1, 2).reshape(B, L, E)
         if pad is not None:
             out = out.masked_fill(pad.unsqueeze(-1), 0.0)
         return out
-
-    def _attend(self, q, k, v, mask, bias, keep, p):
-        if keep is not None:
-            mask = keep if mask is None else mask & keep
-        if bias is not None:
-            bias = BlockBias(bias.table.to(device=q.device, dtype=q.dtype), self.block_size)
-        return scaled_dot_product_attention(q, k, v, mask, dropout_p=p, bias=bias,
-                                            backend=self.backend)
 
     # ------------------------------------------------------------------ HuggingFace
 

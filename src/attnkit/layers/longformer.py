@@ -83,6 +83,12 @@ class LongformerMask(Mask):
             raise ValueError(f"local_keys and global_slots have different batch sizes {sizes}")
         self.batch_size = sizes.pop() if sizes else None
         self.num_heads = window.num_heads
+        if self.num_globals % 128:
+            # Query positions are offset by G (bottom-right alignment), so 128-key blocks
+            # would cut the band off-centre (measured: 768 keys per 128-row tile instead
+            # of 640). Key blocks as fine as G's largest power-of-two divisor keep the
+            # engine's FULL/PARTIAL split tight.
+            self.block_size = max(16, min(128, self.num_globals & -self.num_globals))
 
     def validate(self, grid: Grid) -> None:
         want = self.num_tokens + self.num_globals
