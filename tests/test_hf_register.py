@@ -189,6 +189,20 @@ def test_greedy_generation_equals_eager(name, calls):
     assert len(decode) == 11 * eager.config.num_hidden_layers  # one query per new token
 
 
+def test_a_long_sliding_window_input_runs_on_the_tiled_engine_and_equals_eager(calls):
+    """600 tokens, window 64: the mask rules out most tiles, so attention runs on the
+    tiled engine (cost and memory follow the window), not on a dense mask."""
+    config = copy.deepcopy(DECODERS["mistral"][1])
+    config.sliding_window = 64
+    eager, ours = build_pair("MistralForCausalLM", config)
+    ids, keep = padded_batch("left", batch=2, length=600)
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=keep).logits
+        got = ours(input_ids=ids, attention_mask=keep).logits
+    assert [c["backend"] for c in calls] == ["chunked"] * config.num_hidden_layers
+    assert_equal_where_real(want, got, keep)
+
+
 def test_generation_with_a_static_cache_equals_eager():
     """A static cache hands attention all its slots (S = capacity), so query positions no
     longer sit at i + (S - L): the mask must be shifted, not bottom-right aligned."""
