@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 import attnkit.masks as M
 from attnkit.bench import cases as bench_cases
 from attnkit.bench.cases import CASES, count_allowed
-from attnkit.bench.measurement import PeakRSS, time_call
+from attnkit.bench.measurement import PeakRSS, Sample, interleave, warm_up
 from attnkit.bench.targets import Target, evaluate
 
 MiB = 1 << 20
@@ -186,14 +187,38 @@ def test_peak_rss_sees_a_transient_allocation_and_not_a_quiet_block():
     assert quiet.peak < 16 * MiB and y == 499500
 
 
-def test_time_call_warms_up_then_repeats_and_uses_self_timed_results():
+def test_interleave_times_round_robin_until_each_has_its_repeats():
+    order = []
+
+    def make(label):
+        return lambda: order.append(label)
+    a, b = Sample(make("a"), times=[0.0]), Sample(make("b"), times=[0.0])
+    interleave([a, b], budget_s=0.0, min_repeats=4, max_repeats=10)
+    assert order == ["a", "b"] * 3  # one call each per round, never a run of one
+    assert len(a.times) == len(b.times) == 4
+
+
+def test_interleave_stops_at_the_budget_or_the_cap():
+    calls = []
+    slow = Sample(lambda: calls.append(1) or time.sleep(0.02), times=[0.02])
+    interleave([slow], budget_s=0.05, min_repeats=2, max_repeats=10)
+    assert 3 <= len(slow.times) <= 4 and sum(slow.times) >= 0.05
+    capped = Sample(lambda: None, times=[0.0])
+    interleave([capped], budget_s=100.0, min_repeats=2, max_repeats=5)
+    assert len(capped.times) == 5
+
+
+def test_warm_up_calls_once_before_the_memory_measured_call():
     calls = []
 
     def fn():
         calls.append(1)
-        return 0.5  # the call says it took 0.5 s
-    t = time_call(fn, budget_s=0.0, min_repeats=3, max_repeats=10, measure_memory=False)
-    assert len(calls) == 4 and t.times == [0.5, 0.5, 0.5] and t.median == 0.5
+        if len(calls) == 2:  # the measured call allocates 64 MiB transiently
+            x = torch.ones(64 * MiB // 4)
+            del x
+    s = warm_up(fn)
+    assert len(calls) == 2 and len(s.times) == 1
+    assert s.peak_bytes >= 60 * MiB
 
 
 # ----------------------------------------------------------------------------- targets

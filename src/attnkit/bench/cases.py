@@ -70,6 +70,9 @@ class Variant:
     lengths: tuple | None = None                # full run: only these lengths
     quick: bool = True                          # run in --quick
     compiled: bool = False
+    #: imported (or, for "module:function", called) once per worker before the first
+    #: measurement, so one-off imports are not counted as setup time and memory
+    preload: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -224,9 +227,10 @@ def attnkit_decode(s: Setup):
             for t in range(steps):
                 k, v = cache.update(x["k_new"][t], x["v_new"][t])
                 out = scaled_dot_product_attention(x["q_new"][t], k, v, is_causal=True)
-            x["cache_bytes"] = cache.nbytes * n // cache.length
+            call.cache_bytes = cache.nbytes * n // cache.length  # at context length n
             cache.length = n
             return out
+    call.cache_bytes = cache.nbytes
     return call
 
 
@@ -245,8 +249,9 @@ def attnkit_rolling_decode(s: Setup):
             for t in range(steps):
                 k, v = cache.update(x["k_new"][t], x["v_new"][t])
                 out = scaled_dot_product_attention(x["q_new"][t], k, v, attn_mask=mask)
-            x["cache_bytes"] = cache.nbytes
+            call.cache_bytes = cache.nbytes
             return out
+    call.cache_bytes = cache.nbytes
     return call
 
 
@@ -398,11 +403,22 @@ def _sdpa_mask(per_head=False):
 
 def _flex(lengths=FLEX_FEW, quick=False):
     return Variant("flex", "peer", peers.flex, needs=("torch.nn.attention.flex_attention",),
-                   lengths=lengths, quick=quick, compiled=True)
+                   lengths=lengths, quick=quick, compiled=True,
+                   preload=("attnkit.bench.peers:preload_flex",))
+
+
+#: the sparse cases' ``auto`` hands masks up to 4096^2 entries to torch SDPA as a dense
+#: mask; the tiled engine is measured beside it at those lengths
+SPARSE_CHUNKED = Variant("attnkit chunked", "attnkit", attnkit_sdpa("chunked"),
+                         lengths=(1024, 2048, 4096))
 
 
 T5_NEEDS = ("attnkit.positional:T5RelativeBias",)
 HF = ("transformers",)
+LONGFORMER_HF = ("transformers.models.longformer.modeling_longformer",)
+BIGBIRD_HF = ("transformers.models.big_bird.modeling_big_bird",)
+T5_HF = ("transformers.models.t5.modeling_t5",)
+MISTRAL_HF = ("transformers.models.mistral.modeling_mistral", "transformers.masking_utils")
 LONGFORMER = dict(d_model=512, heads=H, window=256, num_global=16)
 BIGBIRD = dict(d_model=512, heads=H, block=64, random_blocks=3)
 MISTRAL = dict(d_model=512, heads=H, kv_heads=2, window=512)
@@ -459,17 +475,17 @@ CASES: tuple[Case, ...] = (
                    REF, _flex())),
     Case("sliding_window", "sliding window +-256", _plain(lambda n: M.sliding_window(256)),
          mask=lambda n: M.sliding_window(256),
-         variants=(AUTO, _sdpa_mask(), REF, _flex(lengths=FULL_LENGTHS))),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex(lengths=FULL_LENGTHS))),
     Case("dilated", "dilated window +-128, dilation 1,1,2,2,4,4,8,8 per head",
          _plain(lambda n: M.dilated(128, 128, [1, 1, 2, 2, 4, 4, 8, 8])),
          mask=lambda n: M.dilated(128, 128, [1, 1, 2, 2, 4, 4, 8, 8]),
-         variants=(AUTO, _sdpa_mask(per_head=True), REF, _flex())),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(per_head=True), REF, _flex())),
     Case("longformer", "Longformer mask: window +-256 | 16 global tokens",
          _plain(_longformer_mask), mask=_longformer_mask,
-         variants=(AUTO, _sdpa_mask(), REF, _flex())),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex())),
     Case("bigbird", "BigBird mask: block 64, 3 window + 2 global + 3 random blocks",
          _plain(lambda n: M.bigbird(64)), mask=lambda n: M.bigbird(64),
-         variants=(AUTO, _sdpa_mask(), REF, _flex())),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex())),
     _decode_case("decode_mha", "decoding with a KV cache, MHA (8 kv heads)", H),
     _decode_case("decode_gqa", "decoding with a KV cache, GQA (2 kv heads)", 2),
     _decode_case("decode_mqa", "decoding with a KV cache, MQA (1 kv head)", 1),
@@ -482,25 +498,30 @@ CASES: tuple[Case, ...] = (
          "16 global", _layer_setup(**LONGFORMER), kind="layer", mask=_longformer_mask,
          lengths=FULL_LENGTHS[2:], quick_lengths=(512,),
          variants=(Variant("attnkit layer", "attnkit", attnkit_longformer_layer,
-                           needs=("attnkit.layers.longformer:LongformerAttention",)),
+                           needs=("attnkit.layers.longformer:LongformerAttention",),
+                           preload=("attnkit.layers.longformer",)),
                    Variant("attnkit patched", "attnkit",
                            attnkit_patched("LongformerModel", peers.longformer_config,
                                            "encoder.layer.0.attention.self",
                                            peers.longformer_call_args),
-                           needs=HF + ("attnkit.integrations.hf:patch",)),
+                           needs=HF + ("attnkit.integrations.hf:patch",),
+                           preload=LONGFORMER_HF + ("attnkit.integrations.hf",)),
                    Variant("hf Longformer", "peer", peers.hf_longformer, needs=HF,
+                           preload=LONGFORMER_HF,
                            max_length=16384))),
     Case("bigbird_layer", "BigBird block-sparse layer, d_model 512, block 64",
          _layer_setup(**BIGBIRD), kind="layer", mask=lambda n: M.bigbird(64),
          lengths=FULL_LENGTHS[2:], quick_lengths=(1024,),
          variants=(Variant("attnkit layer", "attnkit", attnkit_bigbird_layer,
-                           needs=("attnkit.layers.bigbird:BigBirdAttention",)),
+                           needs=("attnkit.layers.bigbird:BigBirdAttention",),
+                           preload=("attnkit.layers.bigbird",)),
                    Variant("attnkit patched", "attnkit",
                            attnkit_patched("BigBirdModel", peers.bigbird_config,
                                            "encoder.layer.0.attention.self",
                                            peers.bigbird_call_args),
-                           needs=HF + ("attnkit.integrations.hf:patch",)),
-                   Variant("hf BigBird", "peer", peers.hf_bigbird, needs=HF,
+                           needs=HF + ("attnkit.integrations.hf:patch",),
+                           preload=BIGBIRD_HF + ("attnkit.integrations.hf",)),
+                   Variant("hf BigBird", "peer", peers.hf_bigbird, needs=HF, preload=BIGBIRD_HF,
                            mem=_scores(1.2)))),
     Case("t5_layer", "T5 encoder self-attention with relative bias, d_model 512",
          _layer_setup(d_model=512, heads=H), kind="layer", lengths=(1024, 2048, 4096),
@@ -508,20 +529,24 @@ CASES: tuple[Case, ...] = (
          variants=(Variant("attnkit patched", "attnkit",
                            attnkit_patched("T5EncoderModel", peers.t5_config,
                                            "encoder.block.0.layer.0.SelfAttention"),
-                           needs=HF + ("attnkit.integrations.hf:patch",)),
-                   Variant("hf t5 eager", "peer", peers.hf_t5("eager"), needs=HF,
+                           needs=HF + ("attnkit.integrations.hf:patch",),
+                           preload=T5_HF + ("attnkit.integrations.hf",)),
+                   Variant("hf t5 eager", "peer", peers.hf_t5("eager"), needs=HF, preload=T5_HF,
                            work="dense", mem=_scores(3)),
-                   Variant("hf t5 sdpa", "peer", peers.hf_t5("sdpa"), needs=HF,
+                   Variant("hf t5 sdpa", "peer", peers.hf_t5("sdpa"), needs=HF, preload=T5_HF,
                            work="dense", mem=_scores(2)))),
     Case("mistral_layer", "Mistral attention (GQA 8/2, RoPE, sliding window 512), d_model 512",
          _layer_setup(**MISTRAL), kind="layer", causal=True,
          mask=lambda n: M.sliding_window(511, 0), lengths=(1024, 4096, 16384),
          quick_lengths=(512,),
          variants=(Variant("attnkit", "attnkit", peers.hf_mistral("attnkit"),
-                           needs=HF + ("attnkit.integrations.hf:register",)),
+                           needs=HF + ("attnkit.integrations.hf:register",),
+                           preload=MISTRAL_HF + ("attnkit.integrations.hf",)),
                    Variant("hf mistral eager", "peer", peers.hf_mistral("eager"), needs=HF,
+                           preload=MISTRAL_HF,
                            work="dense", mem=_scores(3)),
                    Variant("hf mistral sdpa", "peer", peers.hf_mistral("sdpa"), needs=HF,
+                           preload=MISTRAL_HF,
                            work="dense", mem=_mask_bytes()))),
 )
 

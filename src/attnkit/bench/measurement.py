@@ -3,6 +3,8 @@
 Time: one warm-up call, then repeats until a time budget is spent (at least
 ``min_repeats``); the median and the minimum are reported. The minimum is the least
 disturbed run (other processes share the cores), the median what a user typically sees.
+The implementations of one case at one length are timed *interleaved*, one call each
+per round, so that a burst of load from another process hits them all alike.
 
 Memory: the growth of the process's resident set (RSS) during one call, read from
 ``/proc/self/status``. Before the call the kernel's high-water mark is reset to the
@@ -25,16 +27,27 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-__all__ = ["Timing", "time_call", "PeakRSS", "rss_bytes", "gemm_peak_gflops",
-           "describe_machine", "WORKER_ENV"]
+__all__ = ["Sample", "warm_up", "interleave", "timed", "PeakRSS", "rss_bytes",
+           "gemm_peak_gflops", "describe_machine", "WORKER_ENV", "worker_env"]
 
 #: environment for worker processes: big buffers are mmapped and unmapped when freed
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
               "TOKENIZERS_PARALLELISM": "false"}
+#: set for workers unless the caller set them: OpenMP threads that wait for work sleep
+#: instead of spinning. With other processes on the cores, spinning threads steal the
+#: time slices of the threads they wait for; seen here with another load of ~10 on 2
+#: cores: a tiled attention call took 13-20 s spinning and 0.9-1.1 s sleeping.
+WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def worker_env() -> dict:
+    """The environment worker processes run in (see WORKER_ENV, WORKER_ENV_DEFAULTS)."""
+    return {**WORKER_ENV_DEFAULTS, **os.environ, **WORKER_ENV}
 
 
 def _status_kib(field_name: str) -> int | None:
@@ -96,51 +109,54 @@ class PeakRSS:
         return False
 
 
+def timed(fn) -> float:
+    """Wall-clock seconds of one call of ``fn`` (its result is dropped at once)."""
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    del result
+    return seconds
+
+
 @dataclass
-class Timing:
-    """Wall-clock seconds of repeated calls after warm-up."""
-    times: list = field(default_factory=list)
-    first_call_s: float = 0.0      # the warm-up call (includes compilation for compiled peers)
+class Sample:
+    """One implementation under measurement: its call and the figures so far."""
+    call: Callable
+    first_call_s: float = 0.0      # the warm-up call (compilation included, if any)
     peak_bytes: int = 0            # peak RSS growth during the first timed call
+    times: list = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
 
-    @property
-    def min(self) -> float:
-        return min(self.times)
+
+def warm_up(call) -> Sample:
+    """One warm-up call, then the first timed call, which also measures the peak RSS
+    growth (:class:`PeakRSS`)."""
+    first = timed(call)
+    with PeakRSS() as mem:
+        seconds = timed(call)
+    return Sample(call, first, mem.peak, [seconds])
 
 
-def time_call(fn, *, budget_s: float, min_repeats: int = 3, max_repeats: int = 20,
-              measure_memory: bool = True) -> Timing:
-    """Warm up ``fn`` once, then call it at least ``min_repeats`` times and until
-    ``budget_s`` seconds of calls are spent. The first timed call also measures the peak
-    RSS growth (see :class:`PeakRSS`). ``fn`` may return a float: the seconds it timed
-    itself (used by decoding cases that reset state between steps)."""
-    t0 = time.perf_counter()
-    r = fn()
-    first = time.perf_counter() - t0
-    del r
-    timing = Timing(first_call_s=first)
-    spent = 0.0
-    while len(timing.times) < max_repeats and (len(timing.times) < min_repeats or spent < budget_s):
-        if measure_memory and not timing.times:
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                r = fn()
-                dt = time.perf_counter() - t0
-            timing.peak_bytes = mem.peak
-        else:
-            t0 = time.perf_counter()
-            r = fn()
-            dt = time.perf_counter() - t0
-        if isinstance(r, float):
-            dt = r
-        del r
-        timing.times.append(dt)
-        spent += dt
-    return timing
+def _needs_more(sample: Sample, budget_s: float, min_repeats: int, max_repeats: int) -> bool:
+    n = len(sample.times)
+    return n < max_repeats and (n < min_repeats or sum(sample.times) < budget_s)
+
+
+def interleave(samples, *, budget_s: float, min_repeats: int = 3,
+               max_repeats: int = 15) -> None:
+    """Time the samples round-robin, one call each per round, until every one has at
+    least ``min_repeats`` calls and ``budget_s`` seconds of them (at most
+    ``max_repeats``). Load from other processes then falls on all implementations
+    alike, so the ratios between them stay fair on a shared machine."""
+    while True:
+        active = [s for s in samples if _needs_more(s, budget_s, min_repeats, max_repeats)]
+        if not active:
+            return
+        for s in active:
+            s.times.append(timed(s.call))
 
 
 def gemm_peak_gflops(n: int = 4096, repeats: int = 3) -> float:

@@ -2,16 +2,19 @@
 stdin), runs it case by case and length by length, and writes one JSON line per event
 to its stdout. Everything else it or the libraries print goes to stderr.
 
-Each variant is measured on its own: its setup (materialising a mask, building a module,
-making a block mask) is timed and sized, then one warm-up call (which compiles compiled
-peers), then the timed calls, the first of which also gives the peak memory growth
-(:class:`~attnkit.bench.measurement.PeakRSS`). Then everything it built is freed before
-the next variant starts.
+For one case at one length, each implementation is prepared in turn: its setup
+(materialising a mask, building a module, making a block mask) is timed and sized, one
+warm-up call compiles what compiles, one timed call gives the peak memory growth
+(:class:`~attnkit.bench.measurement.PeakRSS`). Then the implementations are timed
+interleaved, one call each per round, so that load from other processes falls on all of
+them alike; one whose setup holds more than 512 MiB is timed right away on its own and
+freed before the next is built.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import statistics
@@ -22,7 +25,7 @@ import traceback
 import torch
 
 from .cases import case_by_name, missing_requirement
-from .measurement import rss_bytes, time_call
+from .measurement import Sample, gemm_peak_gflops, interleave, rss_bytes, warm_up
 
 
 def _emit(channel, **event):
@@ -35,8 +38,13 @@ def _error_note(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:200]
 
 
-def measure_variant(case, variant, setup, budget: dict) -> dict:
-    """Setup, warm-up and timed calls of one variant on one setup; a dict of figures."""
+#: setups that keep more than this resident are timed on their own, not interleaved
+INTERLEAVE_MAX_SETUP_BYTES = 512 << 20
+
+
+def prepare(variant, setup) -> tuple[Sample, dict]:
+    """Build one variant (setup timed and sized), warm it up, measure its peak memory
+    growth during one call."""
     # free what earlier variants left in reference cycles, then move every surviving
     # object out of the collector's reach: later collections only scan new objects
     # (a full collection with torch and transformers loaded takes ~0.1 s)
@@ -47,65 +55,98 @@ def measure_variant(case, variant, setup, budget: dict) -> dict:
     call = variant.build(setup)
     setup_s = time.perf_counter() - t0
     setup_bytes = max(0, rss_bytes() - before)
-    timing = time_call(call, budget_s=budget["budget_s"], min_repeats=budget["min_repeats"],
-                       max_repeats=budget["max_repeats"])
-    per = case.steps if case.kind == "decode" else 1
-    times = [t / per for t in timing.times]
+    sample = warm_up(call)
+    return sample, {"setup_s": setup_s, "setup_bytes": setup_bytes}
+
+
+def figures(case, n: int, variant, sample: Sample, info: dict) -> dict:
+    per = case.steps if case.kind == "decode" else 1  # decoding: time per token
+    times = [t / per for t in sample.times]
     result = {
         "times_s": times,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "repeats": len(times),
-        "first_call_s": timing.first_call_s,
-        "setup_s": setup_s,
-        "setup_bytes": setup_bytes,
-        "peak_bytes": timing.peak_bytes,
-        "mem_bytes": setup_bytes + timing.peak_bytes,
+        "first_call_s": sample.first_call_s,
+        **info,
+        "peak_bytes": sample.peak_bytes,
+        "mem_bytes": info["setup_bytes"] + sample.peak_bytes,
     }
     if variant.compiled:
-        result["compile_s"] = max(0.0, timing.first_call_s - result["median_s"] * per)
+        result["compile_s"] = max(0.0, sample.first_call_s - statistics.median(sample.times))
     if case.kind == "decode":
-        cache_bytes = setup.extra.get("cache_bytes")
-        if cache_bytes is None:
-            k = setup.extra["k_context"]
-            cache_bytes = 2 * k.numel() * k.element_size()
-        result["cache_bytes"] = int(cache_bytes)
-        result["cache_bytes_per_token"] = cache_bytes / setup.n
-        result["mem_bytes"] = int(cache_bytes)
-    del call
+        cache_bytes = int(sample.call.cache_bytes)
+        result["cache_bytes"] = cache_bytes
+        result["cache_bytes_per_token"] = cache_bytes / n
+        result["mem_bytes"] = cache_bytes
     return result
 
 
+_preloaded: set = set()
+
+
+def preload(variant) -> None:
+    """Import what the variant will import (call "module:function" entries) once per
+    process, before anything is measured."""
+    for entry in variant.preload:
+        if entry in _preloaded:
+            continue
+        _preloaded.add(entry)
+        module, _, function = entry.partition(":")
+        mod = importlib.import_module(module)
+        if function:
+            getattr(mod, function)()
+
+
+def measure_length(case, n: int, variants, budget: dict, emit) -> None:
+    """Every variant of one case at one length: each prepared in turn, then timed
+    interleaved with the others (those whose setup is small enough to keep around)."""
+    timing = dict(budget_s=budget["budget_s"], min_repeats=budget["min_repeats"],
+                  max_repeats=budget["max_repeats"])
+    try:
+        setup = case.make(n)
+    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+        for v in variants:
+            emit(variant=v.label, status="failed", note=f"setup: {_error_note(e)}")
+        return
+    kept = []
+    for v in variants:
+        emit(type="start", variant=v.label)
+        missing = missing_requirement(v.needs)
+        if missing:
+            emit(variant=v.label, status="skipped", note=missing)
+            continue
+        try:
+            preload(v)
+            sample, info = prepare(v, setup)
+            if info["setup_bytes"] > INTERLEAVE_MAX_SETUP_BYTES:
+                interleave([sample], **timing)
+                emit(variant=v.label, status="ok", **figures(case, n, v, sample, info))
+            else:
+                kept.append((v, sample, info))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
+            emit(variant=v.label, status="failed", note=_error_note(e))
+    try:
+        interleave([sample for _, sample, _ in kept], **timing)
+        for v, sample, info in kept:
+            emit(variant=v.label, status="ok", **figures(case, n, v, sample, info))
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        for v, _, _ in kept:
+            emit(variant=v.label, status="failed", note=_error_note(e))
+
+
 def run_plan(plan: dict, channel) -> None:
-    budget = plan["budget"]
     torch.manual_seed(0)
     for job in plan["jobs"]:  # one case, its lengths ascending, the variants at each
         case = case_by_name(job["case"])
         for n, labels in job["lengths"]:
             variants = [v for v in case.variants if v.label in labels]
-            try:
-                setup = case.make(n)
-            except Exception as e:  # noqa: BLE001 - reported, the run goes on
-                for v in variants:
-                    _emit(channel, type="result", case=case.name, n=n, variant=v.label,
-                          status="failed", note=f"setup: {_error_note(e)}")
-                continue
-            for v in variants:
-                _emit(channel, type="start", case=case.name, n=n, variant=v.label)
-                missing = missing_requirement(v.needs)
-                if missing:
-                    _emit(channel, type="result", case=case.name, n=n, variant=v.label,
-                          status="skipped", note=missing)
-                    continue
-                try:
-                    figures = measure_variant(case, v, setup, budget)
-                    _emit(channel, type="result", case=case.name, n=n, variant=v.label,
-                          status="ok", **figures)
-                except Exception as e:  # noqa: BLE001
-                    traceback.print_exc(file=sys.stderr)
-                    _emit(channel, type="result", case=case.name, n=n, variant=v.label,
-                          status="failed", note=_error_note(e))
-            del setup
+
+            def emit(type="result", **event):
+                _emit(channel, type=type, case=case.name, n=n, **event)
+            measure_length(case, n, variants, plan["budget"], emit)
             gc.unfreeze()  # what the setup and its variants left in cycles can go now
             gc.collect()
 
@@ -118,6 +159,9 @@ def main() -> int:
     plan = json.load(sys.stdin)
     if plan.get("threads"):
         torch.set_num_threads(plan["threads"])
+    if plan.get("gemm"):
+        _emit(channel, type="gemm", gflops=gemm_peak_gflops(**plan["gemm"]),
+              threads=torch.get_num_threads())
     run_plan(plan, channel)
     _emit(channel, type="done")
     return 0
