@@ -243,3 +243,19 @@ def test_bad_input_raises():
         layer(torch.randn(2, 5, 8), global_attention_mask=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="key length"):
         LongformerMask(masks.sliding_window(1), 5).materialize(5, 7)
+
+
+def test_long_band_many_tiles_equals_reference_backend():
+    """Several 128-row tiles and cached window tiles, per-batch globals and padding."""
+    torch.manual_seed(3)
+    layer = LongformerAttention(16, 2, 64, backend="chunked").double().eval()
+    ref = LongformerAttention(16, 2, 64, backend="reference").double().eval()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 333, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 333, dtype=torch.bool)
+    pad[1, 290:] = True
+    glob = torch.zeros(2, 333, dtype=torch.bool)
+    glob[0, [0, 1, 2, 200]] = glob[1, [5, 150, 151, 152, 153, 280]] = True
+    with torch.no_grad():
+        close(layer(x, pad, glob), ref(x, pad, glob), tol=1e-10)
+        close(layer(x, pad), ref(x, pad), tol=1e-10)

@@ -83,6 +83,7 @@ class LongformerMask(Mask):
             raise ValueError(f"local_keys and global_slots have different batch sizes {sizes}")
         self.batch_size = sizes.pop() if sizes else None
         self.num_heads = window.num_heads
+        self._windows = {}  # window tiles by (offset, rows, keys, device), see tile()
         if self.num_globals % 128:
             # Query positions are offset by G (bottom-right alignment), so 128-key blocks
             # would cut the band off-centre (measured: 768 keys per 128-row tile instead
@@ -109,6 +110,24 @@ class LongformerMask(Mask):
             slot = (k - L).clamp(0, G - 1)
             allow = allow | (~is_token & self.global_slots[_pick_rows(self.global_slots, b), slot])
         return allow
+
+    def tile(self, grid, q0, q1, k0, k1):
+        """The exact block, with few ops: inside a band every tile at the same offset
+        ``q0 - k0`` has the same window part, so it is computed once and reused."""
+        L, G = self.num_tokens, self.num_globals
+        if k0 < L < k1 or k1 <= k0:  # straddles tokens and global slots: the general rule
+            return super().tile(grid, q0, q1, k0, k1)
+        if k0 >= L:
+            return self.global_slots[:, None, None, k0 - L:k1 - L]
+        key = (q0 - G - k0, q1 - q0, k1 - k0, grid.device)
+        win = self._windows.get(key)
+        if win is None:
+            if len(self._windows) > 64:
+                self._windows.clear()
+            win = self._windows[key] = _as_4d(self.window.tile(grid, q0 - G, q1 - G, k0, k1))
+        if self.local_keys is None:
+            return win
+        return win & self.local_keys[:, None, None, k0:k1]
 
     def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         L, G = self.num_tokens, self.num_globals
@@ -267,7 +286,7 @@ class LongformerAttention(nn.Module):
         rows = scaled_dot_product_attention(q, k, v, keep, dropout_p=p)
         rows = rows.transpose(1, 2).reshape(B, -1, E)
         rows = torch.where(slots.unsqueeze(-1), rows, out.gather(1, at))  # empty slots: keep
-        return out.scatter(1, at, rows)
+        return out.scatter_(1, at, rows)  # out is this call's own tensor
 
     # ------------------------------------------------------------------ HuggingFace
 
