@@ -286,7 +286,7 @@ class LongformerAttention(nn.Module):
         rows = scaled_dot_product_attention(q, k, v, keep, dropout_p=p)
         rows = rows.transpose(1, 2).reshape(B, -1, E)
         rows = torch.where(slots.unsqueeze(-1), rows, out.gather(1, at))  # empty slots: keep
-        return out.scatter_(1, at, rows)  # out is this call's own tensor
+        return out.scatter(1, at, rows)
 
     # ------------------------------------------------------------------ HuggingFace
 
