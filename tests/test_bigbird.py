@@ -260,3 +260,20 @@ def test_block_sparse_attention_any_counts_equals_reference(seed, monkeypatch):
     want = attnkit.scaled_dot_product_attention(q, k, v, allow, bias=log_count,
                                                 backend="reference")
     close(got, want, tol=1e-10)
+
+
+def test_forward_hf_stands_in_for_huggingface_layers_inside_bigbird_model():
+    cfg = BigBirdConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                        intermediate_size=64, vocab_size=100, max_position_embeddings=512,
+                        block_size=8, num_random_blocks=2, attention_type="block_sparse",
+                        initializer_range=0.2)
+    model = BigBirdModel(cfg).eval()
+    ids = torch.randint(3, 100, (2, 150))  # padded to 152 by the model itself
+    am = torch.ones(2, 150, dtype=torch.long)
+    am[1, 130:] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=am).last_hidden_state
+        for layer in model.encoder.layer:
+            layer.attention.self.forward = BigBirdAttention.from_hf(layer.attention.self).forward_hf
+        got = model(ids, attention_mask=am).last_hidden_state
+    close(got[am.bool()], want[am.bool()])

@@ -259,3 +259,22 @@ def test_long_band_many_tiles_equals_reference_backend():
     with torch.no_grad():
         close(layer(x, pad, glob), ref(x, pad, glob), tol=1e-10)
         close(layer(x, pad), ref(x, pad), tol=1e-10)
+
+
+def test_forward_hf_stands_in_for_huggingface_layers_inside_longformer_model():
+    from transformers import LongformerModel
+    cfg = LongformerConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                           attention_window=[8, 4], intermediate_size=64, vocab_size=100,
+                           max_position_embeddings=200, initializer_range=0.2)
+    model = LongformerModel(cfg).eval()
+    ids = torch.randint(3, 100, (2, 29))  # padded to 32 by the model itself
+    am = torch.ones(2, 29, dtype=torch.long)
+    am[1, 20:] = 0
+    gm = torch.zeros(2, 29, dtype=torch.long)
+    gm[0, [0, 7]] = gm[1, 3] = 1
+    with torch.no_grad():
+        want = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+        for layer in model.encoder.layer:
+            layer.attention.self.forward = LongformerAttention.from_hf(layer.attention.self).forward_hf
+        got = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+    close(got[am.bool()], want[am.bool()])
