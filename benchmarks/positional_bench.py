@@ -9,7 +9,7 @@ Targets: peak memory growth < 400 MiB (a dense float32 bias alone is H * L * S *
 = 2 GiB), and time within 1.5x of torch SDPA given a precomputed dense float bias.
 
 Time: best of N repeats after a warm-up, attnkit and torch measured alternately in the
-same process (ratios, not absolute times, are what a shared 2-core machine can compare).
+same process, OpenMP waiting passively (OMP_WAIT_POLICY=PASSIVE) (ratios, not absolute times, are what a shared 2-core machine can compare).
 The dense bias is built before torch's timer starts. Memory: each case runs in a fresh
 subprocess; the peak resident set (VmHWM) is reset through /proc/self/clear_refs once
 Q, K, V (and the bias object or dense tensor) exist, so "growth" is what the attention
@@ -25,12 +25,16 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# OpenMP threads that spin while waiting make a tiled engine (many short parallel regions)
+# many times slower when other jobs share the cores; wait passively (set before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import attnkit
-from attnkit import bias as biases
-from attnkit.positional import T5RelativeBias
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import attnkit  # noqa: E402
+from attnkit import bias as biases  # noqa: E402
+from attnkit.positional import T5RelativeBias  # noqa: E402
 
 H, D = 8, 64
 

@@ -21,11 +21,15 @@ import math
 import os
 import time
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# idle OpenMP threads wait passively: spinning ones slow the many small kernels of a tiny
+# model badly when other jobs share the cores (set before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from attnkit.layers.transformer_xl import TransformerXLAttention
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from attnkit.layers.transformer_xl import TransformerXLAttention  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "pride_and_prejudice.txt")
