@@ -116,6 +116,7 @@ def test_equals_float64_textbook_random_shapes_windows_dilations(case):
     dilation = [None, ri(2, 3), [ri(1, 3) for _ in range(H)]][case % 3]
     layer = LongformerAttention(H * d, H, window, dilation=dilation, backend="chunked")
     layer = layer.double().eval()
+    layer.global_path = ["projected", "absorbed", "auto"][case % 3]
     x = torch.randn(B, L, H * d, generator=g, dtype=torch.float64)
     pad = torch.rand(B, L, generator=g) < 0.2
     pad[0] = False
@@ -278,3 +279,28 @@ def test_forward_hf_stands_in_for_huggingface_layers_inside_longformer_model():
             layer.attention.self.forward = LongformerAttention.from_hf(layer.attention.self).forward_hf
         got = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
     close(got[am.bool()], want[am.bool()])
+
+
+def test_absorbed_global_projections_equal_projected_ones_with_gradients():
+    """Global rows computed over X with W_k folded into the queries and W_v applied after
+    equal projecting every token to K_g and V_g; so do the gradients (key_global.bias
+    has none: it shifts a row's scores equally, which the softmax ignores)."""
+    torch.manual_seed(4)
+    a = LongformerAttention(16, 4, 4, backend="chunked").double()
+    b = LongformerAttention(16, 4, 4, backend="chunked").double()
+    b.load_state_dict(a.state_dict())
+    a.global_path, b.global_path = "absorbed", "projected"
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 23, dtype=torch.bool)
+    pad[1, 17:] = True
+    glob = torch.zeros(2, 23, dtype=torch.bool)
+    glob[0, [0, 4, 22]] = glob[1, [2, 3]] = True
+    outs = [m(x, pad, glob) for m in (a, b)]
+    close(outs[0], outs[1], tol=1e-10)
+    for o in outs:
+        (o.sin().sum()).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if name == "key_global.bias":
+            assert pa.grad is None and pb.grad.abs().max() < 1e-10
+        else:
+            close(pa.grad, pb.grad, tol=1e-10)

@@ -25,13 +25,13 @@ optionally per head; HuggingFace does not implement it.
 
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import Tensor, nn
 
 from ..functional import scaled_dot_product_attention
-from ..masks import (EMPTY, FULL, PARTIAL, DilatedMask, Grid, Mask, SlidingWindowMask, _as_4d,
-                     _states)
+from ..masks import EMPTY, PARTIAL, DilatedMask, Grid, Mask, SlidingWindowMask, _as_4d, _states
 
 __all__ = ["LongformerAttention", "LongformerMask"]
 
@@ -217,6 +217,10 @@ class LongformerAttention(nn.Module):
         f = dict(bias=bias, device=device, dtype=dtype)
         E = embed_dim
         self.query, self.key, self.value = nn.Linear(E, E, **f), nn.Linear(E, E, **f), nn.Linear(E, E, **f)
+        #: how global rows get K_g and V_g: "projected" (every token, as HuggingFace),
+        #: "absorbed" (W_k into the queries, W_v after, see _absorbed_global_attention)
+        #: or "auto" (absorbed while cheaper: G * (H - 1) < E)
+        self.global_path = "auto"
         self.query_global = nn.Linear(E, E, **f)
         self.key_global = nn.Linear(E, E, **f)
         self.value_global = nn.Linear(E, E, **f)
@@ -280,13 +284,54 @@ class LongformerAttention(nn.Module):
         """Replace the global tokens' rows by full attention with the global projections."""
         B, L, E = x.shape
         at = index.unsqueeze(-1).expand(-1, -1, E)  # (B, G, E)
-        q = self._heads(self.query_global(x.gather(1, at)))
-        k, v = self._heads(self.key_global(x)), self._heads(self.value_global(x))
+        q = self._heads(self.query_global(x.gather(1, at)))  # (B, H, G, d)
         keep = None if pad is None else ~pad.view(B, 1, 1, L)
-        rows = scaled_dot_product_attention(q, k, v, keep, dropout_p=p)
+        G = q.shape[2]
+        absorb = self.global_path == "absorbed" or (
+            self.global_path == "auto" and G * (self.num_heads - 1) < E)
+        if absorb:
+            rows = self._absorbed_global_attention(q, x, keep, p)
+        else:
+            k, v = self._heads(self.key_global(x)), self._heads(self.value_global(x))
+            rows = scaled_dot_product_attention(q, k, v, keep, dropout_p=p)
         rows = rows.transpose(1, 2).reshape(B, -1, E)
         rows = torch.where(slots.unsqueeze(-1), rows, out.gather(1, at))  # empty slots: keep
         return out.scatter(1, at, rows)
+
+    def _absorbed_global_attention(self, q, x, keep, p):
+        """softmax(q K_g^T / sqrt(d)) V_g without projecting every token to K_g and V_g.
+
+        With K_g = X W_k^T + b_k and V_g = X W_v^T + b_v (head h: rows h*d..h*d+d-1),
+
+            q K_g^T = (q W_k) X^T + q . b_k      (the last term shifts a row equally:
+                                                  the softmax ignores it)
+            P V_g   = (P X) W_v^T + rowsum(P) b_v
+
+        so each head's G queries become ``q W_k`` (width E) and attend over the hidden
+        states X themselves, shared by all heads like multi-query attention; the value
+        projection is applied to the G x E result. Cost 2 * H * G * L * E multiply-adds
+        instead of 2 * L * E^2 for projecting K_g and V_g: cheaper while G * (H - 1) < E
+        (4x at H = 8, G = 16, E = 512). ``rowsum(P)`` is 1, 0 for a row that sees
+        nothing, and varies under dropout: it comes out of the same call as an extra
+        value column of ones.
+        """
+        B, H, G, d = q.shape
+        E = x.shape[-1]
+        w_k = self.key_global.weight.view(H, d, E)
+        w_v = self.value_global.weight.view(H, d, E)
+        q_x = torch.einsum("bhgd,hde->bhge", q, w_k)          # (B, H, G, E)
+        values = x.unsqueeze(1)                                # (B, 1, L, E)
+        b_v = self.value_global.bias
+        ones = b_v is not None and (p > 0 or keep is not None)
+        if ones:
+            values = torch.cat([values, values.new_ones(B, 1, x.shape[1], 1)], -1)
+        o = scaled_dot_product_attention(q_x, x.unsqueeze(1), values, keep, dropout_p=p,
+                                         scale=1.0 / math.sqrt(d))
+        rows = torch.einsum("bhge,hde->bhgd", o[..., :E], w_v)  # (B, H, G, d)
+        if b_v is not None:
+            weight = o[..., E:] if ones else 1.0
+            rows = rows + weight * b_v.view(1, H, 1, d)
+        return rows
 
     # ------------------------------------------------------------------ HuggingFace
 
