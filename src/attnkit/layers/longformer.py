@@ -258,17 +258,18 @@ class LongformerAttention(nn.Module):
             is_global = None
         p = self.dropout if self.training else 0.0
 
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        q = self._heads(self.query(x))
         local_keys = None if pad is None else ~pad
         if is_global is None:
+            k, v = self._heads(self.key(x)), self._heads(self.value(x))
             mask = self.window if local_keys is None else LongformerMask(self.window, L, local_keys)
             out = scaled_dot_product_attention(q, k, v, mask, dropout_p=p, backend=self.backend)
         else:
+            # keys [the L tokens | the G global tokens]: project the tokens and, appended,
+            # the global tokens' hidden states again (one copy of x, not of K and V)
             index, slots = _global_slots(is_global)
-            G = index.shape[1]
-            at = index.view(B, 1, G, 1).expand(B, self.num_heads, G, self.head_dim)
-            k_all = torch.cat([k, k.gather(2, at)], 2)
-            v_all = torch.cat([v, v.gather(2, at)], 2)
+            x_all = torch.cat([x, x.gather(1, index.unsqueeze(-1).expand(-1, -1, E))], 1)
+            k_all, v_all = self._heads(self.key(x_all)), self._heads(self.value(x_all))
             local_keys = ~is_global if local_keys is None else local_keys & ~is_global
             mask = LongformerMask(self.window, L, local_keys, slots)
             out = scaled_dot_product_attention(q, k_all, v_all, mask, dropout_p=p,
@@ -325,8 +326,11 @@ class LongformerAttention(nn.Module):
         ones = b_v is not None and (p > 0 or keep is not None)
         if ones:
             values = torch.cat([values, values.new_ones(B, 1, x.shape[1], 1)], -1)
-        o = scaled_dot_product_attention(q_x, x.unsqueeze(1), values, keep, dropout_p=p,
-                                         scale=1.0 / math.sqrt(d))
+        # one key/value head for all H * G queries: fold the heads into rows, so the
+        # call is one (H*G, E) x (E, L) problem rather than H tiny ones
+        o = scaled_dot_product_attention(q_x.reshape(B, 1, H * G, E), x.unsqueeze(1), values,
+                                         keep, dropout_p=p, scale=1.0 / math.sqrt(d))
+        o = o.view(B, H, G, -1)
         rows = torch.einsum("bhge,hde->bhgd", o[..., :E], w_v)  # (B, H, G, d)
         if b_v is not None:
             weight = o[..., E:] if ones else 1.0
