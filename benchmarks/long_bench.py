@@ -16,11 +16,11 @@ D=64, d_model=512).
 
 Time: the implementations are called alternately in one process (so they share the
 machine's load), best of N after a warm-up, with OpenMP waiting passively
-(OMP_WAIT_POLICY=PASSIVE unless set); CPU seconds are printed next to wall seconds. Memory: every (implementation, n) runs in a
-fresh subprocess; the peak resident set (VmHWM) is reset through /proc/self/clear_refs
-after the layer and its input exist, so "growth" is what the forward call added (the
-layer's weights and the (1, n, 512) input are not counted; the input is 2 MiB per 1024
-tokens). Useful GFLOP/s = 4 * H * D * (allowed score entries) / time.
+(OMP_WAIT_POLICY=PASSIVE unless set); CPU seconds are printed next to wall seconds.
+Memory: every (implementation, n) runs in a fresh subprocess; the peak resident set
+(VmHWM) is reset through /proc/self/clear_refs after the layer and its input exist, so
+"growth" is what the forward call added (the layer's weights and the (1, n, 512) input
+are not counted; the input is 2 MiB per 1024 tokens). Useful GFLOP/s = 4 * H * D * (allowed score entries) / time.
 """
 
 from __future__ import annotations

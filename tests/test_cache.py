@@ -69,7 +69,8 @@ def test_memory_per_token_is_constant():
         for t in range(20 * window):
             layer(torch.randn(1, 1, 16), attn_mask=m, cache=cache)
             if t >= window:
-                storages.add(cache._k.untyped_storage().nbytes() + cache._v.untyped_storage().nbytes())
+                storages.add(cache._k.untyped_storage().nbytes()
+                             + cache._v.untyped_storage().nbytes())
                 kept.add(cache.nbytes)
     assert len(cache) == 20 * window
     assert storages == {2 * cache.capacity * 2 * 8 * 4}  # K and V, (1, 2, capacity, 8) float32

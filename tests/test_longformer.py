@@ -98,7 +98,8 @@ def textbook(layer, x, pad, glob, window_allow):
     allow = (window_allow | glob[:, None, None, :]) & ~pad[:, None, None, :]
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     local = torch.softmax(s.masked_fill(~allow, -math.inf), -1) @ v
-    qg, kg, vg = heads(layer.query_global(x)), heads(layer.key_global(x)), heads(layer.value_global(x))
+    qg = heads(layer.query_global(x))
+    kg, vg = heads(layer.key_global(x)), heads(layer.value_global(x))
     sg = ((qg @ kg.transpose(-1, -2)) / math.sqrt(d)).masked_fill(pad[:, None, None, :], -math.inf)
     glob_rows = torch.softmax(sg, -1) @ vg
     out = torch.where(glob[:, None, :, None], glob_rows, local)
@@ -276,7 +277,8 @@ def test_forward_hf_stands_in_for_huggingface_layers_inside_longformer_model():
     with torch.no_grad():
         want = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
         for layer in model.encoder.layer:
-            layer.attention.self.forward = LongformerAttention.from_hf(layer.attention.self).forward_hf
+            ours = LongformerAttention.from_hf(layer.attention.self)
+            layer.attention.self.forward = ours.forward_hf
         got = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
     close(got[am.bool()], want[am.bool()])
 

@@ -112,6 +112,11 @@ class SlidingWindowCache(KVCache):
 
     With a prompt longer than the buffer, ``update`` returns the whole prompt's keys once
     (the caller needs them for that call) and keeps only the tail.
+
+    Pass the window mask (``masks.sliding_window(window - 1, 0)``) with every call: for a
+    one-token step the cache alone limits the query to its window, but in a chunk of n > 1
+    tokens the later rows would otherwise also see the chunk's earlier rows' old keys. A
+    ``key_padding_mask`` covers the returned keys, ``min(len_before, window - 1) + n``.
     """
 
     def __init__(self, window: int):
@@ -164,8 +169,9 @@ class SlidingWindowCache(KVCache):
         if self._k is None:
             self.length = n
             if torch.is_grad_enabled() and key.requires_grad:
-                self._k, self._v = key[:, :, n - min(self.keep, n):], value[:, :, n - min(self.keep, n):]
-                self._start, self._end = 0, self._k.shape[2]
+                cut = n - min(self.keep, n)
+                self._k, self._v = key[:, :, cut:], value[:, :, cut:]
+                self._start, self._end = 0, n - cut
             else:
                 self._store(key, value)
             return key, value

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..bias import Bias
 from ..functional import scaled_dot_product_attention
-from ..masks import BigBirdMask, BlockSparseMask, Mask, bigbird
+from ..masks import BlockSparseMask, Mask, bigbird
 from .longformer import _bool_mask, _flag_states, _pick_rows
 
 __all__ = ["BigBirdAttention", "BlockBias", "KeyMask", "hf_block_counts", "hf_random_plan",
@@ -419,7 +419,9 @@ class BigBirdAttention(nn.Module):
         self.gather = True
         E = embed_dim
         f = dict(bias=bias, device=device, dtype=dtype)
-        self.query, self.key, self.value = nn.Linear(E, E, **f), nn.Linear(E, E, **f), nn.Linear(E, E, **f)
+        self.query = nn.Linear(E, E, **f)
+        self.key = nn.Linear(E, E, **f)
+        self.value = nn.Linear(E, E, **f)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "

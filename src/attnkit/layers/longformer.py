@@ -216,7 +216,9 @@ class LongformerAttention(nn.Module):
                                  f"{num_heads} heads")
         f = dict(bias=bias, device=device, dtype=dtype)
         E = embed_dim
-        self.query, self.key, self.value = nn.Linear(E, E, **f), nn.Linear(E, E, **f), nn.Linear(E, E, **f)
+        self.query = nn.Linear(E, E, **f)
+        self.key = nn.Linear(E, E, **f)
+        self.value = nn.Linear(E, E, **f)
         #: how global rows get K_g and V_g: "projected" (every token, as HuggingFace),
         #: "absorbed" (W_k into the queries, W_v after, see _absorbed_global_attention)
         #: or "auto" (absorbed while cheaper: G * (H - 1) < E)
