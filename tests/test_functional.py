@@ -442,3 +442,20 @@ def test_flex_backend_lowers_masks_and_biases():
     close(sdpa(q, k, v, mask, bias=b, softcap=3.0, backend="flex"), want, tol=1e-4)
     with pytest.raises(NotImplementedError, match="on CPU cannot honour return_lse"):
         sdpa(q, k, v, backend="flex", return_lse=True)
+
+
+def test_auto_weighs_sparsity_before_drawing_a_mask(monkeypatch):
+    """auto hands small or dense masks to torch, sparse masks over large grids to the
+    tiled engine (whose cost follows the allowed tiles)."""
+    from attnkit import functional
+    chosen = []
+    real_choose = functional._choose_backend
+    monkeypatch.setattr(functional, "_choose_backend",
+                        lambda *a: chosen.append(real_choose(*a)) or chosen[-1])
+    for L, mask in ((64, masks.sliding_window(8, 0)), (2048, masks.sliding_window(128, 0)),
+                    (2048, masks.sliding_window(1500))):
+        q, k, v = qkv(B=1, Hq=2, Hkv=1, L=L, S=L, D=8)
+        out = sdpa(q, k, v, mask)
+        close(out, sdpa(q, k, v, mask, backend="reference"))
+    assert chosen == ["torch", "chunked", "torch"]
+    assert functional.allowed_fraction(masks.sliding_window(128, 0), 2048, 2048) < 0.2

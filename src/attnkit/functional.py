@@ -16,13 +16,19 @@ from torch import Tensor
 
 from .backends import BACKENDS, chunked_attention, reference_attention, torch_attention
 from .bias import Bias, TensorBias
-from .masks import (AndMask, CausalMask, Grid, Mask, OrMask, PaddingMask, TensorMask,
+from .masks import (EMPTY, AndMask, CausalMask, Grid, Mask, OrMask, PaddingMask, TensorMask,
                     causal as causal_mask)
 
 __all__ = ["scaled_dot_product_attention"]
 
 #: the largest dense (mask) tensor ``auto`` builds to hand a mask object to torch SDPA
 DENSE_MASK_LIMIT = 1 << 24
+#: below this many score entries a dense mask is always cheap enough for torch SDPA
+SMALL_GRID = 1 << 18
+#: a mask object that lets through at most this share of the (128 x 128) tiles runs on the
+#: tiled engine, whose cost follows the tiles a mask allows (torch SDPA pays for all)
+SPARSE_FRACTION = 0.5
+_DENSITY_TILE = 128
 
 
 def _shape(t) -> str:
@@ -120,9 +126,25 @@ def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool) -> str:
         return "torch"
     if isinstance(mask, CausalMask) and L == S and bias is None:
         return "torch"
-    if _only_dense_leaves(mask) or _dense_size(mask, B, Hq, L, S) <= DENSE_MASK_LIMIT:
+    if _only_dense_leaves(mask) or L * S <= SMALL_GRID:
         return "torch"
-    return "chunked"
+    if allowed_fraction(mask, L, S) <= SPARSE_FRACTION:
+        return "chunked"
+    return "torch" if _dense_size(mask, B, Hq, L, S) <= DENSE_MASK_LIMIT else "chunked"
+
+
+def allowed_fraction(mask: Mask, L: int, S: int, tile: int = _DENSITY_TILE) -> float:
+    """Share of the (tile x tile) blocks of the (L, S) score grid that ``mask`` does not
+    rule out (in any batch element or head), read from ``block_states`` without drawing
+    the mask."""
+    off = S - L
+    q = torch.arange(off, off + L, tile)
+    k = torch.arange(0, S, tile)
+    states = mask.block_states(Grid(L, S), q.view(-1, 1),
+                               torch.minimum(q + tile, torch.tensor(off + L)).view(-1, 1),
+                               k.view(1, -1), (k + tile).clamp(max=S).view(1, -1))
+    states = states.reshape(-1, *states.shape[-2:]).amax(0)
+    return float((states != EMPTY).float().mean())
 
 
 def _only_dense_leaves(mask) -> bool:
