@@ -5,12 +5,12 @@ fast, memory-lean implementation checked against it.
     out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=attnkit.masks.causal())
 """
 
-from . import bias, masks
-from .cache import KVCache
+from . import bias, layers, masks, positional
+from .cache import KVCache, SlidingWindowCache
 from .functional import scaled_dot_product_attention
 from .layers import MultiHeadAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "MultiHeadAttention", "KVCache", "masks", "bias",
-           "__version__"]
+__all__ = ["scaled_dot_product_attention", "MultiHeadAttention", "KVCache", "SlidingWindowCache",
+           "masks", "bias", "positional", "layers", "__version__"]

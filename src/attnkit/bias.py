@@ -100,6 +100,16 @@ class ALiBi(Bias):
     def params(self):
         return (self.slopes,)
 
+    def tile(self, grid, q0, q1, k0, k1, params=None):
+        """-slope[h] * |p - j| is constant along diagonals: scale the nq + nk - 1 distinct
+        offsets once per head and spread them over the (1, H, nq, nk) tile, row-major."""
+        (slopes,) = self.params if params is None else params
+        nq, nk = q1 - q0, k1 - k0
+        offsets = torch.arange(k0 - (q1 - 1), k1 - q0, device=grid.device).to(slopes.dtype)
+        values = (-slopes.to(grid.device).view(-1, 1) * offsets.abs()).contiguous()
+        band = values.as_strided((values.shape[0], nq, nk), (values.shape[1], 1, 1))
+        return band.flip(1).contiguous().unsqueeze(0)
+
     def score_mod(self, grid, b, h, q, k, slopes):
         s = slopes.to(grid.device)
         s = s[h] if s.numel() > 1 else s[torch.zeros_like(h)]

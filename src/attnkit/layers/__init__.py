@@ -1,5 +1,15 @@
-"""Attention layers (``nn.Module``s) built on :func:`attnkit.scaled_dot_product_attention`."""
+"""Attention layers (``nn.Module``s) built on :func:`attnkit.scaled_dot_product_attention`.
 
+* :class:`MultiHeadAttention` - MHA / GQA / MQA, self and cross, KV cache;
+* :class:`TransformerXLAttention` - relative attention with segment-level memory;
+* :class:`LongformerAttention` - sliding window + global tokens (Longformer);
+* :class:`BigBirdAttention` - block-sparse window + global + random blocks (BigBird).
+"""
+
+from .bigbird import BigBirdAttention
+from .longformer import LongformerAttention
 from .multihead import MultiHeadAttention
+from .transformer_xl import TransformerXLAttention
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["MultiHeadAttention", "TransformerXLAttention", "LongformerAttention",
+           "BigBirdAttention"]
