@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .blocks import Call, block_attention, causal_calls, merge_into
 from .group import Ring, exchange, ring_of, wait_all
@@ -109,19 +110,30 @@ def _views(buf: Tensor, k: Tensor, v: Tensor, has_keep: bool, m: int):
     return kb, vb, keep
 
 
-def _pack(k: Tensor, v: Tensor, keep: Tensor | None, piece: Interval) -> Tensor:
-    """One contiguous message [K | V | keep] for keys ``piece`` of this rank's shard
-    (keep travels as 0/1 in K's dtype), written in place: no temporaries."""
+def _message_numel(k: Tensor, v: Tensor, has_keep: bool, m: int) -> int:
+    B, H = k.shape[:2]
+    return B * H * m * (k.shape[-1] + v.shape[-1]) + (B * m if has_keep else 0)
+
+
+def _pack(buf: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, piece: Interval) -> Tensor:
+    """Write the message [K | V | keep] for keys ``piece`` of this rank's shard into the
+    front of ``buf`` (keep travels as 0/1 in K's dtype); returns that message."""
     lo, m = piece.local, piece.length
-    B, H, _, D = k.shape
-    n = B * H * m * (D + v.shape[-1]) + (B * m if keep is not None else 0)
-    buf = torch.empty(n, dtype=k.dtype, device=k.device)
+    buf = buf[:_message_numel(k, v, keep is not None, m)]
     kb, vb, keep_b = _views(buf, k, v, keep is not None, m)
     kb.copy_(k[:, :, lo:lo + m])
     vb.copy_(v[:, :, lo:lo + m])
     if keep is not None:
         keep_b.copy_(keep[:, lo:lo + m])
     return buf
+
+
+def _message_slots(plan, k, v, keep) -> list[Tensor]:
+    """The two K/V message buffers each rank needs (the piece in use, the one arriving),
+    allocated once per call and used in turn, so the ring allocates nothing per step."""
+    m = max(p.length for p, _ in plan.pieces)
+    n = _message_numel(k, v, keep is not None, m)
+    return [torch.empty(n, dtype=k.dtype, device=k.device) for _ in range(2)]
 
 
 def _unpack(buf: Tensor, k: Tensor, v: Tensor, has_keep: bool, m: int):
@@ -155,19 +167,16 @@ def _ring_forward(q, k, v, keep, plan: _Plan, *, communicate: bool = True,
     B, Hq, L, _ = q.shape
     out = q.new_zeros(B, Hq, L, v.shape[-1], dtype=_acc_dtype(q.dtype))
     lse = torch.full((B, Hq, L), NEG_INF, dtype=_stat_dtype(q.dtype), device=q.device)
-    cur = None
+    slots, mine = _message_slots(plan, k, v, keep), 0     # mine: the slot in use
     for t in range(W * len(plan.pieces)):
         j, hop = divmod(t, W)                 # round j: piece j; hop: how far it came
         piece = plan.pieces[j][0]
+        size = _message_numel(k, v, keep is not None, piece.length)
         if hop == 0:
-            cur = _pack(k, v, keep, piece)
-        works, nxt = [], None
-        if hop < W - 1:                       # forward it, and receive the next one
-            if communicate:
-                nxt = torch.empty_like(cur)
-                works = exchange(ring, sends=[cur], recvs=[nxt], tag=KV_TAG)
-            else:
-                nxt = cur
+            _pack(slots[mine], k, v, keep, piece)
+        cur, works = slots[mine][:size], []
+        if hop < W - 1 and communicate:       # forward it, and receive the next one
+            works = exchange(ring, sends=[cur], recvs=[slots[1 - mine][:size]], tag=KV_TAG)
             if not overlap:
                 wait_all(works)
                 works = []                    # gloo: a P2P work must be waited once only
@@ -180,7 +189,8 @@ def _ring_forward(q, k, v, keep, plan: _Plan, *, communicate: bool = True,
             merge_into(out[:, :, c.q0:c.q1], lse[:, :, c.q0:c.q1], o, l)
             del o, l                          # before the next call allocates its own
         wait_all(works)
-        cur = nxt
+        if hop < W - 1 and communicate:
+            mine = 1 - mine
     return out.to(q.dtype), lse
 
 
@@ -214,37 +224,44 @@ def _ring_backward(dout, q, k, v, keep, out, lse, plan: _Plan):
     delta = (dout_a * out.to(acc)).sum(-1).to(lse.dtype)
     lse_safe = torch.where(lse == NEG_INF, float("inf"), lse)
 
-    def dkv_message(j, make=torch.empty):
-        """A [dK | dV] message for piece j, and its dK, dV views."""
+    def dkv_views(buf, j):
+        """The [dK | dV] message of piece j at the front of ``buf``, and its dK, dV."""
         m = plan.pieces[j][0].length
-        buf = make(B * Hkv * m * (D + Dv), dtype=acc, device=k.device)
-        nk = B * Hkv * m * D
-        return buf, buf[:nk].view(B, Hkv, m, D), buf[nk:].view(B, Hkv, m, Dv)
+        nk, nv = B * Hkv * m * D, B * Hkv * m * Dv
+        msg = buf[:nk + nv]
+        return msg, msg[:nk].view(B, Hkv, m, D), msg[nk:].view(B, Hkv, m, Dv)
 
-    def store(j, buf):                        # a piece's finished dK/dV is back home
+    def store(j, msg):                        # a piece's finished dK/dV is back home
         p = plan.pieces[j][0]
-        _, gk, gv = dkv_message(j, lambda *a, **kw: buf)
+        _, gk, gv = dkv_views(msg, j)
         dk[:, :, p.local:p.local + p.length] += gk
         dv[:, :, p.local:p.local + p.length] += gv
 
-    cur, sending = None, []
+    slots, mine = _message_slots(plan, k, v, keep), 0     # K/V messages, as forward
+    # dK/dV messages: the one arriving, the one being filled, the one in flight
+    n_dkv = B * Hkv * max(p.length for p, _ in plan.pieces) * (D + Dv) if W > 1 else 0
+    got_slot, *travel_slots = (torch.empty(n_dkv, dtype=acc, device=k.device)
+                               for _ in range(3))
+    sending = []
     for t in range(W * len(plan.pieces)):
         j, hop = divmod(t, W)
         piece = plan.pieces[j][0]
+        size = _message_numel(k, v, keep is not None, piece.length)
         if hop == 0:
-            cur = _pack(k, v, keep, piece)
-        got = dkv_message((t - 1) // W)[0] if W > 1 and t > 0 else None
-        nxt = torch.empty_like(cur) if hop < W - 1 else None
+            _pack(slots[mine], k, v, keep, piece)
+        cur = slots[mine][:size]
+        got = dkv_views(got_slot, (t - 1) // W)[0] if W > 1 and t > 0 else None
         # a peer sends dK/dV of its step t-1 before K/V of its step t: receive in that order
         works = exchange(ring, recvs=[got] if got is not None else [], tag=DKV_TAG)
-        if nxt is not None:
-            works += exchange(ring, sends=[cur], recvs=[nxt], tag=KV_TAG)
+        if hop < W - 1:
+            works += exchange(ring, sends=[cur], recvs=[slots[1 - mine][:size]], tag=KV_TAG)
 
         if W == 1:                            # no ring: accumulate in place
             lo, hi = piece.local, piece.local + piece.length
             travelling, dkb, dvb = None, dk[:, :, lo:hi], dv[:, :, lo:hi]
         else:
-            travelling, dkb, dvb = dkv_message(j, torch.zeros)
+            travelling, dkb, dvb = dkv_views(travel_slots[t % 2], j)
+            travelling.zero_()
         kb, vb, keep_b = _unpack(cur, k, v, keep is not None, piece.length)
         for c in plan.calls((ring.rank - hop) % W, j):
             gq, gk, gv = _block_grads(q[:, :, c.q0:c.q1], kb[:, :, c.k0:c.k1],
@@ -264,11 +281,11 @@ def _ring_backward(dout, q, k, v, keep, out, lse, plan: _Plan):
                 store(j - 1, got)
             elif got is not None:               # add what the earlier ranks gathered
                 travelling += got
-            del got
             sending = exchange(ring, sends=[travelling], tag=DKV_TAG)
-        cur = nxt
+        if hop < W - 1:
+            mine = 1 - mine
     if W > 1:
-        last = dkv_message(len(plan.pieces) - 1)[0]
+        last = dkv_views(got_slot, len(plan.pieces) - 1)[0]
         wait_all(exchange(ring, recvs=[last], tag=DKV_TAG))
         store(len(plan.pieces) - 1, last)
         wait_all(sending)
@@ -284,6 +301,7 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, keep, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, q, k, v, keep, out, lse, ctx.plan)
