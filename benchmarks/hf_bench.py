@@ -18,9 +18,11 @@
 
 Time: the implementations run alternately in one process (so they share the machine's
 load, which other people's jobs make noisy), best of N after a warm-up; ratios compare
-best times, and medians are printed too. Memory: each (model, implementation) runs in a
-fresh subprocess; the peak resident set (VmHWM) is reset through /proc/self/clear_refs
-once the model and input exist, so "growth" is what the forward call added.
+best wall-clock times and best CPU (process) times; medians are printed too. On a
+shared machine ``--threads 1`` gives the steadiest ratios. Memory: each (model,
+implementation) runs in a fresh subprocess; the peak resident set (VmHWM) is reset
+through /proc/self/clear_refs once the model and input exist, so "growth" is what the
+first forward call added.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def mistral(impl: str, n: int):
     """A forward call of MistralModel on n tokens, and the score entries the window allows."""
     import transformers
     model = _model("MistralModel", transformers.MistralConfig(**MISTRAL), impl)
-    ids = torch.randint(0, MISTRAL["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, MISTRAL["vocab_size"], (1, n),
+                        generator=torch.Generator().manual_seed(0))
     w = MISTRAL["sliding_window"]
     entries = sum(min(i + 1, w) for i in range(n))
     return (lambda: model(input_ids=ids)), entries
@@ -112,9 +115,10 @@ MODELS = {"mistral": (mistral, MISTRAL["num_attention_heads"], 32, 2),
 
 # ------------------------------------------------------------------ measurements
 
-def timings(calls: dict, rounds: int) -> dict:
-    """All times of each call, calling them alternately so they share the machine's load."""
-    times = {k: [] for k in calls}
+def timings(calls: dict, rounds: int) -> tuple[dict, dict]:
+    """Wall-clock and CPU times of each call, calling them alternately so they share the
+    machine's load. With one thread, CPU time is what other people's jobs disturb least."""
+    wall, cpu = {k: [] for k in calls}, {k: [] for k in calls}
     with torch.no_grad():
         for impl, fn in calls.items():
             with backend_policy(impl):
@@ -122,10 +126,11 @@ def timings(calls: dict, rounds: int) -> dict:
         for _ in range(rounds):
             for impl, fn in calls.items():
                 with backend_policy(impl):
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     fn()
-                    times[impl].append(time.perf_counter() - t)
-    return times
+                    cpu[impl].append(time.process_time() - c)
+                    wall[impl].append(time.perf_counter() - t)
+    return wall, cpu
 
 
 def _status(key: str) -> float:
@@ -163,24 +168,27 @@ def compare(model: str, n: int, impls, rounds: int, targets: dict) -> dict:
     calls, entries = {}, 0
     for impl in impls:
         calls[impl], entries = make(impl, n)
-    times = timings(calls, rounds)
+    times, cpu = timings(calls, rounds)
     best = {k: min(v) for k, v in times.items()}
+    best_cpu = {k: min(v) for k, v in cpu.items()}
     mem = {impl: memory(model, impl, n) for impl in impls}
-    print(f"\n{model} at {n} tokens (best of {rounds}; median in brackets; "
-          f"useful GFLOP/s over {layers} attention layer{'s' if layers > 1 else ''})")
+    print(f"\n{model} at {n} tokens (best of {rounds} wall [median] and CPU time; useful "
+          f"GFLOP/s over {layers} attention layer{'s' if layers > 1 else ''})")
     for impl in impls:
         gf = 4 * heads * head_dim * entries * layers / best[impl] / 1e9
         m = mem[impl]
         mtxt = m.get("error") or f"peak growth {m['growth_mib']:7.1f} MiB"
-        print(f"  {impl:20s} {best[impl] * 1e3:8.1f} ms [{statistics.median(times[impl]) * 1e3:8.1f}]"
-              f"  {gf:6.2f} GFLOP/s  {mtxt}")
+        median = statistics.median(times[impl])
+        print(f"  {impl:16s} {best[impl] * 1e3:8.1f} ms [{median * 1e3:8.1f}]"
+              f"  cpu {best_cpu[impl] * 1e3:8.1f} ms  {gf:6.2f} GFLOP/s  {mtxt}")
     ratios = {}
     for ours in (i for i in impls if i.startswith("attnkit")):
         for peer, target in targets.items():
-            r = best[peer] / best[ours]
-            ratios[f"{ours} vs {peer}"] = r
-            print(f"  {ours} is {r:.2f}x as fast as {peer} (target >= {target:g}x)")
-    return dict(n=n, seconds=times, memory=mem, ratios=ratios)
+            r, r_cpu = best[peer] / best[ours], best_cpu[peer] / best_cpu[ours]
+            ratios[f"{ours} vs {peer}"] = dict(wall=r, cpu=r_cpu)
+            print(f"  {ours} is {r:.2f}x as fast as {peer} ({r_cpu:.2f}x in CPU time; "
+                  f"target >= {target:g}x)")
+    return dict(n=n, seconds=times, cpu_seconds=cpu, memory=mem, ratios=ratios)
 
 
 def main(argv=None):

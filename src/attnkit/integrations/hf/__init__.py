@@ -2,7 +2,8 @@
 
     import attnkit.integrations.hf as ak_hf
     ak_hf.register()
-    model.set_attn_implementation("attnkit")   # or from_pretrained(..., attn_implementation="attnkit")
+    model.set_attn_implementation("attnkit")
+    # or: AutoModelForCausalLM.from_pretrained(name, attn_implementation="attnkit")
 
 :func:`register` adds the name ``"attnkit"`` to transformers' ``AttentionInterface``
 (the attention of every layer that routes through it: Llama, Mistral, Qwen2, Gemma 2,
