@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import attnkit
 from attnkit import bias as biases, masks
 from attnkit.backends import chunked_attention
-from attnkit.backends.chunked import plan_tiles
+from attnkit.backends.chunked import Gathered, _width, plan_tiles
 from attnkit.masks import Grid
 from conftest import qkv
 
@@ -348,10 +348,43 @@ def allowed_work(mask, L, S):
 def test_cost_follows_the_allowed_blocks(mask):
     n = 4096
     tiles = plan_tiles(mask, Grid(n, n), 128, 64)
-    computed = sum((t.r1 - t.r0) * (s.k1 - s.k0) for t in tiles for s in t.segments)
+    computed = sum((t.r1 - t.r0) * _width(s) for t in tiles for s in t.segments)
     allowed = allowed_work(mask, n, n)
     assert allowed <= computed < 1.6 * allowed + 2 * 128 * n, (computed / allowed)
     assert computed < 0.35 * n * n
+
+
+def test_per_head_patterns_cost_per_head_not_their_union():
+    """BigBird with one random draw per head: each head gathers its own key blocks."""
+    n, heads = 4096, 8
+    mask = masks.bigbird(64, seed=0, num_heads=heads)
+    tiles = plan_tiles(mask, Grid(n, n), 64, 64)
+    assert any(isinstance(s, Gathered) for t in tiles for s in t.segments)
+    computed = sum((t.r1 - t.r0) * _width(s) for t in tiles for s in t.segments)
+    dense = mask.materialize(n)                       # (1, H, n, n)
+    busiest = dense.sum((-1, -2)).max().item()        # allowed entries of the busiest head
+    union = dense.any(1).sum().item()
+    assert computed < 1.3 * busiest < 0.6 * union
+
+
+def test_gathered_segments_agree_with_the_reference(kernel):
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, L=100, S=100, D=8, requires_grad=True)
+    mask = masks.bigbird(8, num_random_blocks=2, seed=4, num_heads=4) & masks.padding([100, 77])
+    b = biases.alibi(4)
+    want = sdpa(q, k, v, mask, bias=b, backend="reference", return_weights=True)
+    got = sdpa(q, k, v, mask, bias=b, backend="chunked", return_weights=True)
+    for x, y in zip(got, want):
+        close(x, y)
+    g = torch.randn_like(want[0])
+    for x, y in zip(torch.autograd.grad(got[0], (q, k, v), g),
+                    torch.autograd.grad(want[0], (q, k, v), g)):
+        close(x, y, tol=1e-4)
+    qd, kd, vd = qkv(B=1, Hq=2, Hkv=1, L=24, S=24, D=2, dtype=torch.float64, requires_grad=True)
+    m2 = masks.bigbird(3, num_random_blocks=1, seed=1, num_heads=2)
+    assert any(isinstance(s, Gathered) for t in plan_tiles(m2, Grid(24, 24), 3, 3) for s in t.segments)
+    assert torch.autograd.gradcheck(
+        lambda a, b_, c: chunked_attention(a, b_, c, mask=m2, bias=biases.alibi(2), scale=0.3,
+                                           block_q=3, block_k=3)[0], (qd, kd, vd))
 
 
 def test_full_blocks_run_without_a_mask():

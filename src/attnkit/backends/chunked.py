@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import _fused
 from ..bias import Bias
-from ..masks import EMPTY, FULL, Grid, Mask, _as_4d
+from ..masks import EMPTY, FULL, PARTIAL, Grid, Mask, _as_4d
 
 __all__ = ["chunked_attention", "plan_tiles", "Tile", "Segment"]
 
@@ -44,6 +44,10 @@ BLOCK_Q = 128
 BLOCK_K = 128
 #: longest key segment in one kernel call, bounds the (H, BLOCK_Q, keys) bias tile
 MAX_SEGMENT_KEYS = 2048
+#: a tile gathers its key blocks when the union over heads holds this many times the
+#: blocks of its busiest head, or when its blocks fall in more than GATHER_MIN_RUNS runs
+GATHER_UNION_RATIO = 1.25
+GATHER_MIN_RUNS = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,15 @@ class Segment:
     k0: int
     k1: int
     masked: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Gathered:
+    """Scattered key blocks of one query tile read through a gather: ``index`` (H|1, n)
+    holds, per head (or shared by all heads), the key indices in the order they are
+    copied; -1 marks an empty slot that no query sees."""
+    index: Tensor
+    masked = True
 
 
 @dataclass
@@ -71,45 +84,88 @@ def _boundaries(start: int, stop: int, block: int) -> list[int]:
 
 
 def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
-               merge_full_and_partial: bool = False) -> list[Tile]:
-    """Split the (L, S) grid into query tiles and the key segments each one needs."""
+               merge_full_and_partial: bool = False, gather: bool = True) -> list[Tile]:
+    """Split the (L, S) grid into query tiles and the key segments each one needs.
+
+    A tile whose key blocks form one or two contiguous runs reads them as slices of K/V
+    (:class:`Segment`, no copy). A tile whose blocks are scattered (BigBird's random
+    blocks) or differ per head (per-head patterns) gathers exactly the blocks each head
+    needs into one buffer (:class:`Gathered`), so cost follows the allowed blocks rather
+    than their union.
+    """
     off = grid.q_offset
     qb = _boundaries(off, off + grid.q_len, block_q)
     kb = _boundaries(0, grid.k_len, block_k) if grid.k_len else [0]
     nq, nk = len(qb) - 1, len(kb) - 1
-    if mask is None or nk == 0:
-        states = [[FULL] * nk for _ in range(nq)]
-    else:
-        dev = grid.device
-        q_lo = torch.tensor(qb[:-1], device=dev).view(-1, 1)
-        q_hi = torch.tensor(qb[1:], device=dev).view(-1, 1)
-        k_lo = torch.tensor(kb[:-1], device=dev).view(1, -1)
-        k_hi = torch.tensor(kb[1:], device=dev).view(1, -1)
-        st = _as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
-        st = st.expand(*st.shape[:2], nq, nk).flatten(0, 1)
-        lo, hi = st.amin(0), st.amax(0)
-        reduced = torch.where(hi == EMPTY, EMPTY, torch.where(lo == FULL, FULL, 1))
-        states = reduced.tolist()
-    tiles = []
-    for i in range(nq):
-        tile = Tile(qb[i] - off, qb[i + 1] - off, qb[i], qb[i + 1])
-        run_start, run_masked = None, False
-        for j in range(nk + 1):
-            s = states[i][j] if j < nk else EMPTY
-            masked = s != FULL
-            ends = (s == EMPTY or (run_start is not None and not merge_full_and_partial
-                                   and masked != run_masked)
-                    or (run_start is not None and kb[j] - kb[run_start] >= MAX_SEGMENT_KEYS))
-            if run_start is not None and ends:
-                tile.segments.append(Segment(kb[run_start], kb[j], run_masked))
-                run_start = None
-            if s != EMPTY:
-                if run_start is None:
-                    run_start, run_masked = j, masked
-                else:
-                    run_masked = run_masked or masked
-        tiles.append(tile)
+    tiles = [Tile(qb[i] - off, qb[i + 1] - off, qb[i], qb[i + 1]) for i in range(nq)]
+    if nk == 0:
+        return tiles
+    if mask is None:
+        for t in tiles:
+            t.segments = _runs([FULL] * nk, kb, merge_full_and_partial)
+        return tiles
+    dev = grid.device
+    q_lo = torch.tensor(qb[:-1], device=dev).view(-1, 1)
+    q_hi = torch.tensor(qb[1:], device=dev).view(-1, 1)
+    k_lo = torch.tensor(kb[:-1], device=dev).view(1, -1)
+    k_hi = torch.tensor(kb[1:], device=dev).view(1, -1)
+    st = _as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
+    st = st.expand(*st.shape[:2], nq, nk)
+    # per head: reduce over the batch (FULL only if full for every batch element)
+    lo_h, hi_h = st.amin(0), st.amax(0)
+    per_head = torch.where(hi_h == EMPTY, EMPTY, torch.where(lo_h == FULL, FULL, PARTIAL))
+    union_states = torch.where(per_head.amax(0) == EMPTY, EMPTY,
+                               torch.where(per_head.amin(0) == FULL, FULL, PARTIAL))
+    seen = per_head != EMPTY                               # (Hm, nq, nk)
+    union = seen.any(0)                                    # (nq, nk)
+    most = seen.sum(-1).amax(0)                            # (nq,) blocks of the busiest head
+    runs = (union & ~torch.nn.functional.pad(union, (1, 0))[:, :-1]).sum(-1)
+    use_gather = (union.sum(-1) > GATHER_UNION_RATIO * most) | (runs > GATHER_MIN_RUNS)
+    use_gather &= gather
+    for i, t in enumerate(tiles):
+        if bool(use_gather[i]):
+            t.segments = _gathered(seen[:, i], int(most[i]), kb, dev)
+        else:
+            t.segments = _runs(union_states[i].tolist(), kb, merge_full_and_partial)
     return tiles
+
+
+def _runs(states: list[int], kb: list[int], merge_full_and_partial: bool) -> list:
+    """Contiguous runs of non-empty key blocks (split where FULL meets PARTIAL unless
+    merged, and at MAX_SEGMENT_KEYS)."""
+    segments, start, masked_run = [], None, False
+    for j in range(len(states) + 1):
+        s = states[j] if j < len(states) else EMPTY
+        masked = s != FULL
+        ends = (s == EMPTY or (start is not None and not merge_full_and_partial
+                               and masked != masked_run)
+                or (start is not None and kb[j] - kb[start] >= MAX_SEGMENT_KEYS))
+        if start is not None and ends:
+            segments.append(Segment(kb[start], kb[j], masked_run))
+            start = None
+        if s != EMPTY:
+            if start is None:
+                start, masked_run = j, masked
+            else:
+                masked_run = masked_run or masked
+    return segments
+
+
+def _gathered(seen: Tensor, most: int, kb: list[int], device) -> list:
+    """Key indices (H|1, n) of the blocks each head sees, padded with -1 to the busiest
+    head's count, split into pieces of at most MAX_SEGMENT_KEYS keys."""
+    block = kb[1] - kb[0] if len(kb) > 1 else 1
+    order = torch.argsort((~seen).to(torch.int8), dim=-1, stable=True)[:, :most]  # (Hm, m)
+    valid = seen.gather(-1, order)
+    if seen.shape[0] > 1 and bool((order == order[:1]).all() and (valid == valid[:1]).all()):
+        order, valid = order[:1], valid[:1]
+    starts = torch.tensor(kb[:-1], device=device)[order]                           # (H, m)
+    ends = torch.tensor(kb[1:], device=device)[order]
+    idx = starts.unsqueeze(-1) + torch.arange(block, device=device)                # (H, m, bk)
+    ok = valid.unsqueeze(-1) & (idx < ends.unsqueeze(-1))
+    idx = torch.where(ok, idx, -1)
+    per = max(1, MAX_SEGMENT_KEYS // block)
+    return [Gathered(idx[:, a:a + per].flatten(1)) for a in range(0, most, per)]
 
 
 @dataclass
@@ -131,19 +187,60 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _additive(cfg: _Config, tile: Tile, seg: Segment, params, dtype):
+def _index(n: int | None, device, dim: int) -> Tensor:
+    shape = [1, 1, 1, 1]
+    shape[dim] = -1
+    return torch.arange(n or 1, device=device).view(shape)
+
+
+def _gathered_keys(seg: Gathered) -> Tensor:
+    """(1, H|1, 1, n) key indices of a gathered segment (-1 clamped to 0: masked anyway)."""
+    return seg.index.clamp(min=0).view(1, seg.index.shape[0], 1, -1)
+
+
+def _allowed(cfg: _Config, tile: Tile, seg) -> Tensor:
+    """Bool (B|1, H|1, nq, nk): which keys of the segment the tile's queries may see."""
+    grid = cfg.grid
+    if isinstance(seg, Gathered):
+        allow = (seg.index >= 0).view(1, seg.index.shape[0], 1, -1)
+        if cfg.mask is not None:
+            m = cfg.mask
+            q = grid.positions(tile.p0, tile.p1).view(1, 1, -1, 1)
+            allow = allow & m.mask_mod(grid, _index(m.batch_size, grid.device, 0),
+                                       _index(m.num_heads, grid.device, 1), q,
+                                       _gathered_keys(seg))
+        return allow
+    return cfg.mask.tile(grid, tile.p0, tile.p1, seg.k0, seg.k1)
+
+
+def _bias_values(cfg: _Config, tile: Tile, seg, params) -> Tensor:
+    """Float (B|1, H|1, nq, nk): the bias of the segment's scores."""
+    grid, b = cfg.grid, cfg.bias
+    if isinstance(seg, Gathered):
+        q = grid.positions(tile.p0, tile.p1).view(1, 1, -1, 1)
+        return b.score_mod(grid, _index(b.batch_size, grid.device, 0),
+                           _index(b.num_heads, grid.device, 1), q, _gathered_keys(seg),
+                           *params)
+    return b.tile(grid, tile.p0, tile.p1, seg.k0, seg.k1, params)
+
+
+def _width(seg) -> int:
+    return seg.index.shape[-1] if isinstance(seg, Gathered) else seg.k1 - seg.k0
+
+
+def _additive(cfg: _Config, tile: Tile, seg, params, dtype):
     """The float term added to this segment's scores (mask as -inf, plus bias), and the
     rows that can see at least one key of it (None when every row can)."""
     add, alive = None, None
-    nq, nk = tile.r1 - tile.r0, seg.k1 - seg.k0
-    if seg.masked and cfg.mask is not None:
-        allow = cfg.mask.tile(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1)
+    nq, nk = tile.r1 - tile.r0, _width(seg)
+    if seg.masked and (cfg.mask is not None or isinstance(seg, Gathered)):
+        allow = _allowed(cfg, tile, seg)
         allow = allow.expand(*allow.shape[:2], nq, nk)
         alive = allow.any(-1)
         add = torch.where(allow, torch.zeros((), dtype=dtype, device=allow.device),
                           torch.full((), NEG_INF, dtype=dtype, device=allow.device))
     if cfg.bias is not None:
-        b = cfg.bias.tile(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1, params).to(dtype)
+        b = _bias_values(cfg, tile, seg, params).to(dtype)
         add = b if add is None else add + b
         if cfg.bias.may_mask:
             add = add.expand(*add.shape[:2], nq, nk)
@@ -151,6 +248,56 @@ def _additive(cfg: _Config, tile: Tile, seg: Segment, params, dtype):
     if add is not None:
         add = add.expand(*add.shape[:2], nq, nk)
     return add, alive
+
+
+class _KV:
+    """Key/value access for segments: slices for contiguous segments, gathers (and the
+    matching scatter-add of gradients) for :class:`Gathered` ones."""
+
+    def __init__(self, k: Tensor, v: Tensor, q_heads: int):
+        self.k, self.v, self.q_heads = k, v, q_heads
+        self._flat = None
+
+    def _flat_kv(self):
+        if self._flat is None:
+            B, H, S, _ = self.k.shape
+            self._flat = (self.k.contiguous().view(B, H * S, -1),
+                          self.v.contiguous().view(B, H * S, -1))
+        return self._flat
+
+    def _flat_index(self, seg: Gathered) -> Tensor:
+        """Per query head h: index into the (B, Hkv * S) rows of kv head h // groups."""
+        Hkv, S = self.k.shape[1], self.k.shape[2]
+        kv_head = torch.arange(self.q_heads, device=seg.index.device) // (self.q_heads // Hkv)
+        return (kv_head.view(-1, 1) * S + seg.index.clamp(min=0)).flatten()
+
+    def get(self, seg):
+        if not isinstance(seg, Gathered):
+            return self.k[:, :, seg.k0:seg.k1], self.v[:, :, seg.k0:seg.k1]
+        n = seg.index.shape[-1]
+        if seg.index.shape[0] == 1:  # the same keys for every head: grouped heads still shared
+            idx = seg.index[0].clamp(min=0)
+            return self.k.index_select(2, idx), self.v.index_select(2, idx)
+        kf, vf = self._flat_kv()
+        flat = self._flat_index(seg)
+        B = kf.shape[0]
+        return (kf.index_select(1, flat).view(B, self.q_heads, n, -1),
+                vf.index_select(1, flat).view(B, self.q_heads, n, -1))
+
+    def add_grad(self, dk: Tensor, dv: Tensor, seg, gk: Tensor, gv: Tensor) -> None:
+        if not isinstance(seg, Gathered):
+            dk[:, :, seg.k0:seg.k1] += gk
+            dv[:, :, seg.k0:seg.k1] += gv
+            return
+        if seg.index.shape[0] == 1:
+            idx = seg.index[0].clamp(min=0)
+            dk.index_add_(2, idx, gk.to(dk.dtype))
+            dv.index_add_(2, idx, gv.to(dv.dtype))
+            return
+        B, Hkv, S, _ = dk.shape
+        flat = self._flat_index(seg)
+        dk.view(B, Hkv * S, -1).index_add_(1, flat, gk.reshape(B, flat.numel(), -1).to(dk.dtype))
+        dv.view(B, Hkv * S, -1).index_add_(1, flat, gv.reshape(B, flat.numel(), -1).to(dv.dtype))
 
 
 def _fold(x: Tensor, kv_heads: int) -> Tensor:
@@ -238,14 +385,15 @@ def _forward(q, k, v, sinks, cfg: _Config, params):
     out = q.new_empty(B, Hq, L, Dv)
     lse = torch.empty(B, Hq, L, dtype=_stat_dtype(q.dtype), device=q.device)
     acc_dtype = _compute_dtype(q.dtype)
+    kv = _KV(k, v, Hq)
     for ti, tile in enumerate(cfg.tiles):
         qt = q[:, :, tile.r0:tile.r1]
         acc_o = acc_l = None
         for si, seg in enumerate(tile.segments):
             add_dtype = q.dtype if fused_ok else acc_dtype
             add, alive = _additive(cfg, tile, seg, params, add_dtype)
-            o, l = _segment_forward(cfg, ti, si, qt, k[:, :, seg.k0:seg.k1],
-                                    v[:, :, seg.k0:seg.k1], add, alive, fused_ok)
+            ks, vs = kv.get(seg)
+            o, l = _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused_ok)
             if acc_o is None and len(tile.segments) > 1:
                 o = o.to(acc_dtype)
             acc_o, acc_l = _merge(acc_o, acc_l, o, l.to(lse.dtype))
@@ -278,18 +426,18 @@ def _backward(dout, dlse, q, k, v, out, lse, sinks, cfg: _Config, params):
     if dlse is not None:
         delta = delta - dlse.to(acc)
     lse_b = torch.where(lse == NEG_INF, float("inf"), lse)  # rows that see nothing: P = 0
+    kv = _KV(k, v, Hq)
     for ti, tile in enumerate(cfg.tiles):
         r = slice(tile.r0, tile.r1)
         qt, dot = q[:, :, r], dout[:, :, r]
         for si, seg in enumerate(tile.segments):
-            ks, vs = k[:, :, seg.k0:seg.k1], v[:, :, seg.k0:seg.k1]
+            ks, vs = kv.get(seg)
             add, _ = _additive(cfg, tile, seg, params, q.dtype if fused_ok else acc)
             if fused_ok:
                 gq, gk, gv = _fused.backward(dot, qt, ks, vs, out[:, :, r], lse_b[:, :, r],
                                              add, cfg.scale)
                 dq[:, :, r] += gq
-                dk[:, :, seg.k0:seg.k1] += gk
-                dv[:, :, seg.k0:seg.k1] += gv
+                kv.add_grad(dk, dv, seg, gk, gv)
                 continue
             s, t = _scores(qt, ks, cfg)
             if add is not None:
@@ -300,9 +448,9 @@ def _backward(dout, dlse, q, k, v, out, lse, sinks, cfg: _Config, params):
                 keep = _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
             pd = p if keep is None else p * keep
             do_f = dot.to(acc)
-            dv[:, :, seg.k0:seg.k1] += torch.matmul(_fold(pd, k.shape[1]).transpose(-1, -2),
-                                                    _fold(do_f, k.shape[1]))
-            dp = _unfold(torch.matmul(_fold(do_f, k.shape[1]), vs.to(acc).transpose(-1, -2)), Hq)
+            hk = ks.shape[1]
+            gv = torch.matmul(_fold(pd, hk).transpose(-1, -2), _fold(do_f, hk))
+            dp = _unfold(torch.matmul(_fold(do_f, hk), vs.to(acc).transpose(-1, -2)), Hq)
             if keep is not None:
                 dp = dp * keep
             ds = p * (dp - delta[:, :, r].unsqueeze(-1))
@@ -311,9 +459,9 @@ def _backward(dout, dlse, q, k, v, out, lse, sinks, cfg: _Config, params):
             if t is not None:
                 ds = ds * (1 - t * t)
             ds = ds * cfg.scale
-            dq[:, :, r] += torch.matmul(_fold(ds, k.shape[1]), ks.to(acc)).reshape(qt.shape)
-            dk[:, :, seg.k0:seg.k1] += torch.matmul(_fold(ds, k.shape[1]).transpose(-1, -2),
-                                                    _fold(qt.to(acc), k.shape[1]))
+            dq[:, :, r] += torch.matmul(_fold(ds, hk), ks.to(acc)).reshape(qt.shape)
+            gk = torch.matmul(_fold(ds, hk).transpose(-1, -2), _fold(qt.to(acc), hk))
+            kv.add_grad(dk, dv, seg, gk, gv)
     dsinks = None
     if sinks is not None and sinks.requires_grad:
         p_sink = torch.exp(sinks.to(lse.dtype).view(1, Hq, 1) - lse_b)
@@ -326,7 +474,7 @@ def _bias_param_grads(cfg, tile, seg, params, need, ds, dparams):
     """Push this segment's score gradient into the bias parameters (e.g. T5's table)."""
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_(n) for p, n in zip(params, need)]
-        t = cfg.bias.tile(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1, leaves)
+        t = _bias_values(cfg, tile, seg, leaves)
         g = ds.to(t.dtype)
         if g.shape != t.shape:
             g = g.sum_to_size(t.shape)
@@ -366,17 +514,22 @@ def _weights(q, k, lse, cfg: _Config, params) -> Tensor:
     acc = _compute_dtype(q.dtype)
     w = torch.zeros(B, Hq, L, k.shape[2], dtype=acc, device=q.device)
     lse_b = torch.where(lse == NEG_INF, float("inf"), lse)
+    keys = _KV(k, k, Hq)
     for ti, tile in enumerate(cfg.tiles):
         r = slice(tile.r0, tile.r1)
         for si, seg in enumerate(tile.segments):
-            s, _ = _scores(q[:, :, r], k[:, :, seg.k0:seg.k1], cfg)
+            s, _ = _scores(q[:, :, r], keys.get(seg)[0], cfg)
             add, _ = _additive(cfg, tile, seg, params, acc)
             if add is not None:
                 s = s + add
             p = torch.exp(s - lse_b[:, :, r].unsqueeze(-1).to(acc))
             if cfg.dropout_p > 0:
                 p = p * _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
-            w[:, :, r, seg.k0:seg.k1] = p
+            if isinstance(seg, Gathered):  # empty slots hold p = 0: adding them is harmless
+                at = _gathered_keys(seg).expand(B, Hq, p.shape[2], -1)
+                w[:, :, r].scatter_add_(3, at, p)
+            else:
+                w[:, :, r, seg.k0:seg.k1] = p
     return w.to(q.dtype)
 
 
@@ -393,12 +546,13 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     B, Hq, L, _ = query.shape
     S = key.shape[2]
     grid = Grid(L, S, query.device)
+    natural = mask.block_size if mask is not None else None
+    if natural is not None and not 16 <= natural <= 512:
+        natural = None
     if block_k is None:
-        block_k = BLOCK_K
-        if mask is not None and mask.block_size and 16 <= mask.block_size <= 512:
-            block_k = mask.block_size
+        block_k = natural or BLOCK_K
     if block_q is None:
-        block_q = BLOCK_Q if block_k >= BLOCK_Q else block_k * max(1, BLOCK_Q // block_k)
+        block_q = natural or BLOCK_Q
     tiles = plan_tiles(mask, grid, block_q, block_k,
                        merge_full_and_partial=bias is not None)
     seed = 0
