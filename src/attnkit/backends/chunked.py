@@ -64,7 +64,7 @@ class Gathered:
     holds, per head (or shared by all heads), the key indices in the order they are
     copied; -1 marks an empty slot that no query sees."""
     index: Tensor
-    masked = True
+    masked: bool = True  # False: every gathered block is FULL, only empty slots are masked
 
 
 @dataclass
@@ -124,7 +124,7 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     use_gather &= gather
     for i, t in enumerate(tiles):
         if bool(use_gather[i]):
-            t.segments = _gathered(seen[:, i], int(most[i]), kb, dev)
+            t.segments = _gathered(seen[:, i], per_head[:, i] == FULL, int(most[i]), kb, dev)
         else:
             t.segments = _runs(union_states[i].tolist(), kb, merge_full_and_partial)
     return tiles
@@ -151,21 +151,24 @@ def _runs(states: list[int], kb: list[int], merge_full_and_partial: bool) -> lis
     return segments
 
 
-def _gathered(seen: Tensor, most: int, kb: list[int], device) -> list:
+def _gathered(seen: Tensor, full: Tensor, most: int, kb: list[int], device) -> list:
     """Key indices (H|1, n) of the blocks each head sees, padded with -1 to the busiest
-    head's count, split into pieces of at most MAX_SEGMENT_KEYS keys."""
+    head's count, split into pieces of at most MAX_SEGMENT_KEYS keys. A piece whose
+    blocks are all FULL needs no mask evaluation, only its empty slots masked."""
     block = kb[1] - kb[0] if len(kb) > 1 else 1
     order = torch.argsort((~seen).to(torch.int8), dim=-1, stable=True)[:, :most]  # (Hm, m)
     valid = seen.gather(-1, order)
+    whole = full.gather(-1, order) | ~valid
     if seen.shape[0] > 1 and bool((order == order[:1]).all() and (valid == valid[:1]).all()):
-        order, valid = order[:1], valid[:1]
+        order, valid, whole = order[:1], valid[:1], whole[:1]
     starts = torch.tensor(kb[:-1], device=device)[order]                           # (H, m)
     ends = torch.tensor(kb[1:], device=device)[order]
     idx = starts.unsqueeze(-1) + torch.arange(block, device=device)                # (H, m, bk)
     ok = valid.unsqueeze(-1) & (idx < ends.unsqueeze(-1))
     idx = torch.where(ok, idx, -1)
     per = max(1, MAX_SEGMENT_KEYS // block)
-    return [Gathered(idx[:, a:a + per].flatten(1)) for a in range(0, most, per)]
+    return [Gathered(idx[:, a:a + per].flatten(1), not bool(whole[:, a:a + per].all()))
+            for a in range(0, most, per)]
 
 
 @dataclass
@@ -203,7 +206,7 @@ def _allowed(cfg: _Config, tile: Tile, seg) -> Tensor:
     grid = cfg.grid
     if isinstance(seg, Gathered):
         allow = (seg.index >= 0).view(1, seg.index.shape[0], 1, -1)
-        if cfg.mask is not None:
+        if cfg.mask is not None and seg.masked:
             m = cfg.mask
             q = grid.positions(tile.p0, tile.p1).view(1, 1, -1, 1)
             allow = allow & m.mask_mod(grid, _index(m.batch_size, grid.device, 0),
@@ -233,7 +236,8 @@ def _additive(cfg: _Config, tile: Tile, seg, params, dtype):
     rows that can see at least one key of it (None when every row can)."""
     add, alive = None, None
     nq, nk = tile.r1 - tile.r0, _width(seg)
-    if seg.masked and (cfg.mask is not None or isinstance(seg, Gathered)):
+    slots = isinstance(seg, Gathered) and not bool((seg.index >= 0).all())
+    if (seg.masked and cfg.mask is not None) or slots:
         allow = _allowed(cfg, tile, seg)
         allow = allow.expand(*allow.shape[:2], nq, nk)
         alive = allow.any(-1)
