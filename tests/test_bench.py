@@ -193,7 +193,7 @@ def test_interleave_times_round_robin_until_each_has_its_repeats():
     def make(label):
         return lambda: order.append(label)
     a, b = Sample(make("a"), times=[0.0]), Sample(make("b"), times=[0.0])
-    interleave([a, b], budget_s=0.0, min_repeats=4, max_repeats=10)
+    interleave([a, b], budget_s=10.0, min_repeats=4, max_repeats=4)
     assert order == ["a", "b"] * 3  # one call each per round, never a run of one
     assert len(a.times) == len(b.times) == 4
 
@@ -206,6 +206,9 @@ def test_interleave_stops_at_the_budget_or_the_cap():
     capped = Sample(lambda: None, times=[0.0])
     interleave([capped], budget_s=100.0, min_repeats=2, max_repeats=5)
     assert len(capped.times) == 5
+    very_slow = Sample(lambda: time.sleep(0.04), times=[0.04])  # two calls >= 3 x budget
+    interleave([very_slow], budget_s=0.02, min_repeats=3, max_repeats=10)
+    assert len(very_slow.times) == 2
 
 
 def test_warm_up_calls_once_before_the_memory_measured_call():

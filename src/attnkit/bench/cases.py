@@ -396,7 +396,9 @@ REF = Variant("reference", "peer", peers.reference, work="dense", mem=_scores(3)
               max_length=2048)
 REF_B2 = Variant("reference", "peer", peers.reference, work="dense", mem=_scores(3, batch=2),
                  max_length=2048)
-FLEX_FEW = (4096, 16384)
+#: FlexAttention compiles for every shape (5-20 s each here): a few lengths per case
+FLEX_DENSE = (4096,)
+FLEX_SPARSE = (16384,)
 
 
 def _sdpa_mask(per_head=False):
@@ -404,7 +406,7 @@ def _sdpa_mask(per_head=False):
                    mem=_mask_bytes(per_head))
 
 
-def _flex(lengths=FLEX_FEW, quick=False):
+def _flex(lengths=FLEX_DENSE, quick=False):
     return Variant("flex", "peer", peers.flex, needs=("torch.nn.attention.flex_attention",),
                    lengths=lengths, quick=quick, compiled=True,
                    preload=("attnkit.bench.peers:preload_flex",))
@@ -440,7 +442,7 @@ def _decode_case(name, title, kv_heads):
 
 CASES: tuple[Case, ...] = (
     Case("dense", "dense, no mask", _plain(), lengths=FULL_LENGTHS[:4],
-         variants=(AUTO, CHUNKED, SDPA, REF, _flex(lengths=(4096,)))),
+         variants=(AUTO, CHUNKED, SDPA, REF, _flex())),
     Case("causal", "causal", _plain(causal=True), lengths=FULL_LENGTHS[:5], causal=True,
          variants=(AUTO, CHUNKED, SDPA_CAUSAL, REF, _flex())),
     Case("causal_train", "causal, forward + backward", _plain(causal=True), kind="train",
@@ -460,7 +462,7 @@ CASES: tuple[Case, ...] = (
          _plain(causal=True, kv_heads=2), causal=True, lengths=FULL_LENGTHS[:4],
          variants=(AUTO, CHUNKED, Variant("sdpa gqa", "peer", peers.torch_sdpa, work="causal"),
                    Variant("sdpa repeat_kv", "peer", peers.torch_sdpa_repeat_kv, work="causal"),
-                   _flex(lengths=(4096,)))),
+                   _flex())),
     Case("mqa", "multi-query, 8 query / 1 kv head, causal",
          _plain(causal=True, kv_heads=1), causal=True, lengths=FULL_LENGTHS[:4],
          variants=(AUTO, CHUNKED, Variant("sdpa gqa", "peer", peers.torch_sdpa, work="causal"),
@@ -478,17 +480,18 @@ CASES: tuple[Case, ...] = (
                    REF, _flex())),
     Case("sliding_window", "sliding window +-256", _plain(lambda n: M.sliding_window(256)),
          mask=lambda n: M.sliding_window(256),
-         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex(lengths=FULL_LENGTHS))),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF,
+                   _flex(lengths=(2048, 8192, 16384, 32768)))),
     Case("dilated", "dilated window +-128, dilation 1,1,2,2,4,4,8,8 per head",
          _plain(lambda n: M.dilated(128, 128, [1, 1, 2, 2, 4, 4, 8, 8])),
          mask=lambda n: M.dilated(128, 128, [1, 1, 2, 2, 4, 4, 8, 8]),
-         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(per_head=True), REF, _flex())),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(per_head=True), REF, _flex(FLEX_SPARSE))),
     Case("longformer", "Longformer mask: window +-256 | 16 global tokens",
          _plain(_longformer_mask), mask=_longformer_mask,
-         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex())),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex(FLEX_SPARSE))),
     Case("bigbird", "BigBird mask: block 64, 3 window + 2 global + 3 random blocks",
          _plain(lambda n: M.bigbird(64)), mask=lambda n: M.bigbird(64),
-         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex())),
+         variants=(AUTO, SPARSE_CHUNKED, _sdpa_mask(), REF, _flex(FLEX_SPARSE))),
     _decode_case("decode_mha", "decoding with a KV cache, MHA (8 kv heads)", H),
     _decode_case("decode_gqa", "decoding with a KV cache, GQA (2 kv heads)", 2),
     _decode_case("decode_mqa", "decoding with a KV cache, MQA (1 kv head)", 1),

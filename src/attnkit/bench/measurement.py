@@ -141,16 +141,23 @@ def warm_up(call) -> Sample:
 
 
 def _needs_more(sample: Sample, budget_s: float, min_repeats: int, max_repeats: int) -> bool:
-    n = len(sample.times)
-    return n < max_repeats and (n < min_repeats or sum(sample.times) < budget_s)
+    n, spent = len(sample.times), sum(sample.times)
+    if n >= max_repeats:
+        return False
+    if n < 2:
+        return True
+    if n < min_repeats:
+        return spent < 3 * budget_s  # calls of seconds each: two are enough
+    return spent < budget_s
 
 
 def interleave(samples, *, budget_s: float, min_repeats: int = 3,
                max_repeats: int = 15) -> None:
     """Time the samples round-robin, one call each per round, until every one has at
     least ``min_repeats`` calls and ``budget_s`` seconds of them (at most
-    ``max_repeats``). Load from other processes then falls on all implementations
-    alike, so the ratios between them stay fair on a shared machine."""
+    ``max_repeats``; calls so slow that two take ``3 * budget_s`` stop at two). Load
+    from other processes then falls on all implementations alike, so the ratios between
+    them stay fair on a shared machine."""
     while True:
         active = [s for s in samples if _needs_more(s, budget_s, min_repeats, max_repeats)]
         if not active:

@@ -81,6 +81,8 @@ def _notes(row: dict, marks: list) -> str:
             notes.append(f"compile {row['compile_s']:.1f}s excluded")
         if row.get("cache_bytes_per_token") is not None:
             notes.append(f"cache {row['cache_bytes_per_token']:.0f} B/token")
+        if row.get("peak_share", 0) > 1:
+            notes.append("above the GEMM peak: the cores were busier when it was measured")
         if row.get("setup_bytes", 0) >= 64 * MiB:
             notes.append(f"incl. {row['setup_bytes'] / MiB:.0f} MiB precomputed")
         if row.get("note"):
