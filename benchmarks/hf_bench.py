@@ -11,10 +11,6 @@
   "sdpa" (and "eager" for reference): the first encoder layer's T5Attention module
   (relative position bias + attention), and the whole 2-layer T5EncoderModel. Target:
   not slower than sdpa.
-* "attnkit[auto]": the same, with the adapter's sparse-mask rule switched off (every
-  call on ``backend="auto"``, which draws a mask densely for torch SDPA whenever it has
-  at most 2**24 entries): what moving that rule into ``functional._choose_backend``
-  (proposed in the issue-5 report) is worth.
 
 Time: the implementations run alternately in one process (so they share the machine's
 load, which other people's jobs make noisy), best of N after a warm-up; ratios compare
@@ -28,7 +24,6 @@ first forward call added.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -46,23 +41,7 @@ MISTRAL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidde
                sliding_window=512, initializer_range=0.2)
 T5 = dict(vocab_size=256, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
           dropout_rate=0.0)
-IMPLS = ("eager", "sdpa", "attnkit", "attnkit[auto]")
-
-
-# ------------------------------------------------------------------ backend rule
-
-@contextlib.contextmanager
-def backend_policy(impl: str):
-    """"attnkit[auto]": the adapter without its sparse-mask rule, every call on
-    ``backend="auto"`` (which draws masks densely for torch SDPA up to 2**24 entries)."""
-    from attnkit.integrations.hf import attention
-    real = attention._backend
-    if impl == "attnkit[auto]":
-        attention._backend = lambda mask, L, S: "auto"
-    try:
-        yield
-    finally:
-        attention._backend = real
+IMPLS = ("eager", "sdpa", "attnkit")
 
 
 # ------------------------------------------------------------------ the models
@@ -73,9 +52,8 @@ def _model(cls_name: str, config, impl: str):
     import attnkit.integrations.hf as ak_hf
     ak_hf.register()
     torch.manual_seed(0)
-    name = "attnkit" if impl.startswith("attnkit") else impl
     cls = getattr(transformers, cls_name)
-    return cls._from_config(copy.deepcopy(config), attn_implementation=name).eval()
+    return cls._from_config(copy.deepcopy(config), attn_implementation=impl).eval()
 
 
 def mistral(impl: str, n: int):
@@ -120,16 +98,14 @@ def timings(calls: dict, rounds: int) -> tuple[dict, dict]:
     machine's load. With one thread, CPU time is what other people's jobs disturb least."""
     wall, cpu = {k: [] for k in calls}, {k: [] for k in calls}
     with torch.no_grad():
-        for impl, fn in calls.items():
-            with backend_policy(impl):
-                fn()
+        for fn in calls.values():
+            fn()
         for _ in range(rounds):
             for impl, fn in calls.items():
-                with backend_policy(impl):
-                    t, c = time.perf_counter(), time.process_time()
-                    fn()
-                    cpu[impl].append(time.process_time() - c)
-                    wall[impl].append(time.perf_counter() - t)
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                cpu[impl].append(time.process_time() - c)
+                wall[impl].append(time.perf_counter() - t)
     return wall, cpu
 
 
@@ -145,7 +121,7 @@ def worker(model: str, impl: str, n: int) -> dict:
     if os.environ.get("HF_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["HF_BENCH_THREADS"]))
     fn, _ = MODELS[model][0](impl, n)
-    with torch.no_grad(), backend_policy(impl):
+    with torch.no_grad():
         # the first call: after it the allocator keeps freed blocks and would hide a peak
         open("/proc/self/clear_refs", "w").write("5")
         base = _status("VmRSS")
@@ -182,7 +158,7 @@ def compare(model: str, n: int, impls, rounds: int, targets: dict) -> dict:
         print(f"  {impl:16s} {best[impl] * 1e3:8.1f} ms [{median * 1e3:8.1f}]"
               f"  cpu {best_cpu[impl] * 1e3:8.1f} ms  {gf:6.2f} GFLOP/s  {mtxt}")
     ratios = {}
-    for ours in (i for i in impls if i.startswith("attnkit")):
+    for ours in (i for i in impls if i == "attnkit"):
         for peer, target in targets.items():
             r, r_cpu = best[peer] / best[ours], best_cpu[peer] / best_cpu[ours]
             ratios[f"{ours} vs {peer}"] = dict(wall=r, cpu=r_cpu)
@@ -214,10 +190,9 @@ def main(argv=None):
     report = {
         "mistral": compare("mistral", n_mistral, IMPLS, args.rounds,
                            targets={"eager": 2.0, "sdpa": 1.0}),
-        "t5-self-attention": compare("t5-self-attention", n_t5, IMPLS[:3], 3 * args.rounds,
+        "t5-self-attention": compare("t5-self-attention", n_t5, IMPLS, 3 * args.rounds,
                                      targets={"sdpa": 1.0}),
-        "t5-encoder": compare("t5-encoder", n_t5, IMPLS[:3], args.rounds,
-                              targets={"sdpa": 1.0}),
+        "t5-encoder": compare("t5-encoder", n_t5, IMPLS, args.rounds, targets={"sdpa": 1.0}),
     }
     if args.json:
         with open(args.json, "w") as f:

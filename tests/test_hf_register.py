@@ -78,6 +78,16 @@ def build_pair(class_name: str, config):
     return eager, ours
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second thread buys nothing, and on a loaded machine every
+    small op waits for it (20 ms per 3 x 64 linear layer was seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Record every attnkit.scaled_dot_product_attention call the interface makes."""
@@ -189,9 +199,17 @@ def test_greedy_generation_equals_eager(name, calls):
     assert len(decode) == 11 * eager.config.num_hidden_layers  # one query per new token
 
 
-def test_a_long_sliding_window_input_runs_on_the_tiled_engine_and_equals_eager(calls):
-    """600 tokens, window 64: the mask rules out most tiles, so attention runs on the
-    tiled engine (cost and memory follow the window), not on a dense mask."""
+def test_a_long_sliding_window_input_runs_on_the_tiled_engine_and_equals_eager(calls,
+                                                                               monkeypatch):
+    """600 tokens, window 64: the window and the padding reach attnkit as mask objects,
+    which rule out most tiles, so attention runs on the tiled engine (cost and memory
+    follow the window), not on a dense mask."""
+    import attnkit.functional
+
+    tiled = []
+    real = attnkit.functional.chunked_attention
+    monkeypatch.setattr(attnkit.functional, "chunked_attention",
+                        lambda *a, **k: tiled.append(1) or real(*a, **k))
     config = copy.deepcopy(DECODERS["mistral"][1])
     config.sliding_window = 64
     eager, ours = build_pair("MistralForCausalLM", config)
@@ -199,7 +217,9 @@ def test_a_long_sliding_window_input_runs_on_the_tiled_engine_and_equals_eager(c
     with torch.no_grad():
         want = eager(input_ids=ids, attention_mask=keep).logits
         got = ours(input_ids=ids, attention_mask=keep).logits
-    assert [c["backend"] for c in calls] == ["chunked"] * config.num_hidden_layers
+    assert len(calls) == len(tiled) == config.num_hidden_layers
+    for c in calls:
+        assert leaf_types(c["attn_mask"]) == {"SlidingWindowMask", "KeyPadding"}
     assert_equal_where_real(want, got, keep)
 
 

@@ -28,43 +28,12 @@ fewer K/V heads (GQA)      passed as they are: attnkit reads head h // (Hq / Hkv
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ...functional import scaled_dot_product_attention
-from ...masks import EMPTY, Grid, Mask
 from .mask_interface import PreparedMask
 
-__all__ = ["attention_forward", "allowed_fraction"]
-
-#: masks that let through at most this share of the (128 x 128) tiles run on the tiled
-#: engine, whose cost follows the tiles a mask allows. ``backend="auto"`` decides on the
-#: size of the dense mask alone, and would draw e.g. a 512-token window over 4096 tokens
-#: (16% of the tiles) densely for torch SDPA; when it weighs sparsity itself (proposed in
-#: the issue-5 report) this rule can go.
-SPARSE_FRACTION = 0.5
-#: below this many score entries the dense path is always cheap enough
-SMALL_GRID = 1 << 18
-_TILE = 128
-
-
-def allowed_fraction(mask: Mask, L: int, S: int, tile: int = _TILE) -> float:
-    """Share of the (tile x tile) blocks of the (L, S) score grid that ``mask`` does not
-    rule out, read from its ``block_states`` without drawing it."""
-    off = S - L
-    q = torch.arange(off, off + L, tile)
-    k = torch.arange(0, S, tile)
-    states = mask.block_states(Grid(L, S), q.view(-1, 1), (q + tile).clamp(max=S).view(-1, 1),
-                               k.view(1, -1), (k + tile).clamp(max=S).view(1, -1))
-    return float((states != EMPTY).float().mean())
-
-
-def _backend(mask, L: int, S: int) -> str:
-    """"chunked" for a mask object that rules out most tiles of a large grid, else "auto"."""
-    if (isinstance(mask, Mask) and L * S > SMALL_GRID
-            and allowed_fraction(mask, L, S) <= SPARSE_FRACTION):
-        return "chunked"
-    return "auto"
+__all__ = ["attention_forward"]
 
 
 def _wants_weights(module, kwargs) -> bool:
@@ -130,6 +99,6 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     result = scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal,
         scale=scaling, bias=position_bias, softcap=softcap, sinks=s_aux,
-        return_weights=want_weights, backend=_backend(attn_mask, L, S))
+        return_weights=want_weights)
     out, weights = result if want_weights else (result, None)
     return out.transpose(1, 2).contiguous(), weights
