@@ -492,3 +492,25 @@ def test_auto_weighs_sparsity_before_drawing_a_mask(monkeypatch):
         close(out, sdpa(q, k, v, mask, backend="reference"))
     assert chosen == ["torch", "chunked", "torch"]
     assert functional.allowed_fraction(masks.sliding_window(128, 0), 2048, 2048) < 0.2
+
+
+def test_translation_invariant_tiles_are_built_once(kernel, monkeypatch):
+    """Causal/window masks and ALiBi depend only on k - p: equal tiles are reused, and the
+    results (values and gradients, learnable slopes included) stay exact."""
+    from attnkit.backends import chunked
+    built = []
+    real = chunked._build_additive
+    monkeypatch.setattr(chunked, "_build_additive", lambda *a: built.append(1) or real(*a))
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, L=64, S=64, D=4, dtype=torch.float64, requires_grad=True)
+    slopes = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    mask = masks.sliding_window(6, 2)
+
+    def f(q, k, v, slopes):
+        return chunked_attention(q, k, v, mask=mask, bias=biases.alibi(2, slopes=slopes),
+                                 scale=0.5, block_q=8, block_k=8)[0]
+
+    want = sdpa(q, k, v, mask, bias=biases.alibi(2, slopes=slopes), scale=0.5, backend="reference")
+    close(f(q, k, v, slopes), want)
+    segments = sum(len(t.segments) for t in plan_tiles(mask, Grid(64, 64), 8, 8, True))
+    assert len(built) < segments / 2
+    assert torch.autograd.gradcheck(f, (q, k, v, slopes))

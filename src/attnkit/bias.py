@@ -33,6 +33,9 @@ class Bias:
     num_heads: int | None = None
     #: True when the bias may hold -inf entries (a float attention mask)
     may_mask: bool = False
+    #: True when the bias depends only on the offset k - p (and the head): equal tiles
+    #: for equal geometry, which the engine builds once
+    relative: bool = False
 
     @property
     def params(self) -> tuple[Tensor, ...]:
@@ -89,6 +92,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
 class ALiBi(Bias):
     """Attention with Linear Biases: adds ``-slope[h] * |p - j|``."""
+    relative = True
 
     def __init__(self, slopes: Tensor):
         if not isinstance(slopes, Tensor) or slopes.dim() != 1 or not slopes.is_floating_point():
@@ -166,6 +170,7 @@ class SumBias(Bias):
     def __init__(self, a: Bias, b: Bias):
         self.a, self.b = a, b
         self.may_mask = a.may_mask or b.may_mask
+        self.relative = a.relative and b.relative
         for name in ("batch_size", "num_heads"):
             x, y = getattr(a, name), getattr(b, name)
             if x is not None and y is not None and x != y:

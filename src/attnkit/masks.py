@@ -117,6 +117,9 @@ class Mask:
     num_heads: int | None = None
     #: a natural block size the engine may align its tiles to
     block_size: int | None = None
+    #: True when what a query sees depends only on the offset k - p (and the head):
+    #: tiles of the same geometry are then equal and the engine reuses them
+    relative: bool = False
 
     def mask_mod(self, grid: Grid, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         raise NotImplementedError
@@ -172,6 +175,7 @@ class _Combined(Mask):
         self.batch_size = _merge_dim(a.batch_size, b.batch_size, "batch sizes")
         self.num_heads = _merge_dim(a.num_heads, b.num_heads, "head counts")
         self.block_size = a.block_size or b.block_size
+        self.relative = a.relative and b.relative
 
     def validate(self, grid):
         self.a.validate(grid)
@@ -228,6 +232,7 @@ def _check_int(name: str, value, minimum: int = 0) -> int:
 
 class CausalMask(Mask):
     """Query at position p sees keys 0..p."""
+    relative = True
 
     def mask_mod(self, grid, b, h, q, k):
         return k <= q
@@ -238,6 +243,7 @@ class CausalMask(Mask):
 
 class SlidingWindowMask(Mask):
     """Query at position p sees keys p - left .. p + right."""
+    relative = True
 
     def __init__(self, left: int, right: int | None = None):
         self.left = _check_int("left (window)", left)
@@ -258,6 +264,7 @@ class DilatedMask(Mask):
 
     ``dilation`` may be one int or a sequence with one entry per head.
     """
+    relative = True
 
     def __init__(self, left: int, right: int, dilation: int | Sequence[int] | Tensor):
         self.left = _check_int("left (window)", left)

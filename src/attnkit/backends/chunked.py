@@ -48,6 +48,9 @@ MAX_SEGMENT_KEYS = 2048
 #: blocks of its busiest head, or when its blocks fall in more than GATHER_MIN_RUNS runs
 GATHER_UNION_RATIO = 1.25
 GATHER_MIN_RUNS = 2
+#: bounds of the per-call cache of tiles of translation-invariant masks and biases
+TILE_CACHE_ENTRIES = 16
+TILE_CACHE_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ class _Config:
     dropout_p: float
     seed: int
     kernel: str  # "auto" | "eager"
+    #: additive tiles of translation-invariant masks/biases, keyed by their geometry
+    tile_cache: dict | None = None
 
 
 # ------------------------------------------------------------------ tile helpers
@@ -233,7 +238,24 @@ def _width(seg) -> int:
 
 def _additive(cfg: _Config, tile: Tile, seg, params, dtype):
     """The float term added to this segment's scores (mask as -inf, plus bias), and the
-    rows that can see at least one key of it (None when every row can)."""
+    rows that can see at least one key of it (None when every row can).
+
+    When the mask and bias depend only on the offset k - p (causal, windows, ALiBi, T5),
+    tiles of the same geometry are equal: they are built once and reused."""
+    key = None
+    if cfg.tile_cache is not None and not isinstance(seg, Gathered):
+        key = (tile.p0 - seg.k0, tile.r1 - tile.r0, seg.k1 - seg.k0, dtype, seg.masked)
+        hit = cfg.tile_cache.get(key)
+        if hit is not None:
+            return hit
+    add, alive = _build_additive(cfg, tile, seg, params, dtype)
+    if key is not None and len(cfg.tile_cache) < TILE_CACHE_ENTRIES and (
+            add is None or add.numel() <= TILE_CACHE_ELEMENTS):
+        cfg.tile_cache[key] = (add, alive)
+    return add, alive
+
+
+def _build_additive(cfg: _Config, tile: Tile, seg, params, dtype):
     add, alive = None, None
     nq, nk = tile.r1 - tile.r0, _width(seg)
     slots = isinstance(seg, Gathered) and not bool((seg.index >= 0).all())
@@ -367,15 +389,16 @@ def _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused):
     return out, lse
 
 
-def _merge(acc_o, acc_l, o, l):
-    """Merge two partial results over disjoint key sets (log-sum-exp rule)."""
-    if acc_o is None:
-        return o, l
-    new_l = torch.logaddexp(acc_l, l)
-    dead = new_l == NEG_INF
-    a = torch.exp(acc_l - new_l).masked_fill(dead, 0.0).unsqueeze(-1)
-    b = torch.exp(l - new_l).masked_fill(dead, 0.0).unsqueeze(-1)
-    return acc_o * a.to(acc_o.dtype) + o.to(acc_o.dtype) * b.to(acc_o.dtype), new_l
+def _merge(outs: list, lses: list, acc_dtype):
+    """Merge the partial results of one tile over disjoint key sets in one pass:
+    lse = log sum_i exp(lse_i), out = sum_i exp(lse_i - lse) out_i."""
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    l = torch.stack(lses)
+    total = torch.logsumexp(l, 0)
+    w = torch.exp(l - total).masked_fill(total == NEG_INF, 0.0)  # rows that see nothing
+    o = (torch.stack(outs).to(acc_dtype) * w.unsqueeze(-1).to(acc_dtype)).sum(0)
+    return o, total
 
 
 def _stat_dtype(dtype):
@@ -390,28 +413,30 @@ def _forward(q, k, v, sinks, cfg: _Config, params):
     lse = torch.empty(B, Hq, L, dtype=_stat_dtype(q.dtype), device=q.device)
     acc_dtype = _compute_dtype(q.dtype)
     kv = _KV(k, v, Hq)
+    add_dtype = q.dtype if fused_ok else acc_dtype
     for ti, tile in enumerate(cfg.tiles):
         qt = q[:, :, tile.r0:tile.r1]
-        acc_o = acc_l = None
+        outs, lses = [], []
         for si, seg in enumerate(tile.segments):
-            add_dtype = q.dtype if fused_ok else acc_dtype
             add, alive = _additive(cfg, tile, seg, params, add_dtype)
             ks, vs = kv.get(seg)
             o, l = _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused_ok)
-            if acc_o is None and len(tile.segments) > 1:
-                o = o.to(acc_dtype)
-            acc_o, acc_l = _merge(acc_o, acc_l, o, l.to(lse.dtype))
-        if acc_o is None:
+            outs.append(o)
+            lses.append(l.to(lse.dtype))
+        if not outs:
             out[:, :, tile.r0:tile.r1] = 0
             lse[:, :, tile.r0:tile.r1] = NEG_INF
         else:
-            out[:, :, tile.r0:tile.r1] = acc_o.to(out.dtype)
-            lse[:, :, tile.r0:tile.r1] = acc_l
+            o, l = _merge(outs, lses, acc_dtype)
+            out[:, :, tile.r0:tile.r1] = o
+            lse[:, :, tile.r0:tile.r1] = l
     if sinks is not None:  # a sink is a segment with a logit and no value
         sink_l = sinks.to(lse.dtype).view(1, Hq, 1).expand_as(lse)
         new_l = torch.logaddexp(lse, sink_l)
         out = (out.to(acc_dtype) * torch.exp(lse - new_l).unsqueeze(-1)).to(q.dtype)
         lse = new_l
+    if cfg.tile_cache is not None:
+        cfg.tile_cache.clear()  # not held until backward (a layer's worth per layer)
     return out, lse
 
 
@@ -562,7 +587,10 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    cfg = _Config(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed, kernel)
+    relative = ((mask is not None or bias is not None)
+                and (mask is None or mask.relative) and (bias is None or bias.relative))
+    cfg = _Config(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed, kernel,
+                  {} if relative else None)
     params = tuple(bias.params) if bias is not None else ()
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
     weights = _weights(query, key, lse, cfg, params) if return_weights else None
