@@ -512,5 +512,5 @@ def test_translation_invariant_tiles_are_built_once(kernel, monkeypatch):
     want = sdpa(q, k, v, mask, bias=biases.alibi(2, slopes=slopes), scale=0.5, backend="reference")
     close(f(q, k, v, slopes), want)
     segments = sum(len(t.segments) for t in plan_tiles(mask, Grid(24, 24), 4, 4, True))
-    assert len(built) < segments / 2
+    assert len(built) <= 3 < segments  # first tile, interior tiles, last tile
     assert torch.autograd.gradcheck(f, (q, k, v, slopes))
