@@ -7,6 +7,7 @@ preloaded (a few seconds instead of ~15 s per spawn on this machine), each on a 
 port, under a deadline after which every process is killed.
 """
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -146,8 +147,8 @@ def test_sharding_errors():
         unshard_sequence([torch.zeros(2, 3), torch.zeros(2, 4)], dim=-1)
 
 
-def test_ring_attention_needs_an_initialised_process_group():
-    assert not dist.is_initialized()
+def test_ring_attention_needs_an_initialised_process_group(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="init_process_group"):
         ring_attention(q, q, q)
@@ -194,7 +195,8 @@ def test_key_padding_mask_tiles_and_block_states():
 
 def test_merge_into_equals_attention_over_all_keys_and_handles_empty_rows():
     q = torch.randn(2, 3, 6, 8, dtype=torch.float64)
-    k, v = torch.randn(2, 3, 10, 8, dtype=torch.float64), torch.randn(2, 3, 10, 5, dtype=torch.float64)
+    k = torch.randn(2, 3, 10, 8, dtype=torch.float64)
+    v = torch.randn(2, 3, 10, 5, dtype=torch.float64)
     keep = torch.ones(2, 10, dtype=torch.bool)
     keep[0, :] = False                                       # batch 0 sees nothing at all
     keep[1, 4:] = False                                      # batch 1: second block empty
@@ -272,6 +274,15 @@ def _equivalence_job(rank, world):
     # gather_sequence puts the shards back together
     full = gather_sequence(shard_sequence(q, rank, world, layout="zigzag"), layout="zigzag")
     assert torch.equal(full, q)
+    if world == 4:                            # two rings of two: ranks {0, 1} and {2, 3}
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        group, sub_rank = groups[rank // 2], rank % 2
+        q, k, v, dout, padding = _inputs(2, 4, 2, 24, 8, seed=11 + rank // 2)
+        for fn in (ring_attention, ulysses_attention):
+            attention = functools.partial(fn, group=group)
+            attention.__name__ = fn.__name__
+            _check(attention, sub_rank, 2, q, k, v, dout, is_causal=True, layout="zigzag",
+                   padding=padding)
 
 
 def _errors_job(rank, world):

@@ -23,7 +23,11 @@ through the merge gives
 
     dL/dO_b = w_b dO,    dL/dlse_b = w_b (rowsum(dO * O_b) - rowsum(dO * O))
 
-which the core engine's backward turns into dQ, dK_b, dV_b. Memory stays O(N / W).
+which the core engine's backward turns into dQ, dK_b, dV_b. Memory stays O(N / W). (The
+recomputation costs one more forward per block, and a gradient through lse keeps the
+engine on its eager kernel: on CPU the ring backward takes ~2.5x the single-process
+chunked backward for the same blocks. An engine entry point "backward of a block given
+the global O and lse", as FlashAttention's kernels have, would remove both.)
 
 Causal attention skips blocks entirely in the future; with ``layout="zigzag"``
 (see :mod:`.sharding`) every rank does the same amount of causal work.
@@ -65,9 +69,9 @@ def _split(iv: Interval, size: int) -> list[Interval]:
 class _Plan:
     """Who computes what: this rank's query intervals, and the K/V pieces of every shard.
 
-    ``pieces[j]`` is the j-th piece of a K/V shard as (local index, index of the shard
-    interval it lies in, length); the same local cut on every rank, so a piece's global
-    positions follow from its origin rank.
+    ``pieces[j]`` is the j-th piece of a K/V shard as ``(Interval(local index, offset in
+    its shard interval, length), index of that shard interval)``: the same local cut on
+    every rank, so a piece's global positions follow from its origin rank.
     """
     ring: Ring
     layout: str
@@ -157,11 +161,11 @@ def _stat_dtype(dtype):
 # ----------------------------------------------------------------------------- forward
 
 def _ring_forward(q, k, v, keep, plan: _Plan, *, communicate: bool = True,
-                  overlap: bool = True):
+                  overlap: bool = True, compute: bool = True):
     """(out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L)) of this rank's queries over the
-    whole sequence. ``communicate=False`` computes the very same blocks with a local
-    stand-in for every received piece, and ``overlap=False`` waits for each message
-    before computing: both exist for the benchmark."""
+    whole sequence. For the benchmark: ``communicate=False`` computes the very same
+    blocks with a local stand-in for every received piece, ``overlap=False`` waits for
+    each message before computing, ``compute=False`` only passes the messages."""
     ring = plan.ring
     W = ring.world
     B, Hq, L, _ = q.shape
@@ -181,7 +185,7 @@ def _ring_forward(q, k, v, keep, plan: _Plan, *, communicate: bool = True,
                 wait_all(works)
                 works = []                    # gloo: a P2P work must be waited once only
         kb, vb, keep_b = _unpack(cur, k, v, keep is not None, piece.length)
-        for c in plan.calls((ring.rank - hop) % W, j):
+        for c in plan.calls((ring.rank - hop) % W, j) if compute else ():
             o, l = block_attention(q[:, :, c.q0:c.q1], kb[:, :, c.k0:c.k1],
                                    vb[:, :, c.k0:c.k1],
                                    None if keep_b is None else keep_b[:, c.k0:c.k1],
