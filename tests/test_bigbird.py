@@ -10,7 +10,8 @@ import torch
 
 import attnkit
 from attnkit import masks
-from attnkit.layers.bigbird import (BigBirdAttention, BlockBias, KeyMask, hf_block_counts,
+from attnkit.masks import KeyPaddingMask as KeyMask
+from attnkit.layers.bigbird import (BigBirdAttention, BlockBias, hf_block_counts,
                                     hf_random_plan)
 from transformers import BigBirdConfig
 from transformers.models.big_bird.modeling_big_bird import (BigBirdBlockSparseAttention,

@@ -24,7 +24,8 @@ import attnkit
 from attnkit.distributed import (gather_sequence, ring_attention, shard_positions,
                                  shard_sequence, ulysses_attention, unshard_sequence)
 from attnkit.distributed import ring as ring_mod
-from attnkit.distributed.blocks import KeyPaddingMask, causal_calls, merge_into
+from attnkit.distributed.blocks import causal_calls, merge_into
+from attnkit.masks import KeyPaddingMask
 from attnkit.distributed.sharding import Interval, shard_intervals
 from attnkit.masks import Grid
 
@@ -337,7 +338,10 @@ def _hang_on_rank1(rank, world):
 
 def test_a_rank_that_raises_fails_the_job_quickly():
     t0 = time.monotonic()
-    with pytest.raises(mp.ProcessRaisedException, match="rank 1 fails on purpose"):
+    # whichever rank's failure torch reports first: rank 1's own error, or rank 0 seeing
+    # its peer vanish mid-barrier; either way the job ends with an error, not a hang
+    with pytest.raises(mp.ProcessRaisedException,
+                       match="rank 1 fails on purpose|Connection reset by peer|Connection closed"):
         run_ranks(_raise_on_rank1, 2)
     assert time.monotonic() - t0 < JOB_TIMEOUT
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import attnkit
 from attnkit import KVCache, MultiHeadAttention, masks
 
 

@@ -28,8 +28,8 @@ from torch import Tensor
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Grid", "Mask",
-    "causal", "padding", "sliding_window", "dilated", "global_tokens", "block_sparse",
-    "document", "bigbird",
+    "causal", "padding", "key_padding", "sliding_window", "dilated", "global_tokens",
+    "block_sparse", "document", "bigbird", "KeyPaddingMask",
     "CausalMask", "PaddingMask", "SlidingWindowMask", "DilatedMask", "GlobalTokensMask",
     "BlockSparseMask", "BigBirdMask", "DocumentMask", "TensorMask", "AndMask", "OrMask",
     "bigbird_layout",
@@ -391,6 +391,48 @@ class PaddingMask(Mask):
         return f"padding({self.lengths.tolist()})"
 
 
+class KeyPaddingMask(Mask):
+    """Keys whose ``keep[b, j]`` is False are never seen, wherever they sit (left padding,
+    a zigzag shard of a padded sequence, ...). ``keep`` (B|1, S) bool, True = may attend.
+
+    ``block_states`` counts kept keys per block with one prefix sum: fully padded blocks
+    are skipped, unpadded ones run without a mask.
+    """
+
+    def __init__(self, keep: Tensor):
+        if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
+            raise TypeError(f"keep must be a (batch, keys) bool tensor, got "
+                            f"{getattr(keep, 'dtype', type(keep).__name__)} of shape "
+                            f"{tuple(getattr(keep, 'shape', ()))}")
+        self.keep = keep
+        self.batch_size = keep.shape[0] if keep.shape[0] > 1 else None
+        self._csum = None
+
+    def validate(self, grid):
+        if self.keep.shape[-1] != grid.k_len:
+            raise ValueError(f"key padding mask covers {self.keep.shape[-1]} keys but the "
+                             f"key length is {grid.k_len}")
+
+    def mask_mod(self, grid, b, h, q, k):
+        bi = b if self.keep.shape[0] > 1 else torch.zeros_like(b)
+        return self.keep[bi, k]
+
+    def tile(self, grid, q0, q1, k0, k1):
+        return self.keep[:, None, None, k0:k1]
+
+    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        if self._csum is None or self._csum.device != self.keep.device:
+            self._csum = torch.nn.functional.pad(self.keep.long().cumsum(-1), (1, 0))
+        lo, hi = k_lo.view(-1), k_hi.view(-1)
+        kept = self._csum[:, hi] - self._csum[:, lo]                     # (B, nk)
+        width = (hi - lo).view(1, -1)
+        st = _states(kept == width, kept == 0).view(kept.shape[0], 1, 1, -1)
+        return st.expand(st.shape[0], 1, q_lo.shape[0], st.shape[-1])
+
+    def __repr__(self):
+        return f"key_padding(<{tuple(self.keep.shape)}>)"
+
+
 class DocumentMask(Mask):
     """Packed sequences: a token sees only tokens with the same document id.
 
@@ -676,6 +718,15 @@ def global_tokens(indices) -> GlobalTokensMask:
 def block_sparse(layout: Tensor, block_size: int) -> BlockSparseMask:
     """A (num_q_blocks, num_k_blocks) bool block layout (or (H, nq, nk) per head)."""
     return BlockSparseMask(layout, block_size)
+
+
+def key_padding(key_padding_mask: Tensor) -> KeyPaddingMask:
+    """Per-key padding anywhere in the sequence: ``key_padding_mask`` (B, S) bool with
+    True marking padding, as ``nn.MultiheadAttention``'s argument of that name."""
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got "
+                        f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+    return KeyPaddingMask(~key_padding_mask)
 
 
 def document(ids) -> DocumentMask:

@@ -25,7 +25,6 @@ the saved output and log-sum-exp, ``P = exp(S - lse)``, and accumulates
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

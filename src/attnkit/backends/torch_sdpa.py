@@ -8,7 +8,6 @@ output of a row that sees nothing to the kernel (we zero it, as the contract say
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

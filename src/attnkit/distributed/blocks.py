@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from ..functional import scaled_dot_product_attention
-from ..masks import EMPTY, FULL, PARTIAL, Mask
+from ..masks import KeyPaddingMask
 from .sharding import Interval
 
-__all__ = ["Call", "causal_calls", "KeyPaddingMask", "block_attention", "merge_into"]
+__all__ = ["Call", "causal_calls", "block_attention", "merge_into"]
 
 NEG_INF = float("-inf")
 
@@ -64,46 +64,6 @@ def causal_calls(q: Interval, k: Interval, is_causal: bool) -> list[Call]:
     if full_from < a + n:
         calls.append(Call(q.local + full_from - a, q.local + n, k.local, k.local + m, False))
     return calls
-
-
-class KeyPaddingMask(Mask):
-    """Keys whose ``keep[b, j]`` is False are never seen (a padding mask given per key,
-    as ``nn.MultiheadAttention``'s ``key_padding_mask`` but with True = may attend).
-
-    Unlike :func:`attnkit.masks.padding` the padded keys need not form a suffix, which a
-    shard of a padded sequence needs (a zigzag shard holds an early and a late chunk).
-    ``block_states`` counts kept keys per block with a prefix sum, so fully padded blocks
-    are skipped and unpadded ones run without a mask.
-    """
-
-    def __init__(self, keep: Tensor):
-        if keep.dtype != torch.bool or keep.dim() != 2:
-            raise TypeError(f"keep must be a (B, S) bool tensor, got {keep.dtype} of shape "
-                            f"{tuple(keep.shape)}")
-        self.keep = keep
-        self.batch_size = keep.shape[0] if keep.shape[0] > 1 else None
-        self._csum = torch.nn.functional.pad(keep.long().cumsum(-1), (1, 0))
-
-    def validate(self, grid):
-        if self.keep.shape[-1] != grid.k_len:
-            raise ValueError(f"key padding mask covers {self.keep.shape[-1]} keys but the "
-                             f"key length is {grid.k_len}")
-
-    def mask_mod(self, grid, b, h, q, k):
-        bi = b if self.keep.shape[0] > 1 else torch.zeros_like(b)
-        return self.keep[bi, k]
-
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        lo, hi = k_lo.view(-1), k_hi.view(-1)
-        kept = self._csum[:, hi] - self._csum[:, lo]                     # (B, nk)
-        width = (hi - lo).view(1, -1)
-        st = torch.full(kept.shape, PARTIAL, dtype=torch.int8, device=kept.device)
-        st = st.masked_fill(kept == width, FULL).masked_fill(kept == 0, EMPTY)
-        st = st.view(st.shape[0], 1, 1, -1)
-        return st.expand(st.shape[0], 1, q_lo.shape[0], st.shape[-1])
-
-    def __repr__(self):
-        return f"KeyPaddingMask({tuple(self.keep.shape)})"
 
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, is_causal: bool,

@@ -36,42 +36,11 @@ from torch import Tensor, nn
 
 from ..bias import Bias
 from ..functional import scaled_dot_product_attention
-from ..masks import BlockSparseMask, Mask, bigbird
-from .longformer import _bool_mask, _flag_states, _pick_rows
+from ..masks import BlockSparseMask, KeyPaddingMask, Mask, bigbird
+from .longformer import _bool_mask
 
-__all__ = ["BigBirdAttention", "BlockBias", "KeyMask", "hf_block_counts", "hf_random_plan",
+__all__ = ["BigBirdAttention", "BlockBias", "hf_block_counts", "hf_random_plan",
            "hf_rand_attn_plan"]
-
-
-class KeyMask(Mask):
-    """A per-batch set of keys every query may see: ``keep`` (B, S) bool, True = may
-    attend (the complement of a key padding mask). Block states come from prefix counts,
-    so asking about many blocks costs one cumsum."""
-
-    def __init__(self, keep: Tensor):
-        if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
-            raise TypeError(f"keep must be a (batch, keys) bool tensor, got "
-                            f"{getattr(keep, 'shape', type(keep).__name__)}")
-        self.keep = keep
-        self.batch_size = keep.shape[0] if keep.shape[0] > 1 else None
-
-    def validate(self, grid):
-        if grid.k_len != self.keep.shape[1]:
-            raise ValueError(f"KeyMask covers {self.keep.shape[1]} keys, got a key length of "
-                             f"{grid.k_len}")
-
-    def mask_mod(self, grid, b, h, q, k):
-        return self.keep[_pick_rows(self.keep, b), k] & (q == q)
-
-    def tile(self, grid, q0, q1, k0, k1):
-        return self.keep[:, None, None, k0:k1]
-
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        st = _flag_states(self.keep, k_lo, k_hi)
-        return st.expand(st.shape[0], 1, q_lo.shape[0], st.shape[-1])
-
-    def __repr__(self):
-        return f"KeyMask({tuple(self.keep.shape)})"
 
 
 class BlockBias(Bias):
@@ -490,7 +459,7 @@ class BigBirdAttention(nn.Module):
         else:  # full attention (short sequences), or the tiled engine with mask objects
             mask, bias = self.pattern_for(L)
             if pad is not None:
-                mask = KeyMask(~pad) if mask is None else mask & KeyMask(~pad)
+                mask = KeyPaddingMask(~pad) if mask is None else mask & KeyPaddingMask(~pad)
             if bias is not None:
                 bias = BlockBias(bias.table.to(device=x.device, dtype=x.dtype), self.block_size)
             out = scaled_dot_product_attention(q, k, v, mask, dropout_p=p, bias=bias,

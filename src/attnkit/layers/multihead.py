@@ -14,13 +14,12 @@ padding).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bias import Bias
 from ..cache import KVCache
 from ..functional import scaled_dot_product_attention
-from ..masks import Mask, TensorMask
+from ..masks import KeyPaddingMask, Mask
 
 __all__ = ["MultiHeadAttention"]
 
@@ -201,7 +200,7 @@ def _with_padding(attn_mask, key_padding_mask: Tensor, B: int, S: int):
         if attn_mask is None:
             return keep
         if isinstance(attn_mask, Mask):
-            return attn_mask & TensorMask(keep)
+            return attn_mask & KeyPaddingMask(~key_padding_mask)
         if isinstance(attn_mask, Tensor) and attn_mask.dtype == torch.bool:
             return attn_mask & keep
         if isinstance(attn_mask, Tensor) and attn_mask.is_floating_point():
