@@ -34,7 +34,8 @@ from . import _fused
 from ..bias import Bias
 from ..masks import EMPTY, FULL, PARTIAL, Grid, Mask, _as_4d
 
-__all__ = ["chunked_attention", "plan_tiles", "Tile", "Segment"]
+__all__ = ["chunked_attention", "chunked_attention_backward", "plan_tiles", "Tile", "Segment",
+           "Gathered"]
 
 NEG_INF = float("-inf")
 
@@ -594,3 +595,26 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
     weights = _weights(query, key, lse, cfg, params) if return_weights else None
     return out, weights, lse
+
+
+def chunked_attention_backward(dout: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                               out: Tensor, lse: Tensor, *, mask: Mask | None = None,
+                               scale: float, block_q: int | None = None,
+                               block_k: int | None = None, kernel: str = "auto"):
+    """Gradients (dq, dk, dv) of attention over one block of keys, given the output ``out``
+    (B, Hq, L, Dv) and log-sum-exp ``lse`` (B, Hq, L) of attention over a larger key set
+    that contains the block (FlashAttention's split backward):
+
+        P  = exp(scale * Q K^T + mask - lse)        (this block's share of the softmax)
+        dS = P * (dO V^T - rowsum(dO * out))
+        dQ = scale * dS K,  dK = scale * dS^T Q,  dV = P^T dO
+
+    Summing the results over blocks gives the gradients of the whole attention; ring
+    attention uses it for the K/V blocks that travel around the ring.
+    """
+    grid = Grid(query.shape[2], key.shape[2], query.device)
+    bk = block_k or BLOCK_K
+    tiles = plan_tiles(mask, grid, block_q or BLOCK_Q, bk)
+    cfg = _Config(grid, tiles, mask, None, float(scale), None, 0.0, 0, kernel)
+    dq, dk, dv, _, _ = _backward(dout, None, query, key, value, out, lse, None, cfg, ())
+    return dq, dk, dv

@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..backends.chunked import chunked_attention_backward
+from ..masks import KeyPaddingMask, causal
 from .blocks import Call, block_attention, causal_calls, merge_into
 from .group import Ring, exchange, ring_of, wait_all
 from .inputs import prepare
@@ -200,19 +202,14 @@ def _ring_forward(q, k, v, keep, plan: _Plan, *, communicate: bool = True,
 
 # ----------------------------------------------------------------------------- backward
 
-def _block_grads(q, k, v, keep, call: Call, scale, dout, lse, delta):
-    """(dq, dk, dv) of one block given the *global* ``lse`` and ``delta = rowsum(dO * O)``
-    of its query rows: recompute (O_b, lse_b) through the engine and push
-    dO_b = w dO, dlse_b = w (rowsum(dO * O_b) - delta), w = exp(lse_b - lse), through it."""
-    with torch.enable_grad():
-        q = q.detach().requires_grad_()
-        k = k.detach().requires_grad_()
-        v = v.detach().requires_grad_()
-        o, l = block_attention(q, k, v, keep, call.causal, scale)
-        w = torch.exp(l.detach() - lse)      # lse = +inf where no key at all: w = 0
-        g_out = (dout * w.unsqueeze(-1).to(dout.dtype)).to(o.dtype)
-        g_lse = w * ((dout * o.detach().to(dout.dtype)).sum(-1).to(w.dtype) - delta)
-        return torch.autograd.grad((o, l), (q, k, v), (g_out, g_lse.to(l.dtype)))
+def _block_grads(q, k, v, keep, call: Call, scale, dout, out, lse):
+    """(dq, dk, dv) of one block given the *global* output and ``lse`` of its query rows:
+    the engine's split backward recomputes this block's share of the softmax."""
+    mask = None if keep is None else KeyPaddingMask(keep)
+    if call.causal:
+        mask = causal() if mask is None else causal() & mask
+    return chunked_attention_backward(dout, q, k, v, out, lse, mask=mask,
+                                      scale=q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 def _ring_backward(dout, q, k, v, keep, out, lse, plan: _Plan):
@@ -224,9 +221,6 @@ def _ring_backward(dout, q, k, v, keep, out, lse, plan: _Plan):
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    dout_a = dout.to(acc)
-    delta = (dout_a * out.to(acc)).sum(-1).to(lse.dtype)
-    lse_safe = torch.where(lse == NEG_INF, float("inf"), lse)
 
     def dkv_views(buf, j):
         """The [dK | dV] message of piece j at the front of ``buf``, and its dK, dV."""
@@ -271,8 +265,8 @@ def _ring_backward(dout, q, k, v, keep, out, lse, plan: _Plan):
             gq, gk, gv = _block_grads(q[:, :, c.q0:c.q1], kb[:, :, c.k0:c.k1],
                                       vb[:, :, c.k0:c.k1],
                                       None if keep_b is None else keep_b[:, c.k0:c.k1],
-                                      c, plan.scale, dout_a[:, :, c.q0:c.q1],
-                                      lse_safe[:, :, c.q0:c.q1], delta[:, :, c.q0:c.q1])
+                                      c, plan.scale, dout[:, :, c.q0:c.q1],
+                                      out[:, :, c.q0:c.q1], lse[:, :, c.q0:c.q1])
             dq[:, :, c.q0:c.q1] += gq
             dkb[:, :, c.k0:c.k1] += gk
             dvb[:, :, c.k0:c.k1] += gv
