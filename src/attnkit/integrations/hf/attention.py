@@ -92,10 +92,6 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     L, S = query.shape[-2], key.shape[-2]
     attn_mask, causal = _attn_mask(module, attention_mask, is_causal, L, S)
     want_weights = _wants_weights(module, kwargs)
-    if position_bias is not None and not position_bias.is_contiguous():
-        # T5 hands over a permuted view; torch's fused kernel reads a strided bias ~30%
-        # slower than the copy costs (what "sdpa" does too)
-        position_bias = position_bias.contiguous()
     result = scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal,
         scale=scaling, bias=position_bias, softcap=softcap, sinks=s_aux,
