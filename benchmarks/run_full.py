@@ -6,8 +6,9 @@
 
 It is ``attnkit bench`` (same cases, same measurement) with the outputs kept in
 ``benchmarks/results/``: ``full.json`` (every figure and the machine), ``full.png``
-(time and memory versus length), ``full.txt`` (the terminal table) and ``full.md``
-(the condensed table for the README). Methods: benchmarks/README.md.
+(time and memory versus length), ``full.txt`` (the terminal table), ``full.md`` (every
+attnkit row as Markdown) and ``full-readme.md`` (4k and 16k only, for the README).
+Methods: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from attnkit.bench.cases import CASES
 from attnkit.bench.report import format_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: the lengths shown in the README's condensed table (full.md has them all)
+README_LENGTHS = (4096, 16384)
 
 
 class _Tee(io.TextIOBase):
@@ -103,7 +106,9 @@ def main(argv=None) -> int:
         f.write(tee.copy.getvalue())
     with open(os.path.join(a.out, f"{stem}.md"), "w") as f:
         f.write(format_markdown(report) + "\n")
-    print(f"results in {a.out}/{stem}.{{json,png,txt,md}}")
+    with open(os.path.join(a.out, f"{stem}-readme.md"), "w") as f:
+        f.write(format_markdown(report, lengths=README_LENGTHS) + "\n")
+    print(f"results in {a.out}/{stem}.{{json,png,txt,md}} and {stem}-readme.md")
     return code
 
 

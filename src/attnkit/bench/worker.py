@@ -144,8 +144,10 @@ def run_plan(plan: dict, channel) -> None:
         for n, labels in job["lengths"]:
             variants = [v for v in case.variants if v.label in labels]
 
-            def emit(type="result", **event):
-                _emit(channel, type=type, case=case.name, n=n, **event)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+            def emit(type="result", **event):  # each row says how busy the machine was
+                _emit(channel, type=type, case=case.name, n=n, load_average=load, **event)
             measure_length(case, n, variants, plan["budget"], emit)
             gc.unfreeze()  # what the setup and its variants left in cycles can go now
             gc.collect()
