@@ -48,6 +48,8 @@ MAX_SEGMENT_KEYS = 2048
 #: blocks of its busiest head, or when its blocks fall in more than GATHER_MIN_RUNS runs
 GATHER_UNION_RATIO = 1.25
 GATHER_MIN_RUNS = 2
+#: adjacent segments narrower than this together run as one masked call
+MERGE_KEYS = 1024
 #: bounds of the per-call cache of tiles of translation-invariant masks and biases
 TILE_CACHE_ENTRIES = 16
 TILE_CACHE_ELEMENTS = 1 << 20
@@ -134,8 +136,9 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
 
 
 def _runs(states: list[int], kb: list[int], merge_full_and_partial: bool) -> list:
-    """Contiguous runs of non-empty key blocks (split where FULL meets PARTIAL unless
-    merged, and at MAX_SEGMENT_KEYS)."""
+    """Contiguous runs of non-empty key blocks, split where FULL meets PARTIAL (so long
+    full runs need no mask) and at MAX_SEGMENT_KEYS; neighbouring runs that together
+    stay under MERGE_KEYS become one call (one kernel launch and no merge)."""
     segments, start, masked_run = [], None, False
     for j in range(len(states) + 1):
         s = states[j] if j < len(states) else EMPTY
@@ -151,7 +154,14 @@ def _runs(states: list[int], kb: list[int], merge_full_and_partial: bool) -> lis
                 start, masked_run = j, masked
             else:
                 masked_run = masked_run or masked
-    return segments
+    merged = segments[:1]
+    for seg in segments[1:]:
+        last = merged[-1]
+        if last.k1 == seg.k0 and seg.k1 - last.k0 <= MERGE_KEYS:
+            merged[-1] = Segment(last.k0, seg.k1, last.masked or seg.masked)
+        else:
+            merged.append(seg)
+    return merged
 
 
 def _gathered(seen: Tensor, full: Tensor, most: int, kb: list[int], device) -> list:
@@ -273,6 +283,8 @@ def _build_additive(cfg: _Config, tile: Tile, seg, params, dtype):
             alive = (add > NEG_INF).any(-1)
     if add is not None:
         add = add.expand(*add.shape[:2], nq, nk)
+    if alive is not None and bool(alive.all()):
+        alive = None  # every row sees a key: no lse fix needed
     return add, alive
 
 
