@@ -219,7 +219,7 @@ def test_a_long_sliding_window_input_runs_on_the_tiled_engine_and_equals_eager(c
         got = ours(input_ids=ids, attention_mask=keep).logits
     assert len(calls) == len(tiled) == config.num_hidden_layers
     for c in calls:
-        assert leaf_types(c["attn_mask"]) == {"SlidingWindowMask", "KeyPadding"}
+        assert leaf_types(c["attn_mask"]) == {"SlidingWindowMask", "KeyPaddingMask"}
     assert_equal_where_real(want, got, keep)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from transformers import masking_utils as hf_masks
 
-from ...masks import (CausalMask, Mask, SlidingWindowMask, _states, causal, document,
+from ...masks import (CausalMask, KeyPaddingMask, Mask, SlidingWindowMask, causal, document,
                       sliding_window)
 
 __all__ = ["PreparedMask", "KeyPadding", "Shifted", "HFMaskFunction", "build_mask",
@@ -66,42 +66,7 @@ class PreparedMask:
         return self
 
 
-class KeyPadding(Mask):
-    """Keys j with ``keep[b, j] == False`` are never seen, by any query of batch b.
-
-    Covers left padding, right padding and holes alike; ``keep`` is (B, S) bool with S
-    the key length. A block is FULL when all its keys are kept, EMPTY when none is.
-    """
-
-    def __init__(self, keep: Tensor):
-        if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
-            raise TypeError(f"keep must be a (batch, keys) bool tensor, got "
-                            f"{getattr(keep, 'dtype', type(keep).__name__)} of shape "
-                            f"{tuple(getattr(keep, 'shape', ()))}")
-        self.keep = keep
-        self.batch_size = keep.shape[0]
-        # kept[b, j] = number of kept keys among 0..j-1: block counts in two lookups
-        self._kept = torch.nn.functional.pad(keep.long().cumsum(-1), (1, 0))
-
-    def validate(self, grid):
-        if self.keep.shape[1] != grid.k_len:
-            raise ValueError(f"key padding covers {self.keep.shape[1]} keys but the key length "
-                             f"is {grid.k_len}")
-
-    def mask_mod(self, grid, b, h, q, k):
-        return self.keep.to(grid.device)[b, k]
-
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        kept = self._kept.to(k_lo.device)
-        n = kept.shape[1] - 1
-        lo, hi = k_lo.clamp(0, n).view(-1), k_hi.clamp(0, n).view(-1)
-        count = (kept[:, hi] - kept[:, lo]).view(-1, 1, 1, k_lo.numel())  # (B, 1, 1, nk)
-        width = (hi - lo).view(1, 1, 1, -1)
-        rows = (q_lo == q_lo).view(1, 1, -1, 1)  # broadcast over the query blocks
-        return _states((count == width) & rows, (count == 0) & rows)
-
-    def __repr__(self):
-        return f"KeyPadding(<keep {tuple(self.keep.shape)}, {int(self.keep.sum())} kept>)"
+KeyPadding = KeyPaddingMask  # per-key padding anywhere (left, right, holes)
 
 
 class Shifted(Mask):
