@@ -106,8 +106,9 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     if nk == 0:
         return tiles
     if mask is None:
+        runs = _row_runs(torch.full((1, nk), FULL, dtype=torch.int8), kb, merge_full_and_partial)[0]
         for t in tiles:
-            t.segments = _runs([FULL] * nk, kb, merge_full_and_partial)
+            t.segments = list(runs)
         return tiles
     dev = grid.device
     q_lo = torch.tensor(qb[:-1], device=dev).view(-1, 1)
@@ -127,41 +128,52 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     runs = (union & ~torch.nn.functional.pad(union, (1, 0))[:, :-1]).sum(-1)
     use_gather = (union.sum(-1) > GATHER_UNION_RATIO * most) | (runs > GATHER_MIN_RUNS)
     use_gather &= gather
+    runs = _row_runs(union_states, kb, merge_full_and_partial)
     for i, t in enumerate(tiles):
         if bool(use_gather[i]):
             t.segments = _gathered(seen[:, i], per_head[:, i] == FULL, int(most[i]), kb, dev)
         else:
-            t.segments = _runs(union_states[i].tolist(), kb, merge_full_and_partial)
+            t.segments = runs[i]
     return tiles
 
 
-def _runs(states: list[int], kb: list[int], merge_full_and_partial: bool) -> list:
-    """Contiguous runs of non-empty key blocks, split where FULL meets PARTIAL (so long
-    full runs need no mask) and at MAX_SEGMENT_KEYS; neighbouring runs that together
-    stay under MERGE_KEYS become one call (one kernel launch and no merge)."""
-    segments, start, masked_run = [], None, False
-    for j in range(len(states) + 1):
-        s = states[j] if j < len(states) else EMPTY
-        masked = s != FULL
-        ends = (s == EMPTY or (start is not None and not merge_full_and_partial
-                               and masked != masked_run)
-                or (start is not None and kb[j] - kb[start] >= MAX_SEGMENT_KEYS))
-        if start is not None and ends:
-            segments.append(Segment(kb[start], kb[j], masked_run))
-            start = None
-        if s != EMPTY:
-            if start is None:
-                start, masked_run = j, masked
+def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool) -> list[list]:
+    """For each row of (nq, nk) block states: contiguous runs of non-empty key blocks,
+    split where FULL meets PARTIAL (so long full runs need no mask) and at
+    MAX_SEGMENT_KEYS; neighbouring runs that together stay under MERGE_KEYS become one
+    call (one kernel launch and no merge). Python only visits run boundaries."""
+    kind = (states != EMPTY).to(torch.int8) if merge_full_and_partial else states.to(torch.int8)
+    padded = torch.nn.functional.pad(kind, (1, 1), value=EMPTY)
+    change = padded[:, 1:] != padded[:, :-1]                     # boundary before block j
+    rows, cols = change.nonzero(as_tuple=True)
+    masked_any = states != FULL
+    per_row: list[list[int]] = [[] for _ in range(states.shape[0])]
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        per_row[r].append(c)
+    kinds = kind.tolist()
+    result = []
+    for i, cuts in enumerate(per_row):
+        segments = []
+        for a, b in zip(cuts, cuts[1:]):
+            if kinds[i][a] == EMPTY:
+                continue
+            masked = bool(masked_any[i, a:b].any()) if merge_full_and_partial else kinds[i][a] != FULL
+            start = a
+            while start < b:  # split at MAX_SEGMENT_KEYS
+                stop = start + 1
+                while stop < b and kb[stop + 1] - kb[start] <= MAX_SEGMENT_KEYS:
+                    stop += 1
+                segments.append(Segment(kb[start], kb[stop], masked))
+                start = stop
+        merged = segments[:1]
+        for seg in segments[1:]:
+            last = merged[-1]
+            if last.k1 == seg.k0 and seg.k1 - last.k0 <= MERGE_KEYS:
+                merged[-1] = Segment(last.k0, seg.k1, last.masked or seg.masked)
             else:
-                masked_run = masked_run or masked
-    merged = segments[:1]
-    for seg in segments[1:]:
-        last = merged[-1]
-        if last.k1 == seg.k0 and seg.k1 - last.k0 <= MERGE_KEYS:
-            merged[-1] = Segment(last.k0, seg.k1, last.masked or seg.masked)
-        else:
-            merged.append(seg)
-    return merged
+                merged.append(seg)
+        result.append(merged)
+    return result
 
 
 def _gathered(seen: Tensor, full: Tensor, most: int, kb: list[int], device) -> list:
