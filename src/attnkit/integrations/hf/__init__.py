@@ -51,11 +51,12 @@ def register() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# patch(model): NOT BUILT YET (issue 5, part 2).
-# It will replace, in place, the attention modules the interface cannot reach or cannot
-# make linear in memory - T5 (relative bias computed tile by tile, shared across layers),
-# Longformer (local + global) and BigBird (block-sparse) - with attnkit modules holding the
-# same weights under the same state_dict keys. It lands in hf/patch.py once the T5
-# relative bias and the Longformer/BigBird layers exist; until then there is deliberately
-# no `patch` here.
+# patch(model) (issue 5, part 2): replaces, in place, the attention modules the interface
+# cannot reach or cannot make linear in memory - T5 (relative bias computed tile by tile,
+# shared across layers), Longformer (local + global) and BigBird (block-sparse, and its
+# full-attention fallback) - with attnkit modules holding the same weights under the same
+# state_dict keys. See patch.py.
 # --------------------------------------------------------------------------------------
+from .patch import SUPPORTED, patch  # noqa: E402
+
+__all__ += ["patch", "SUPPORTED"]
