@@ -48,6 +48,8 @@ MAX_SEGMENT_KEYS = 2048
 #: blocks of its busiest head, or when its blocks fall in more than GATHER_MIN_RUNS runs
 GATHER_UNION_RATIO = 1.25
 GATHER_MIN_RUNS = 2
+#: largest Toeplitz master tile (elements) built for a translation-invariant mask/bias
+MASTER_ELEMENTS = 1 << 25
 #: adjacent segments narrower than this together run as one masked call
 MERGE_KEYS = 1024
 #: bounds of the per-call cache of tiles of translation-invariant masks and biases
@@ -209,6 +211,9 @@ class _Config:
     kernel: str  # "auto" | "eager"
     #: additive tiles of translation-invariant masks/biases, keyed by their geometry
     tile_cache: dict | None = None
+    #: per dtype, the Toeplitz master tile of a translation-invariant mask/bias (see
+    #: _master): every tile of the call is a view into it
+    masters: dict | None = None
 
 
 # ------------------------------------------------------------------ tile helpers
@@ -264,6 +269,10 @@ def _additive(cfg: _Config, tile: Tile, seg, params, dtype):
 
     When the mask and bias depend only on the offset k - p (causal, windows, ALiBi, T5),
     tiles of the same geometry are equal: they are built once and reused."""
+    if cfg.masters is not None and not isinstance(seg, Gathered):
+        view = _master_view(cfg, tile, seg, params, dtype)
+        if view is not None:
+            return view
     key = None
     if cfg.tile_cache is not None and not isinstance(seg, Gathered):
         key = (tile.p0 - seg.k0, tile.r1 - tile.r0, seg.k1 - seg.k0, dtype, seg.masked)
@@ -275,6 +284,53 @@ def _additive(cfg: _Config, tile: Tile, seg, params, dtype):
             add is None or add.numel() <= TILE_CACHE_ELEMENTS):
         cfg.tile_cache[key] = (add, alive)
     return add, alive
+
+
+def _master(cfg: _Config, params, dtype):
+    """For a mask and bias that depend only on k - p: one (H|1, block_q, L + S + 1) tile
+    holding every offset, ``M[h, i, t] = additive(p = i, k = t - S)``. The tile of query
+    positions p0.. and keys k0..k1 is the view ``M[:, :nq, k0 - p0 + S : k1 - p0 + S]``:
+    no per-tile construction, and memory linear in L + S. None when it would be large."""
+    if dtype in cfg.masters:
+        return cfg.masters[dtype]
+    grid = cfg.grid
+    rows = max(t.r1 - t.r0 for t in cfg.tiles)
+    c = grid.k_len
+    width = grid.k_len + grid.q_len + 1
+    heads = max((o.num_heads or 1) for o in (cfg.mask, cfg.bias) if o is not None)
+    if heads * rows * width > MASTER_ELEMENTS:
+        cfg.masters[dtype] = None
+        return None
+    allow = add = None
+    if cfg.mask is not None:
+        allow = cfg.mask.tile(grid, 0, rows, -c, width - c)
+        allow = allow.expand(*allow.shape[:2], rows, width).contiguous()
+    if cfg.bias is not None:
+        add = cfg.bias.tile(grid, 0, rows, -c, width - c, params).to(dtype)
+    if allow is not None:
+        inf = torch.full((), NEG_INF, dtype=dtype, device=allow.device)
+        add = torch.where(allow, add if add is not None else torch.zeros((), dtype=dtype,
+                                                                          device=allow.device), inf)
+    add = add.expand(*add.shape[:2], rows, width).contiguous()
+    cfg.masters[dtype] = (allow, add, c)
+    return cfg.masters[dtype]
+
+
+def _master_view(cfg: _Config, tile: Tile, seg, params, dtype):
+    m = _master(cfg, params, dtype)
+    if m is None:
+        return None
+    allow, add, c = m
+    nq = tile.r1 - tile.r0
+    a, b = seg.k0 - tile.p0 + c, seg.k1 - tile.p0 + c
+    alive = None
+    if seg.masked and allow is not None:
+        alive = allow[:, :, :nq, a:b].any(-1)
+        if bool(alive.all()):
+            alive = None
+    if not seg.masked and cfg.bias is None:
+        return None, None
+    return add[:, :, :nq, a:b], alive
 
 
 def _build_additive(cfg: _Config, tile: Tile, seg, params, dtype):
@@ -461,6 +517,7 @@ def _forward(q, k, v, sinks, cfg: _Config, params):
         lse = new_l
     if cfg.tile_cache is not None:
         cfg.tile_cache.clear()  # not held until backward (a layer's worth per layer)
+        cfg.masters.clear()
     return out, lse
 
 
@@ -614,7 +671,7 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     relative = ((mask is not None or bias is not None)
                 and (mask is None or mask.relative) and (bias is None or bias.relative))
     cfg = _Config(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed, kernel,
-                  {} if relative else None)
+                  {} if relative else None, {} if relative else None)
     params = tuple(bias.params) if bias is not None else ()
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
     weights = _weights(query, key, lse, cfg, params) if return_weights else None
