@@ -185,6 +185,8 @@ def _derive(rows: list, cases: dict, gemm_peak: float) -> None:
         for row in group:
             if row["role"] == "attnkit" and row["status"] == "ok":
                 row["speedup_vs"] = {p["variant"]: p["median_s"] / row["median_s"] for p in peers}
+                # the same from the least disturbed calls, for runs on a busy machine
+                row["speedup_vs_min"] = {p["variant"]: p["min_s"] / row["min_s"] for p in peers}
 
 
 def run(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,

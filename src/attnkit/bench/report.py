@@ -12,6 +12,8 @@ from .targets import format_value
 __all__ = ["Progress", "format_table", "format_targets", "write_json"]
 
 MiB = 1 << 20
+#: a row whose median exceeds its min by this factor is flagged: load came and went
+NOISY = 1.3
 
 
 class Progress:
@@ -81,6 +83,8 @@ def _notes(row: dict, marks: list) -> str:
             notes.append(f"compile {row['compile_s']:.1f}s excluded")
         if row.get("cache_bytes_per_token") is not None:
             notes.append(f"cache {row['cache_bytes_per_token']:.0f} B/token")
+        if row["median_s"] > NOISY * row["min_s"]:
+            notes.append(f"noisy: median {row['median_s'] / row['min_s']:.1f}x min")
         if row.get("peak_share", 0) > 1:
             notes.append("above the GEMM peak: the cores were busier when it was measured")
         if row.get("setup_bytes", 0) >= 64 * MiB:
@@ -175,8 +179,9 @@ def format_markdown(report: dict, lengths: tuple | None = None) -> str:
             unit = " /token" if case["kind"] == "decode" else ""
             mem = (f"{row['cache_bytes'] / MiB:.1f} (cache)" if case["kind"] == "decode"
                    else f"{row['mem_bytes'] / MiB:.0f}")
+            noisy = " (noisy)" if row["median_s"] > NOISY * row["min_s"] else ""
             lines.append(
-                f"| {case['name']} | {row['n']} | {row['variant']} | {_ms(row['median_s'])}{unit} | "
+                f"| {case['name']} | {row['n']} | {row['variant']} | {_ms(row['median_s'])}{unit}{noisy} | "
                 f"{row['useful_gflops']:.0f} ({100 * row['peak_share']:.0f}%) | {mem} | "
                 f"{_speedups(row)} | {row.get('load_average') or 0:.1f} |")
     lines += ["", "Targets from the issues (median times):", ""]
