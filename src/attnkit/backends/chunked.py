@@ -661,8 +661,8 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
         natural = None
     if block_k is None:
         block_k = natural or BLOCK_K
-    if block_q is None:
-        block_q = natural or BLOCK_Q
+    if block_q is None:  # query tiles of at least 64 rows keep the kernel's GEMMs efficient
+        block_q = BLOCK_Q if natural is None else natural * max(1, -(-64 // natural))
     tiles = plan_tiles(mask, grid, block_q, block_k,
                        merge_full_and_partial=bias is not None)
     seed = 0
