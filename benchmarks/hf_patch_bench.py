@@ -22,6 +22,7 @@ model passes it:
 
 Time: both modules run alternately in one process (so they share the machine's load),
 best of N after a warm-up; ratios compare best wall-clock and best CPU (process) times.
+OpenMP waits passively (OMP_WAIT_POLICY=PASSIVE unless set), as in long_bench.py.
 Memory: each (case, implementation) runs in a fresh subprocess; the peak resident set
 (VmHWM) is reset through /proc/self/clear_refs once the model and inputs exist, so
 "growth" is what one call of the module added. The load average is printed before and
@@ -39,6 +40,9 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# spinning OpenMP threads turn every small op into a wait when other work shares the two
+# cores; passive waiting keeps the ratios honest (set before torch starts its pool)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
