@@ -251,6 +251,32 @@ def test_half_precision_uses_float32_statistics(dtype, kernel):
     close(out.float(), ref, tol=3e-2)
 
 
+def test_merged_segments_in_half_precision_accumulate_in_float32(kernel):
+    # block_k=3 gives every tile several key segments, merged in float32 then rounded once
+    q, k, v = qkv(L=40, S=40, dtype=torch.float32)
+    m = masks.sliding_window(7)
+    want = sdpa(q, k, v, m, backend="reference")
+    qh, kh, vh = (t.to(torch.bfloat16) for t in (q, k, v))
+    out, _, lse = chunked_attention(qh, kh, vh, mask=m, scale=q.shape[-1] ** -0.5,
+                                    block_q=8, block_k=3)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    close(out.float(), want, tol=3e-2)
+
+
+def test_output_follows_the_query_memory_layout(kernel):
+    # a layer's (B, L, H, D) projection seen as (B, H, L, D): the output comes back in the
+    # same layout, so transposing it back to (B, L, H * D) needs no copy
+    B, L, H, D = 2, 50, 4, 8
+    x = torch.randn(B, L, 3, H, D, generator=torch.Generator().manual_seed(0))
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    m = masks.sliding_window(5)
+    out = sdpa(q, k, v, m, backend="chunked")
+    close(out, sdpa(q.contiguous(), k.contiguous(), v.contiguous(), m, backend="reference"))
+    assert out.transpose(1, 2).is_contiguous()
+    out = sdpa(q.contiguous(), k, v, m, backend="chunked")
+    assert out.is_contiguous()
+
+
 def test_dropout_is_applied_consistently(kernel):
     q, k, v = qkv(B=1, Hq=2, Hkv=2, L=64, S=64)
     for backend in ("reference", "chunked"):

@@ -469,16 +469,43 @@ def _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused):
     return out, lse
 
 
-def _merge(outs: list, lses: list, acc_dtype):
-    """Merge the partial results of one tile over disjoint key sets in one pass:
-    lse = log sum_i exp(lse_i), out = sum_i exp(lse_i - lse) out_i."""
+def _merge_into(out: Tensor, lse: Tensor, outs: list, lses: list, acc_dtype) -> None:
+    """Merge the partial results of one tile over disjoint key sets straight into the
+    tile's rows of ``out`` (B, H, n, Dv) and ``lse`` (B, H, n):
+
+        lse = log sum_i exp(lse_i),   out = sum_i exp(lse_i - lse) out_i
+
+    Rows that see no key anywhere (lse = -inf) get zeros. When ``out`` has the compute
+    dtype the sum accumulates in place (no stacked copy of the partial outputs)."""
     if len(outs) == 1:
-        return outs[0], lses[0]
-    l = torch.stack(lses)
-    total = torch.logsumexp(l, 0)
-    w = torch.exp(l - total).masked_fill(total == NEG_INF, 0.0)  # rows that see nothing
-    o = (torch.stack(outs).to(acc_dtype) * w.unsqueeze(-1).to(acc_dtype)).sum(0)
-    return o, total
+        out.copy_(outs[0])
+        lse.copy_(lses[0])
+        return
+    total = lses[0]
+    for l in lses[1:]:
+        total = torch.logaddexp(total, l)
+    dead = total == NEG_INF
+    weights = [torch.exp(l - total).masked_fill_(dead, 0.0).unsqueeze(-1) for l in lses]
+    lse.copy_(total)
+    if out.dtype == acc_dtype:
+        torch.mul(outs[0], weights[0], out=out)
+        for o, w in zip(outs[1:], weights[1:]):
+            out.addcmul_(o, w)
+        return
+    acc = outs[0].to(acc_dtype) * weights[0].to(acc_dtype)
+    for o, w in zip(outs[1:], weights[1:]):
+        acc.addcmul_(o.to(acc_dtype), w.to(acc_dtype))
+    out.copy_(acc)
+
+
+def _like_query(q: Tensor, dv: int) -> Tensor:
+    """An empty (B, H, L, dv) output in the query's memory layout: when q is a (B, L, H, D)
+    buffer seen as (B, H, L, D), as a layer's projection gives it, so is the output, and
+    the layer's transpose back to (B, L, H * dv) is a view rather than a copy."""
+    B, H, L, _ = q.shape
+    if H > 1 and L > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty(B, L, H, dv).transpose(1, 2)
+    return q.new_empty(B, H, L, dv)
 
 
 def _stat_dtype(dtype):
@@ -489,7 +516,7 @@ def _forward(q, k, v, sinks, cfg: _Config, params):
     B, Hq, L, _ = q.shape
     Dv = v.shape[-1]
     fused_ok = _use_fused(cfg, q, k, v)
-    out = q.new_empty(B, Hq, L, Dv)
+    out = _like_query(q, Dv)
     lse = torch.empty(B, Hq, L, dtype=_stat_dtype(q.dtype), device=q.device)
     acc_dtype = _compute_dtype(q.dtype)
     kv = _KV(k, v, Hq)
@@ -507,9 +534,8 @@ def _forward(q, k, v, sinks, cfg: _Config, params):
             out[:, :, tile.r0:tile.r1] = 0
             lse[:, :, tile.r0:tile.r1] = NEG_INF
         else:
-            o, l = _merge(outs, lses, acc_dtype)
-            out[:, :, tile.r0:tile.r1] = o
-            lse[:, :, tile.r0:tile.r1] = l
+            _merge_into(out[:, :, tile.r0:tile.r1], lse[:, :, tile.r0:tile.r1], outs, lses,
+                        acc_dtype)
     if sinks is not None:  # a sink is a segment with a logit and no value
         sink_l = sinks.to(lse.dtype).view(1, Hq, 1).expand_as(lse)
         new_l = torch.logaddexp(lse, sink_l)
@@ -661,8 +687,13 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
         natural = None
     if block_k is None:
         block_k = natural or BLOCK_K
-    if block_q is None:  # query tiles of at least 64 rows keep the kernel's GEMMs efficient
-        block_q = BLOCK_Q if natural is None else natural * max(1, -(-64 // natural))
+    if block_q is None:
+        # a mask's own blocks of 64+ rows are the tiles (BigBird's 64: one query block per
+        # tile, its gathered keys exactly that block's); finer hints (Longformer's 16-wide
+        # global slots) only place key cuts, and query tiles stay about BLOCK_Q rows, where
+        # the kernel's GEMMs run near peak
+        block_q = BLOCK_Q if natural is None else (
+            natural if natural >= 64 else natural * -(-BLOCK_Q // natural))
     tiles = plan_tiles(mask, grid, block_q, block_k,
                        merge_full_and_partial=bias is not None)
     seed = 0

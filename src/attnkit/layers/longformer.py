@@ -299,7 +299,9 @@ class LongformerAttention(nn.Module):
             rows = scaled_dot_product_attention(q, k, v, keep, dropout_p=p)
         rows = rows.transpose(1, 2).reshape(B, -1, E)
         rows = torch.where(slots.unsqueeze(-1), rows, out.gather(1, at))  # empty slots: keep
-        return out.scatter(1, at, rows)
+        if out.requires_grad:  # autograd saved this output: write a new tensor
+            return out.scatter(1, at, rows)
+        return out.scatter_(1, at, rows)  # inference: G rows written in place, no copy
 
     def _absorbed_global_attention(self, q, x, keep, p):
         """softmax(q K_g^T / sqrt(d)) V_g without projecting every token to K_g and V_g.
