@@ -380,6 +380,56 @@ def test_cost_follows_the_allowed_blocks(mask):
     assert computed < 0.35 * n * n
 
 
+@pytest.mark.parametrize("dilation", [4, [1, 1, 2, 2, 4, 4, 8, 8]])
+def test_dilated_cost_follows_its_entries_not_its_span(dilation, monkeypatch):
+    """A dilated window runs as sliding windows on residue classes (strided views): the
+    score entries computed are about those the mask allows, not a band d times wider."""
+    from attnkit.backends import chunked
+    computed = []
+    segment_forward = chunked._segment_forward
+
+    def counting(cfg, ti, si, qt, ks, *rest):
+        computed.append(qt.shape[0] * qt.shape[1] * qt.shape[2] * ks.shape[2])
+        return segment_forward(cfg, ti, si, qt, ks, *rest)
+    monkeypatch.setattr(chunked, "_segment_forward", counting)
+    n, H = 2048, 8
+    q, k, v = qkv(B=1, Hq=H, Hkv=H, L=n, S=n, D=4)
+    chunked_attention(q, k, v, mask=masks.sliding_window(64, 64), scale=0.5)
+    undilated, computed[:] = sum(computed), []
+    mask = masks.dilated(64, 64, dilation)
+    chunked_attention(q, k, v, mask=mask, scale=0.5)
+    allowed = int(mask.materialize(n, n).expand(1, H, n, n).sum())
+    assert allowed <= sum(computed) <= 1.05 * undilated
+    split, computed[:] = sum(computed), []
+    chunked_attention(q, k, v, mask=mask, scale=0.5, block_q=128, block_k=128)  # one band
+    assert split < 0.6 * sum(computed)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,dilation", [
+    (2, 4, 2, 37, 61, 4),                      # cross lengths, GQA, one period
+    (1, 8, 8, 70, 70, [1, 1, 2, 2, 4, 4, 8, 8]),  # Longformer-style per-head periods
+    (1, 4, 2, 70, 70, [1, 1, 3, 3]),           # GQA, each kv group one period
+    (1, 4, 2, 70, 70, [1, 3, 1, 3]),           # a kv group split across periods
+    (1, 4, 4, 70, 40, [3, 1, 3, 2]),           # more queries than keys, scattered heads
+    (1, 2, 2, 1, 61, 5),                       # one decoding step
+])
+def test_dilated_by_residue_class_matches_the_reference(B, Hq, Hkv, L, S, dilation, kernel):
+    q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=8, dtype=torch.float64, requires_grad=True)
+    mask = masks.dilated(3, 2, dilation)
+    want = sdpa(q, k, v, mask, backend="reference")
+    out, lse = sdpa(q, k, v, mask, backend="chunked", return_lse=True)
+    close(out, want)
+    s = (q @ k.transpose(-1, -2)).repeat_interleave(1, 1) if Hq == Hkv else None
+    if s is not None:
+        allow = mask.materialize(L, S).expand(B, Hq, L, S)
+        ref_lse = (s / math.sqrt(8)).masked_fill(~allow, float("-inf")).logsumexp(-1)
+        close(lse, ref_lse)
+    g = torch.randn_like(want)
+    for x, y in zip(torch.autograd.grad(out, (q, k, v), g),
+                    torch.autograd.grad(want, (q, k, v), g)):
+        close(x, y)
+
+
 def test_per_head_patterns_cost_per_head_not_their_union():
     """BigBird with one random draw per head: each head gathers its own key blocks."""
     n, heads = 4096, 8

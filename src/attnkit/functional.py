@@ -128,6 +128,8 @@ def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool) -> str:
         return "torch"
     if _only_dense_leaves(mask) or L * S <= SMALL_GRID:
         return "torch"
+    if hasattr(mask, "residue_classes"):  # dilated: sliding windows on strided views
+        return "chunked"
     if allowed_fraction(mask, L, S) <= SPARSE_FRACTION:
         return "chunked"
     return "torch" if _dense_size(mask, B, Hq, L, S) <= DENSE_MASK_LIMIT else "chunked"

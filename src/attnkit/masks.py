@@ -300,6 +300,21 @@ class DilatedMask(Mask):
         return torch.where((band == FULL) & (d > 1), torch.tensor(PARTIAL, dtype=torch.int8,
                                                                   device=band.device), band)
 
+    def residue_classes(self) -> list[tuple[list[int] | None, int, Mask]]:
+        """The mask split by residue class: ``[(heads, d, window), ...]``.
+
+        A query at position p only sees keys k = p (mod d), and inside one residue class
+        (positions r, r + d, r + 2d, ...) the pattern is the plain
+        ``sliding_window(left, right)``. So dilated attention is d sliding-window problems
+        on strided views of Q, K and V, each as dense as the undilated band, instead of one
+        band d times wider with (d - 1)/d of it masked. ``heads`` lists the heads that share
+        dilation d (None: every head)."""
+        window = SlidingWindowMask(self.left, self.right)
+        ds = self.dilation.tolist()
+        if len(ds) == 1:
+            return [(None, ds[0], window)]
+        return [([h for h, x in enumerate(ds) if x == d], d, window) for d in sorted(set(ds))]
+
     def __repr__(self):
         d = self.dilation.tolist()
         return f"dilated({self.left}, {self.right}, {d[0] if len(d) == 1 else d})"

@@ -678,9 +678,20 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
 
     Returns ``(out, weights_or_None, lse)`` with out (B, Hq, L, Dv) and lse (B, Hq, L)
     (-inf for rows that see nothing; those rows output zeros).
+
+    A mask that splits by residue class (``residue_classes()``: a dilated window) runs as
+    one inner-mask problem per class on strided views, unless a bias, sinks, softcap,
+    weights or explicit block sizes ask for the single plan over the whole grid.
     """
     B, Hq, L, _ = query.shape
     S = key.shape[2]
+    split = getattr(mask, "residue_classes", None)
+    if (split is not None and bias is None and sinks is None and not return_weights
+            and softcap is None and block_q is None and block_k is None):
+        done = _by_residue_class(query, key, value, split(), scale=scale,
+                                 dropout_p=dropout_p, kernel=kernel)
+        if done is not None:
+            return done
     grid = Grid(L, S, query.device)
     natural = mask.block_size if mask is not None else None
     if natural is not None and not 16 <= natural <= 512:
@@ -707,6 +718,57 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
     weights = _weights(query, key, lse, cfg, params) if return_weights else None
     return out, weights, lse
+
+
+def _heads_view(t: Tensor, heads: list[int] | None) -> Tensor:
+    if heads is None:
+        return t
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        return t[:, heads[0]:heads[-1] + 1]
+    return t[:, heads]
+
+
+def _by_residue_class(query, key, value, classes, **kw):
+    """Attention under a mask that splits by residue class (``mask.residue_classes()``,
+    e.g. a dilated window): for each group of heads with period d and each residue r,
+
+        out[rows p = r (mod d)] = attention(Q[rows p = r], K[keys k = r], V[keys k = r],
+                                            inner mask)
+
+    on strided views (no copies when a group's heads are contiguous). Query row i sits at
+    position p = i + (S - L); with that bottom-right alignment the last query and key of
+    each class share a position, so the inner mask's own alignment holds in every class.
+    Returns None when key/value heads are shared across groups (GQA with per-head
+    periods that split a group): the caller runs the general path."""
+    B, Hq, L, _ = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    per = Hq // Hkv
+    plans = []
+    for heads, d, inner in classes:
+        kv_heads = None
+        if heads is not None:
+            kv_heads = sorted({h // per for h in heads})
+            if [h for k in kv_heads for h in range(k * per, (k + 1) * per)] != heads:
+                return None
+        plans.append((heads, kv_heads, d, inner))
+    out = _like_query(query, value.shape[-1])
+    lse = torch.empty(B, Hq, L, dtype=_stat_dtype(query.dtype), device=query.device)
+    off = S - L
+    for heads, kv_heads, d, inner in plans:
+        q, k, v = (_heads_view(query, heads), _heads_view(key, kv_heads),
+                   _heads_view(value, kv_heads))
+        hs = slice(None) if heads is None else (
+            slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1))
+            else torch.tensor(heads, device=query.device))
+        for r in range(d):
+            i0 = (r - off) % d
+            if i0 >= L:
+                continue
+            o, _, l = chunked_attention(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d],
+                                        mask=inner, **kw)
+            out[:, hs, i0::d] = o
+            lse[:, hs, i0::d] = l
+    return out, None, lse
 
 
 def chunked_attention_backward(dout: Tensor, query: Tensor, key: Tensor, value: Tensor,
