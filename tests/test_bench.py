@@ -20,7 +20,7 @@ import torch
 import attnkit.masks as M
 from attnkit.bench import cases as bench_cases
 from attnkit.bench.cases import CASES, count_allowed
-from attnkit.bench.measurement import PeakRSS, Sample, interleave, warm_up
+from attnkit.bench.measurement import Allocator, PeakRSS, Sample, interleave, warm_up
 from attnkit.bench.targets import Target, evaluate
 
 MiB = 1 << 20
@@ -220,8 +220,19 @@ def test_warm_up_calls_once_before_the_memory_measured_call():
             x = torch.ones(64 * MiB // 4)
             del x
     s = warm_up(fn)
-    assert len(calls) == 2 and len(s.times) == 1
+    assert len(calls) == 2 and s.times == []  # timed later, under the steady allocator
     assert s.peak_bytes >= 60 * MiB
+
+
+def test_memory_call_counts_buffers_a_warm_heap_would_hide():
+    # 8 MiB is below the steady-state mmap threshold: without Allocator.memory() the
+    # measured call would reuse the warm-up's freed heap block and show no growth
+    Allocator.speed()
+
+    def fn():
+        x = torch.ones(8 * MiB // 4)
+        del x
+    assert warm_up(fn).peak_bytes >= 7 * MiB
 
 
 # ----------------------------------------------------------------------------- targets

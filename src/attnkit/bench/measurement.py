@@ -19,6 +19,7 @@ Where ``clear_refs`` cannot be written, ``ru_maxrss`` of a fresh process is the 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.metadata
 import os
@@ -34,9 +35,8 @@ import torch
 __all__ = ["Sample", "warm_up", "interleave", "timed", "PeakRSS", "rss_bytes",
            "gemm_peak_gflops", "describe_machine", "WORKER_ENV", "worker_env"]
 
-#: environment for worker processes: big buffers are mmapped and unmapped when freed
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
-              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+#: environment for worker processes (the allocator is set per phase: see Allocator)
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
               "TOKENIZERS_PARALLELISM": "false"}
 #: set for workers unless the caller set them: OpenMP threads that wait for work sleep
 #: instead of spinning. With other processes on the cores, spinning threads steal the
@@ -67,6 +67,55 @@ def rss_bytes() -> int:
     if kib is None:  # pragma: no cover - not Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return kib * 1024
+
+
+class Allocator:
+    """glibc malloc's thresholds, switched per phase with ``mallopt``:
+
+    * ``memory()``: free heap memory goes back to the system first (``malloc_trim``), then
+      every buffer of 64 KiB or more is its own mapping, returned when freed, so the peak
+      RSS growth of a call is what it allocated, not what an earlier call happened to
+      leave in the heap (a free heap chunk is reused whatever the thresholds say);
+    * ``speed()`` (the default in workers): the thresholds a long-running glibc process
+      settles on by itself (its dynamic mmap threshold grows to 32 MiB, the trim threshold
+      to twice that), so freed buffers are reused as in a user's training loop instead of
+      being mapped, zeroed by page faults and unmapped on every call.
+
+    Without glibc (``mallopt`` missing) both are no-ops and ``method`` says so."""
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    MEMORY = (64 << 10, 128 << 10)
+    SPEED = (32 << 20, 64 << 20)
+    method = "glibc mallopt"
+
+    try:
+        import ctypes
+        _mallopt = ctypes.CDLL(None).mallopt
+        _malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        _mallopt = _malloc_trim = None
+        method = "allocator defaults (mallopt unavailable)"
+
+    @classmethod
+    def _set(cls, mmap_threshold: int, trim_threshold: int) -> bool:
+        if cls._mallopt is None:  # pragma: no cover
+            return False
+        return bool(cls._mallopt(cls.M_MMAP_THRESHOLD, mmap_threshold)
+                    and cls._mallopt(cls.M_TRIM_THRESHOLD, trim_threshold))
+
+    @classmethod
+    def speed(cls) -> bool:
+        return cls._set(*cls.SPEED)
+
+    @classmethod
+    @contextlib.contextmanager
+    def memory(cls):
+        if cls._set(*cls.MEMORY):
+            cls._malloc_trim(0)
+        try:
+            yield
+        finally:
+            cls.speed()
 
 
 class PeakRSS:
@@ -132,12 +181,14 @@ class Sample:
 
 
 def warm_up(call) -> Sample:
-    """One warm-up call, then the first timed call, which also measures the peak RSS
-    growth (:class:`PeakRSS`)."""
+    """One warm-up call (compiles what compiles, fills caches), then one call that
+    measures the peak RSS growth (:class:`PeakRSS`, buffers returned to the system:
+    :meth:`Allocator.memory`). Its time is not kept: calls are timed under the steady
+    allocator (:meth:`Allocator.speed`), by :func:`interleave`."""
     first = timed(call)
-    with PeakRSS() as mem:
-        seconds = timed(call)
-    return Sample(call, first, mem.peak, [seconds])
+    with Allocator.memory(), PeakRSS() as mem:
+        timed(call)
+    return Sample(call, first, mem.peak, [])
 
 
 def _needs_more(sample: Sample, budget_s: float, min_repeats: int, max_repeats: int) -> bool:
@@ -221,4 +272,6 @@ def describe_machine() -> dict:
         "memory_total_bytes": _mem_total_bytes(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "memory_method": PeakRSS.method,
+        "allocator": f"{Allocator.method}: memory measured with mmap threshold "
+                     f"{Allocator.MEMORY[0]} B, time with {Allocator.SPEED[0]} B",
     }

@@ -4,8 +4,10 @@ to its stdout. Everything else it or the libraries print goes to stderr.
 
 For one case at one length, each implementation is prepared in turn: its setup
 (materialising a mask, building a module, making a block mask) is timed and sized, one
-warm-up call compiles what compiles, one timed call gives the peak memory growth
-(:class:`~attnkit.bench.measurement.PeakRSS`). Then the implementations are timed
+warm-up call compiles what compiles, one more call gives the peak memory growth
+(:class:`~attnkit.bench.measurement.PeakRSS`, with freed buffers returned to the system;
+calls are timed with glibc's steady-state thresholds:
+:class:`~attnkit.bench.measurement.Allocator`). Then the implementations are timed
 interleaved, one call each per round, so that load from other processes falls on all of
 them alike; one whose setup holds more than 512 MiB is timed right away on its own and
 freed before the next is built.
@@ -25,7 +27,7 @@ import traceback
 import torch
 
 from .cases import case_by_name, missing_requirement
-from .measurement import Sample, gemm_peak_gflops, interleave, rss_bytes, warm_up
+from .measurement import Allocator, Sample, gemm_peak_gflops, interleave, rss_bytes, warm_up
 
 
 def _emit(channel, **event):
@@ -159,6 +161,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     os.dup2(sys.stderr.fileno(), 1)
     plan = json.load(sys.stdin)
+    Allocator.speed()  # warm_up switches to Allocator.memory() for its measured call
     if plan.get("threads"):
         torch.set_num_threads(plan["threads"])
     if plan.get("gemm"):
