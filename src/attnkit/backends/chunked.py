@@ -59,10 +59,13 @@ TILE_CACHE_ELEMENTS = 1 << 20
 
 @dataclass(frozen=True)
 class Segment:
-    """Keys ``k0..k1-1`` of one query tile; ``masked`` when the mask must be evaluated."""
+    """Keys ``k0..k1-1`` of one query tile; ``masked`` when the mask must be evaluated;
+    ``covered`` when one of its blocks is FULL, so every query row of the tile sees a key
+    here (no check for rows that see nothing)."""
     k0: int
     k1: int
     masked: bool
+    covered: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,6 +152,7 @@ def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool) -> li
     change = padded[:, 1:] != padded[:, :-1]                     # boundary before block j
     rows, cols = change.nonzero(as_tuple=True)
     masked_any = states != FULL
+    full_any = states == FULL
     per_row: list[list[int]] = [[] for _ in range(states.shape[0])]
     for r, c in zip(rows.tolist(), cols.tolist()):
         per_row[r].append(c)
@@ -165,13 +169,15 @@ def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool) -> li
                 stop = start + 1
                 while stop < b and kb[stop + 1] - kb[start] <= MAX_SEGMENT_KEYS:
                     stop += 1
-                segments.append(Segment(kb[start], kb[stop], masked))
+                covered = not masked or bool(full_any[i, start:stop].any())
+                segments.append(Segment(kb[start], kb[stop], masked, covered))
                 start = stop
         merged = segments[:1]
         for seg in segments[1:]:
             last = merged[-1]
             if last.k1 == seg.k0 and seg.k1 - last.k0 <= MERGE_KEYS:
-                merged[-1] = Segment(last.k0, seg.k1, last.masked or seg.masked)
+                merged[-1] = Segment(last.k0, seg.k1, last.masked or seg.masked,
+                                     last.covered or seg.covered)
             else:
                 merged.append(seg)
         result.append(merged)
@@ -324,7 +330,7 @@ def _master_view(cfg: _Config, tile: Tile, seg, params, dtype):
     nq = tile.r1 - tile.r0
     a, b = seg.k0 - tile.p0 + c, seg.k1 - tile.p0 + c
     alive = None
-    if seg.masked and allow is not None:
+    if seg.masked and allow is not None and not seg.covered:
         alive = allow[:, :, :nq, a:b].any(-1)
         if bool(alive.all()):
             alive = None
@@ -340,7 +346,7 @@ def _build_additive(cfg: _Config, tile: Tile, seg, params, dtype):
     if (seg.masked and cfg.mask is not None) or slots:
         allow = _allowed(cfg, tile, seg)
         allow = allow.expand(*allow.shape[:2], nq, nk)
-        alive = allow.any(-1)
+        alive = None if getattr(seg, "covered", False) else allow.any(-1)
         add = torch.where(allow, torch.zeros((), dtype=dtype, device=allow.device),
                           torch.full((), NEG_INF, dtype=dtype, device=allow.device))
     if cfg.bias is not None:
