@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..bias import Bias
 from ..functional import scaled_dot_product_attention
 from ..masks import BlockSparseMask, KeyPaddingMask, Mask, bigbird
-from .longformer import _bool_mask
+from .longformer import _bool_mask, _check_hidden
 
 __all__ = ["BigBirdAttention", "BlockBias", "hf_block_counts", "hf_random_plan",
            "hf_rand_attn_plan"]
@@ -440,12 +440,7 @@ class BigBirdAttention(nn.Module):
         """``hidden_states`` (B, L, E) -> (B, L, E); ``key_padding_mask`` (B, L), True marks
         padding (those rows output zeros)."""
         x = hidden_states
-        if not isinstance(x, Tensor):
-            raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"hidden_states must be (batch, length, {self.embed_dim}), got "
-                             f"{tuple(x.shape)}")
-        B, L, E = x.shape
+        B, L, E = _check_hidden(x, self.embed_dim)
         pad = _bool_mask("key_padding_mask", key_padding_mask, B, L)
         if pad is not None and not pad.any():
             pad = None

@@ -152,6 +152,16 @@ class LongformerMask(Mask):
                 f"globals={self.num_globals})")
 
 
+def _check_hidden(x, embed_dim: int) -> tuple[int, int, int]:
+    """(B, L, E) of a layer's ``hidden_states``, or a TypeError/ValueError naming it."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != embed_dim:
+        raise ValueError(f"hidden_states must be (batch, length, {embed_dim}), got "
+                         f"{tuple(x.shape)}")
+    return tuple(x.shape)
+
+
 def _bool_mask(name: str, m, B: int, L: int) -> Tensor | None:
     if m is None:
         return None
@@ -244,12 +254,7 @@ class LongformerAttention(nn.Module):
         L need not be a multiple of the window.
         """
         x = hidden_states
-        if not isinstance(x, Tensor):
-            raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"hidden_states must be (batch, length, {self.embed_dim}), got "
-                             f"{tuple(x.shape)}")
-        B, L, E = x.shape
+        B, L, E = _check_hidden(x, self.embed_dim)
         pad = _bool_mask("key_padding_mask", key_padding_mask, B, L)
         is_global = _bool_mask("global_attention_mask", global_attention_mask, B, L)
         if pad is not None and not pad.any():
