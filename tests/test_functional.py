@@ -430,6 +430,53 @@ def test_dilated_by_residue_class_matches_the_reference(B, Hq, Hkv, L, S, dilati
         close(x, y)
 
 
+def _longformer_case():
+    from attnkit.layers.longformer import LongformerMask
+    L, G = 320, 3                           # key blocks of 16 end where the slots begin
+    local = torch.ones(2, L, dtype=torch.bool)
+    local[:, [0, 50, 51]] = False           # the global tokens' own positions
+    local[1, 290:] = False                  # padding in batch element 1
+    slots = torch.tensor([[True, True, True], [True, True, False]])
+    return LongformerMask(masks.sliding_window(20), L, local, slots), L, L + G
+
+
+@pytest.mark.parametrize("case", ["window", "window+alibi", "gqa", "longformer"])
+def test_equal_tiles_run_as_one_batched_call(case, monkeypatch):
+    """Tiles whose additive tiles are equal (a band away from the edges, Longformer's
+    window away from global tokens and padding) go to the fused kernel together, as
+    strided views; the result equals the reference and the one-call-per-tile loop."""
+    from attnkit.backends import chunked, _fused
+    bias = None
+    Hq, Hkv, L, S = 4, 4, 300, 300
+    mask = masks.sliding_window(20, 7)
+    if case == "window+alibi":
+        bias = biases.alibi(Hq)
+    if case == "gqa":
+        Hkv = 2
+    if case == "longformer":
+        mask, L, S = _longformer_case()
+    q, k, v = qkv(B=2, Hq=Hq, Hkv=Hkv, L=L, S=S, D=8)
+    calls = []
+    forward = _fused.forward
+    monkeypatch.setattr(_fused, "forward", lambda *a: calls.append(a[0].shape[0]) or forward(*a))
+    run = lambda: chunked_attention(q, k, v, mask=mask, bias=bias, scale=0.3, block_q=16,
+                                    block_k=16)[::2]
+    out, lse = run()
+    batched = len(calls)
+    monkeypatch.setattr(chunked, "MIN_BATCH_TILES", 10 ** 9)
+    calls.clear()
+    loop_out, loop_lse = run()
+    assert max(calls) == 2                   # the loop: one tile (batch of 2) per call
+    assert len(calls) == sum(len(t.segments) for t in plan_tiles(mask, Grid(L, S), 16, 16))
+    # runs of tiles: 2 calls (one per batch element) per run and segment; Longformer's
+    # tiles near global tokens and padding differ and keep a call each
+    assert batched < len(calls) * (0.7 if case == "longformer" else 0.4)
+    close(out, loop_out)
+    close(lse, loop_lse)
+    want = sdpa(q, k, v, mask, bias=bias, scale=0.3, backend="reference")
+    close(out, want)
+
+
 def test_per_head_patterns_cost_per_head_not_their_union():
     """BigBird with one random draw per head: each head gathers its own key blocks."""
     n, heads = 4096, 8

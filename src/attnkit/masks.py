@@ -124,6 +124,15 @@ class Mask:
     def mask_mod(self, grid: Grid, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def tile_signature(self, grid: Grid, q0: int, q1: int, k0: int, k1: int):
+        """A hashable value that two blocks share only when their :meth:`tile` is equal,
+        or None (no promise). A translation-invariant mask's block depends only on the
+        offset ``k0 - q0`` and its size; the engine runs blocks with equal signatures as
+        one batched kernel call."""
+        if self.relative:
+            return ("relative", k0 - q0, q1 - q0, k1 - k0)
+        return None
+
     def tile(self, grid: Grid, q0: int, q1: int, k0: int, k1: int) -> Tensor:
         """Exact bool block for query positions ``q0..q1-1`` and keys ``k0..k1-1``."""
         b = _batch_index(self.batch_size, grid.device)

@@ -52,6 +52,8 @@ GATHER_MIN_RUNS = 2
 MASTER_ELEMENTS = 1 << 25
 #: adjacent segments narrower than this together run as one masked call
 MERGE_KEYS = 1024
+#: a run of at least this many equal tiles is computed by one batched kernel call
+MIN_BATCH_TILES = 2
 #: bounds of the per-call cache of tiles of translation-invariant masks and biases
 TILE_CACHE_ENTRIES = 16
 TILE_CACHE_ELEMENTS = 1 << 20
@@ -518,6 +520,93 @@ def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _signature(cfg: _Config, tile: Tile, seg):
+    """Hashable and equal for two (tile, segment) pairs only when their additive tiles
+    (mask and bias) are equal; None when that is not known."""
+    if isinstance(seg, Gathered):
+        return None
+    nq, width = tile.r1 - tile.r0, seg.k1 - seg.k0
+    if cfg.bias is not None:
+        if cfg.masters is None:  # a bias that is not translation-invariant
+            return None
+        return ("relative", seg.k0 - tile.p0, nq, width, seg.masked)
+    if not seg.masked or cfg.mask is None:
+        return ("open", nq, width)
+    sig = cfg.mask.tile_signature(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1)
+    return None if sig is None else ("mask", sig)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Tiles ``start..stop-1`` of equal height whose segments pair up with equal additive
+    tiles; segment i of tile t reads keys from ``k0_i + t * steps[i]`` (step = the tile
+    height: a band that moves with the tile; 0: the same columns for every tile)."""
+    start: int
+    stop: int
+    steps: tuple
+
+
+def _batched_runs(cfg: _Config) -> dict:
+    """Runs of at least MIN_BATCH_TILES consecutive tiles that one kernel call per
+    segment can compute together, keyed by their first tile."""
+    tiles, runs = cfg.tiles, {}
+    sigs = [tuple(_signature(cfg, t, s) for s in t.segments) for t in tiles]
+    i = 0
+    while i < len(tiles):
+        first = tiles[i]
+        nq = first.r1 - first.r0
+        j, steps = i + 1, None
+        if first.segments and None not in sigs[i]:
+            while j < len(tiles) and sigs[j] == sigs[i] and tiles[j].r0 == tiles[j - 1].r1:
+                d = tuple(b.k0 - a.k0 for a, b in zip(tiles[j - 1].segments, tiles[j].segments))
+                if any(x not in (0, nq) for x in d) or (steps is not None and d != steps):
+                    break
+                steps = d
+                j += 1
+        if j - i >= MIN_BATCH_TILES:
+            runs[i] = _Run(i, j, steps)
+        i = j
+    return runs
+
+
+def _tiles_view(t: Tensor, b: int, start: int, count: int, rows: int, step: int) -> Tensor:
+    """(count, H, rows, D) strided view of ``t[b]`` (H, N, D): item i is rows
+    ``start + i * step ..`` (overlapping windows when step < rows; step 0 repeats them)."""
+    x = t[b]
+    sh, sn, sd = x.stride()
+    return x.as_strided((count, x.shape[0], rows, x.shape[2]), (step * sn, sh, sn, sd),
+                        x.storage_offset() + start * sn)
+
+
+def _run_forward(cfg, run: _Run, q, k, v, params, add_dtype, out, lse, acc_dtype):
+    """A run of equal tiles as one fused call per segment: queries and keys as strided
+    tile views (no copies), the run's tiles as the kernel's batch dimension, one shared
+    additive tile; then one vectorised merge into the output rows."""
+    first = cfg.tiles[run.start]
+    n, nq = run.stop - run.start, first.r1 - first.r0
+    rows = slice(first.r0, first.r0 + n * nq)
+    # the shared additive tile, compact: the kernel reads it once per tile of the run
+    extras = [(None if a is None else a.contiguous(), alive)
+              for a, alive in (_additive(cfg, first, seg, params, add_dtype)
+                               for seg in first.segments)]
+    for b in range(q.shape[0]):
+        qt = _tiles_view(q, b, first.r0, n, nq, nq)
+        outs, lses = [], []
+        for seg, step, (add, alive) in zip(first.segments, run.steps, extras):
+            width = seg.k1 - seg.k0
+            ks = _tiles_view(k, b, seg.k0, n, width, step)
+            vs = _tiles_view(v, b, seg.k0, n, width, step)
+            if add is not None and add.shape[0] > 1:
+                add = add[b:b + 1]
+            if alive is not None and alive.shape[0] > 1:
+                alive = alive[b:b + 1]
+            o, l = _segment_forward(cfg, run.start, 0, qt, ks, vs, add, alive, True)
+            outs.append(o)
+            lses.append(l.to(lse.dtype))
+        _merge_into(out[b, :, rows].unflatten(1, (n, nq)).transpose(0, 1),
+                    lse[b, :, rows].unflatten(1, (n, nq)).transpose(0, 1), outs, lses, acc_dtype)
+
+
 def _forward(q, k, v, sinks, cfg: _Config, params):
     B, Hq, L, _ = q.shape
     Dv = v.shape[-1]
@@ -527,7 +616,15 @@ def _forward(q, k, v, sinks, cfg: _Config, params):
     acc_dtype = _compute_dtype(q.dtype)
     kv = _KV(k, v, Hq)
     add_dtype = q.dtype if fused_ok else acc_dtype
+    runs = _batched_runs(cfg) if fused_ok else {}
+    done = 0
     for ti, tile in enumerate(cfg.tiles):
+        if ti < done:
+            continue
+        if ti in runs:
+            _run_forward(cfg, runs[ti], q, k, v, params, add_dtype, out, lse, acc_dtype)
+            done = runs[ti].stop
+            continue
         qt = q[:, :, tile.r0:tile.r1]
         outs, lses = [], []
         for si, seg in enumerate(tile.segments):

@@ -129,6 +129,19 @@ class LongformerMask(Mask):
             return win
         return win & self.local_keys[:, None, None, k0:k1]
 
+    def tile_signature(self, grid, q0, q1, k0, k1):
+        """Blocks of token keys that are all local (no global token, no padding) are the
+        window's own blocks: equal whenever the window's are; blocks of global slots do
+        not depend on the queries."""
+        if k0 >= self.num_tokens:
+            return ("slots", k0, k1, q1 - q0)
+        if k1 > self.num_tokens or not self.window.relative:
+            return None
+        if self.local_keys is not None and not bool(self.local_keys[:, k0:k1].all()):
+            return None
+        G = self.num_globals
+        return ("window", self.window.tile_signature(grid, q0 - G, q1 - G, k0, k1))
+
     def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         L, G = self.num_tokens, self.num_globals
         tok_hi = k_hi.clamp(max=L)
