@@ -823,12 +823,14 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     return out, weights, lse
 
 
-def _heads_view(t: Tensor, heads: list[int] | None) -> Tensor:
+def _head_index(heads: list[int] | None, device):
+    """Index of a group of heads along dim 1: a slice (views, no copies) when they are
+    contiguous, else an index tensor."""
     if heads is None:
-        return t
+        return slice(None)
     if heads == list(range(heads[0], heads[-1] + 1)):
-        return t[:, heads[0]:heads[-1] + 1]
-    return t[:, heads]
+        return slice(heads[0], heads[-1] + 1)
+    return torch.tensor(heads, device=device)
 
 
 def _by_residue_class(query, key, value, classes, **kw):
@@ -858,11 +860,8 @@ def _by_residue_class(query, key, value, classes, **kw):
     lse = torch.empty(B, Hq, L, dtype=_stat_dtype(query.dtype), device=query.device)
     off = S - L
     for heads, kv_heads, d, inner in plans:
-        q, k, v = (_heads_view(query, heads), _heads_view(key, kv_heads),
-                   _heads_view(value, kv_heads))
-        hs = slice(None) if heads is None else (
-            slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1))
-            else torch.tensor(heads, device=query.device))
+        hs, ks = _head_index(heads, query.device), _head_index(kv_heads, query.device)
+        q, k, v = query[:, hs], key[:, ks], value[:, ks]
         for r in range(d):
             i0 = (r - off) % d
             if i0 >= L:

@@ -20,6 +20,7 @@ Where ``clear_refs`` cannot be written, ``ru_maxrss`` of a fresh process is the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import importlib.metadata
 import os
@@ -89,7 +90,6 @@ class Allocator:
     method = "glibc mallopt"
 
     try:
-        import ctypes
         _mallopt = ctypes.CDLL(None).mallopt
         _malloc_trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # pragma: no cover - not glibc
