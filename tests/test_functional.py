@@ -430,6 +430,28 @@ def test_dilated_by_residue_class_matches_the_reference(B, Hq, Hkv, L, S, dilati
         close(x, y)
 
 
+@pytest.mark.parametrize("window", [8, 16, 64])
+def test_narrow_windows_get_tiles_that_follow_them(window, monkeypatch):
+    """A 128-square tile of a narrow band is mostly masked; tiles of the window's own
+    block size compute at most half as many score entries."""
+    from attnkit.backends import chunked
+    computed = []
+    segment_forward = chunked._segment_forward
+
+    def counting(cfg, ti, si, qt, ks, *rest):
+        computed.append(qt.shape[0] * qt.shape[1] * qt.shape[2] * ks.shape[2])
+        return segment_forward(cfg, ti, si, qt, ks, *rest)
+    monkeypatch.setattr(chunked, "_segment_forward", counting)
+    n = 2048
+    q, k, v = qkv(B=1, Hq=2, Hkv=2, L=n, S=n, D=4)
+    mask = masks.sliding_window(window)
+    out = chunked_attention(q, k, v, mask=mask, scale=0.5)[0]
+    narrow, computed[:] = sum(computed), []
+    chunked_attention(q, k, v, mask=mask, scale=0.5, block_q=128, block_k=128)
+    assert 2 * int(mask.materialize(n, n).sum()) <= narrow < 0.5 * sum(computed)
+    close(out, sdpa(q, k, v, mask, scale=0.5, backend="reference"))
+
+
 def _longformer_case():
     from attnkit.layers.longformer import LongformerMask
     L, G = 320, 3                           # key blocks of 16 end where the slots begin

@@ -250,6 +250,17 @@ class CausalMask(Mask):
         return _interval_states(q_lo, q_hi, k_lo, k_hi, -math.inf, 0)
 
 
+def _window_block(span: int) -> int | None:
+    """Tiles for a band of ``span`` keys per row: a 128-square tile of a narrow band is
+    mostly masked (a +-16 window uses 33 of 256 keys per row), smaller tiles follow it
+    (measured at n=8192: +-16 74 -> 36 ms with 32, +-64 73 -> 43 ms with 64)."""
+    if span <= 64:
+        return 32
+    if span <= 320:
+        return 64
+    return None
+
+
 class SlidingWindowMask(Mask):
     """Query at position p sees keys p - left .. p + right."""
     relative = True
@@ -257,6 +268,7 @@ class SlidingWindowMask(Mask):
     def __init__(self, left: int, right: int | None = None):
         self.left = _check_int("left (window)", left)
         self.right = self.left if right is None else _check_int("right (window)", right)
+        self.block_size = _window_block(self.left + self.right + 1)
 
     def mask_mod(self, grid, b, h, q, k):
         return (k >= q - self.left) & (k <= q + self.right)

@@ -803,11 +803,12 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
         block_k = natural or BLOCK_K
     if block_q is None:
         # a mask's own blocks of 64+ rows are the tiles (BigBird's 64: one query block per
-        # tile, its gathered keys exactly that block's); finer hints (Longformer's 16-wide
-        # global slots) only place key cuts, and query tiles stay about BLOCK_Q rows, where
-        # the kernel's GEMMs run near peak
+        # tile, its gathered keys exactly that block's), and so are a narrow band's (its
+        # equal tiles run batched); other finer hints (Longformer's 16-wide global slots)
+        # only place key cuts, and query tiles stay about BLOCK_Q rows, where the kernel's
+        # GEMMs run near peak
         block_q = BLOCK_Q if natural is None else (
-            natural if natural >= 64 else natural * -(-BLOCK_Q // natural))
+            natural if natural >= 64 or mask.relative else natural * -(-BLOCK_Q // natural))
     tiles = plan_tiles(mask, grid, block_q, block_k,
                        merge_full_and_partial=bias is not None)
     seed = 0
