@@ -380,10 +380,10 @@ def test_cost_follows_the_allowed_blocks(mask):
     assert computed < 0.35 * n * n
 
 
-@pytest.mark.parametrize("dilation", [4, [1, 1, 2, 2, 4, 4, 8, 8]])
-def test_dilated_cost_follows_its_entries_not_its_span(dilation, monkeypatch):
-    """A dilated window runs as sliding windows on residue classes (strided views): the
-    score entries computed are about those the mask allows, not a band d times wider."""
+@pytest.fixture
+def score_entries(monkeypatch):
+    """A list that receives, per kernel call of the chunked engine, the number of score
+    entries it computes (batch x heads x rows x keys)."""
     from attnkit.backends import chunked
     computed = []
     segment_forward = chunked._segment_forward
@@ -392,6 +392,14 @@ def test_dilated_cost_follows_its_entries_not_its_span(dilation, monkeypatch):
         computed.append(qt.shape[0] * qt.shape[1] * qt.shape[2] * ks.shape[2])
         return segment_forward(cfg, ti, si, qt, ks, *rest)
     monkeypatch.setattr(chunked, "_segment_forward", counting)
+    return computed
+
+
+@pytest.mark.parametrize("dilation", [4, [1, 1, 2, 2, 4, 4, 8, 8]])
+def test_dilated_cost_follows_its_entries_not_its_span(dilation, score_entries):
+    """A dilated window runs as sliding windows on residue classes (strided views): the
+    score entries computed are about those the mask allows, not a band d times wider."""
+    computed = score_entries
     n, H = 2048, 8
     q, k, v = qkv(B=1, Hq=H, Hkv=H, L=n, S=n, D=4)
     chunked_attention(q, k, v, mask=masks.sliding_window(64, 64), scale=0.5)
@@ -431,17 +439,10 @@ def test_dilated_by_residue_class_matches_the_reference(B, Hq, Hkv, L, S, dilati
 
 
 @pytest.mark.parametrize("window", [8, 16, 64])
-def test_narrow_windows_get_tiles_that_follow_them(window, monkeypatch):
+def test_narrow_windows_get_tiles_that_follow_them(window, score_entries):
     """A 128-square tile of a narrow band is mostly masked; tiles of the window's own
     block size compute at most ~half as many score entries."""
-    from attnkit.backends import chunked
-    computed = []
-    segment_forward = chunked._segment_forward
-
-    def counting(cfg, ti, si, qt, ks, *rest):
-        computed.append(qt.shape[0] * qt.shape[1] * qt.shape[2] * ks.shape[2])
-        return segment_forward(cfg, ti, si, qt, ks, *rest)
-    monkeypatch.setattr(chunked, "_segment_forward", counting)
+    computed = score_entries
     n = 2048
     q, k, v = qkv(B=1, Hq=2, Hkv=2, L=n, S=n, D=4)
     mask = masks.sliding_window(window)
