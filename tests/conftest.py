@@ -28,3 +28,32 @@ def qkv(B=2, Hq=4, Hkv=2, L=9, S=9, D=8, Dv=None, dtype=torch.float32, requires_
         for t in (q, k, v):
             t.requires_grad_(True)
     return q, k, v
+
+
+# ------------------------------------------------------------------ HF model batches
+
+#: outputs of a model under attnkit against the model as transformers runs it
+HF_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def padded_ids(batch, length, side, vocab=100, real=(None, None), last_row_full=True):
+    """ids (B, L) and keep (B, L) with padding on ``side``: row r keeps ``real[r]`` tokens
+    (None: length // 2 + r); rows past ``real`` (and, with ``last_row_full``, the last
+    row) are not padded."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    keep = torch.ones(batch, length, dtype=torch.long)
+    for row, n in enumerate(real[:batch - 1] if last_row_full else real[:batch]):
+        n = n or length // 2 + row
+        if side == "right":
+            keep[row, n:] = 0
+        else:
+            keep[row, :length - n] = 0
+    return ids, keep
+
+
+def assert_equal_where_real(want, got, keep):
+    """want/got (B, L, ...) equal at positions where keep (B, L) is 1, and finite."""
+    real = keep.bool()
+    torch.testing.assert_close(got[real], want[real], **HF_TOL)
+    assert torch.isfinite(got).all()

@@ -23,12 +23,13 @@ from transformers.models.longformer import modeling_longformer as hf_longformer 
 from transformers.models.t5 import modeling_t5 as hf_t5  # noqa: E402
 
 import attnkit.integrations.hf as ak_hf  # noqa: E402
+from conftest import HF_TOL, assert_equal_where_real, padded_ids  # noqa: E402
 # the module (the package's `patch` attribute is the function)
 ak_patch = importlib.import_module("attnkit.integrations.hf.patch")
 from attnkit.layers import bigbird as ak_bigbird  # noqa: E402
 from attnkit.positional.t5 import T5Bias, T5RelativeBias  # noqa: E402
 
-TOL = dict(atol=1e-4, rtol=1e-4)
+TOL = HF_TOL
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,22 +88,7 @@ def pair(name: str):
 
 def padded(batch, length, side, vocab=100, real=(None, None)):
     """ids (B, L) and keep (B, L): rows 0 and 1 padded on ``side``, the last row not."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (batch, length), generator=g)
-    keep = torch.ones(batch, length, dtype=torch.long)
-    for row, n in enumerate(real[:batch - 1]):
-        n = n or length // 2 + row
-        if side == "right":
-            keep[row, n:] = 0
-        else:
-            keep[row, :length - n] = 0
-    return ids, keep
-
-
-def assert_equal_where_real(want, got, keep):
-    real = keep.bool()
-    torch.testing.assert_close(got[real], want[real], **TOL)
-    assert torch.isfinite(got).all()
+    return padded_ids(batch, length, side, vocab, real)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")  # the `hf` extra; CI install
 from transformers import masking_utils as hf_masks  # noqa: E402
 
 import attnkit.integrations.hf as ak_hf  # noqa: E402
+from conftest import HF_TOL, assert_equal_where_real, padded_ids  # noqa: E402
 from attnkit.integrations.hf import attention as ak_attention  # noqa: E402
 from attnkit.integrations.hf.mask_interface import (  # noqa: E402
     HFMaskFunction, KeyPadding, PreparedMask, Shifted, build_mask, translate_mask_function)
@@ -24,7 +25,7 @@ from attnkit.masks import EMPTY, FULL, Grid, sliding_window  # noqa: E402
 
 ak_hf.register()
 
-TOL = dict(atol=1e-4, rtol=1e-4)
+TOL = HF_TOL
 DECODER_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                       max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
@@ -103,23 +104,8 @@ def calls(monkeypatch):
 
 
 def padded_batch(side: str, batch=3, length=16, vocab=128):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (batch, length), generator=g)
-    keep = torch.ones(batch, length, dtype=torch.long)
-    real = (length - 5, 3)  # rows 0 and 1 are padded, row 2 is not
-    for row, n in enumerate(real):
-        if side == "right":
-            keep[row, n:] = 0
-        else:
-            keep[row, :length - n] = 0
-    return ids, keep
-
-
-def assert_equal_where_real(want, got, keep):
-    """want/got (B, L, ...) equal at positions where keep (B, L) is 1."""
-    real = keep.bool()
-    torch.testing.assert_close(got[real], want[real], **TOL)
-    assert torch.isfinite(got).all()
+    """rows 0 and 1 padded on ``side`` (length - 5 and 3 tokens kept), row 2 not."""
+    return padded_ids(batch, length, side, vocab, real=(length - 5, 3), last_row_full=False)
 
 
 def assert_weights_equal_where_real(want, got, keep):
