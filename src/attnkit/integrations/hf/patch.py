@@ -73,6 +73,15 @@ def _hf_classes() -> dict:
     return classes
 
 
+def _the_cache(cache, past_key_values):
+    """The layer's KV cache, under either of the names transformers has passed it by:
+    ``cache`` (from 5.24) or ``past_key_values`` (before; deprecated until 5.40)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("got two different caches, `cache` and `past_key_values`; "
+                         "pass one (transformers 5.24 renamed `past_key_values` to `cache`)")
+    return past_key_values if cache is None else cache
+
+
 def _wants_probabilities(module, kwargs, flag=False) -> bool:
     if flag:
         return True
@@ -157,39 +166,40 @@ class AttnkitT5Attention(nn.Module):
         """(B, n, inner_dim) -> (B, H, n, d_kv)"""
         return x.view(*x.shape[:-1], -1, self.key_value_proj_dim).transpose(1, 2)
 
-    def _key_value(self, current_states, is_cross, past_key_values):
+    def _key_value(self, current_states, is_cross, cache):
         """K, V (B, H, S, d_kv): projected now, or read from / appended to the cache, exactly
         as ``T5Attention`` does (an ``EncoderDecoderCache`` keeps the cross-attention K/V
         once computed; self-attention K/V grow with every call)."""
         from transformers.cache_utils import EncoderDecoderCache
-        cache, is_updated = past_key_values, False
-        if isinstance(past_key_values, EncoderDecoderCache):
-            is_updated = past_key_values.is_updated.get(self.layer_idx)
-            cache = (past_key_values.cross_attention_cache if is_cross
-                     else past_key_values.self_attention_cache)
-        if is_cross and past_key_values is not None and is_updated:
-            layer = cache.layers[self.layer_idx]
+        layer_cache, is_updated = cache, False
+        if isinstance(cache, EncoderDecoderCache):
+            is_updated = cache.is_updated.get(self.layer_idx)
+            layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+        if is_cross and cache is not None and is_updated:
+            layer = layer_cache.layers[self.layer_idx]
             return layer.keys, layer.values
         key, value = self._split(self.k(current_states)), self._split(self.v(current_states))
-        if past_key_values is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-            if is_cross and isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values.is_updated[self.layer_idx] = True
+        if cache is not None:
+            key, value = layer_cache.update(key, value, self.layer_idx)
+            if is_cross and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
         return key, value
 
     def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None,
-                past_key_values=None, **kwargs):
+                cache=None, past_key_values=None, **kwargs):
         """``T5Attention.forward``: hidden_states (B, L, d_model); key_value_states
         (B, S, d_model) for cross-attention; mask as the model built it; position_bias
-        from the stack's first layer (a T5Bias, a tensor, or None)."""
+        from the stack's first layer (a T5Bias, a tensor, or None); the KV cache as
+        ``cache`` or by its pre-5.24 name ``past_key_values``."""
+        cache = _the_cache(cache, past_key_values)
         B, L = hidden_states.shape[:2]
         past = 0
-        if past_key_values is not None:
-            past = int(past_key_values.get_seq_length(self.layer_idx))  # before the update
+        if cache is not None:
+            past = int(cache.get_seq_length(self.layer_idx))  # before the update
         is_cross = key_value_states is not None
         query = self._split(self.q(hidden_states))
         key, value = self._key_value(key_value_states if is_cross else hidden_states,
-                                     is_cross, past_key_values)
+                                     is_cross, cache)
         if position_bias is None and self.has_relative_attention_bias:
             # query row r is the token at position past + r, key j at position j
             position_bias = self.position.bias(L, key.shape[-2], offset=past)
@@ -286,21 +296,21 @@ class AttnkitBigBirdSelfAttention(nn.Module):
         return x.view(*x.shape[:-1], -1, self.attention_head_size).transpose(1, 2)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, **kwargs):
+                encoder_attention_mask=None, cache=None, past_key_values=None, **kwargs):
         _no_probabilities(self, kwargs)
+        cache = _the_cache(cache, past_key_values)
         B, L = hidden_states.shape[:2]
         query = self._split(self.query(hidden_states))
         is_cross = encoder_hidden_states is not None
         current = encoder_hidden_states if is_cross else hidden_states
         mask = encoder_attention_mask if is_cross else attention_mask
-        if (is_cross and past_key_values is not None
-                and past_key_values.get_seq_length(self.layer_idx) > 0):
-            key = past_key_values.layers[self.layer_idx].keys
-            value = past_key_values.layers[self.layer_idx].values
+        if is_cross and cache is not None and cache.get_seq_length(self.layer_idx) > 0:
+            key = cache.layers[self.layer_idx].keys
+            value = cache.layers[self.layer_idx].values
         else:
             key, value = self._split(self.key(current)), self._split(self.value(current))
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, self.layer_idx)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
         out, _ = attention_forward(self, query, key, value, mask,
                                    dropout=self.dropout_p if self.training else 0.0,
                                    scaling=1.0 / math.sqrt(self.attention_head_size))
@@ -408,7 +418,19 @@ def patch(model: nn.Module) -> nn.Module:
         else:
             _patch_bigbird(child)
     if any(family == "t5" for *_, family in found) and hasattr(model, "set_attn_implementation"):
-        from . import NAME, register
-        register()
-        model.set_attn_implementation(NAME)
+        _use_attnkit_masks(model)
     return model
+
+
+def _use_attnkit_masks(model: nn.Module) -> None:
+    """Switch ``model`` to the "attnkit" implementation, so that its masks arrive as attnkit
+    mask objects. T5's encoder and decoder stacks hold configs of their own, which some
+    transformers releases (5.15, 5.16) do not switch along with the model's: switch each."""
+    from . import NAME, register
+    register()
+    model.set_attn_implementation(NAME)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", NAME) != NAME and hasattr(
+                module, "set_attn_implementation"):
+            module.set_attn_implementation(NAME)
