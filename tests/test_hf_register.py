@@ -392,14 +392,67 @@ def test_sliding_window_reads_back_as_attnkits_window():
     assert type(m) is type(sliding_window(511, 0)) and (m.left, m.right) == (511, 0)
 
 
-def test_packed_sequences_read_back_as_documents():
-    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]])
-    packed = hf_masks.find_packed_sequence_indices(position_ids)
-    fn = hf_masks.packed_sequence_compatibility_function(
-        hf_masks.causal_mask_function, position_ids, packed)
-    kw = dict(batch_size=1, q_length=10, kv_length=10, mask_function=fn)
-    prepared = build_mask(**kw)
-    assert leaf_types(prepared.mask) == {"DocumentMask", "CausalMask"}
+def packed_mask(implementation: str, position_ids, sliding_window=None):
+    """The mask transformers' public ``create_causal_mask`` (or its sliding-window sibling)
+    builds for a packed batch (no padding mask, position ids restarting per document)
+    under ``implementation``. Arguments by position: the cache's keyword is
+    ``past_key_values`` before transformers 5.24 and ``cache`` after."""
+    config = transformers.MistralConfig(**DECODER_COMMON, sliding_window=sliding_window)
+    config._attn_implementation = implementation
+    embeds = torch.zeros(position_ids.shape[0], position_ids.shape[1], 4)
+    create = (hf_masks.create_causal_mask if sliding_window is None
+              else hf_masks.create_sliding_window_causal_mask)
+    return create(config, embeds, None, None, position_ids)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_sequences_read_back_as_documents(window):
+    """Packing as transformers detects it (position ids restart) reads back as attnkit's
+    document mask and the translation-invariant pattern inside each document."""
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2],
+                                 [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]])
+    prepared = packed_mask("attnkit", position_ids, window)
+    want = packed_mask("sdpa", position_ids, window)
+    assert isinstance(prepared, PreparedMask) and isinstance(want, torch.Tensor)
+    inner = "CausalMask" if window is None else "SlidingWindowMask"
+    assert leaf_types(prepared.mask) == {"DocumentMask", inner}
+    torch.testing.assert_close(ours_dense(prepared, 2), want.expand(2, 1, 11, 11))
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_packed_sequences_equal_eager(name, calls):
+    """A packed batch (no attention_mask; position_ids restart at each document; no cache,
+    as in training, which is when transformers detects packing) through a whole model:
+    every token equals eager, and documents do not see each other."""
+    eager, ours = build_pair(*DECODERS[name])
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+                                 [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+    ids = torch.randint(3, 128, position_ids.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = eager(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        got = ours(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        alone = eager(input_ids=ids[:1, 7:], position_ids=position_ids[:1, 7:],
+                      use_cache=False).logits
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got[:1, 7:], alone, **TOL)  # the second document alone
+    assert all("DocumentMask" in leaf_types(c["attn_mask"]) for c in calls)
+
+
+def test_a_misread_mask_falls_back_to_transformers_function(monkeypatch):
+    """If what a factory's closure is read back as disagrees with what the function
+    computes (a transformers release that changed its meaning), the mask is evaluated
+    from transformers' own function instead: exact, with a warning."""
+    fn = hf_masks.sliding_window_causal_mask_function(4)
+    from attnkit.integrations.hf import mask_interface
+    mask_interface.translate_mask_function(fn)  # learn the factories' closures
+    readers = dict(mask_interface._READERS)
+    code = hf_masks.sliding_window_overlay(4).__code__
+    readers[code] = lambda values: sliding_window(5, 0)  # an off-by-two misreading
+    monkeypatch.setattr(mask_interface, "_READERS", readers)
+    kw = dict(batch_size=1, q_length=12, kv_length=12, mask_function=fn)
+    with pytest.warns(RuntimeWarning, match="disagree"):
+        prepared = build_mask(**kw)
+    assert isinstance(prepared.mask, HFMaskFunction)
     torch.testing.assert_close(ours_dense(prepared, 1), hf_dense(**kw))
 
 

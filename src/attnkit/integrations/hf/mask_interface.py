@@ -27,14 +27,15 @@ position-relative masks are then moved by the difference (:class:`Shifted`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import masking_utils as hf_masks
 
-from ...masks import (CausalMask, KeyPaddingMask, Mask, SlidingWindowMask, causal, document,
-                      sliding_window)
+from ...masks import (CausalMask, DocumentMask, Grid, KeyPaddingMask, Mask, SlidingWindowMask,
+                      causal, document, sliding_window)
 
 __all__ = ["PreparedMask", "KeyPadding", "Shifted", "HFMaskFunction", "build_mask",
            "translate_mask_function"]
@@ -67,6 +68,11 @@ class PreparedMask:
 
 
 KeyPadding = KeyPaddingMask  # per-key padding anywhere (left, right, holes)
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
 
 
 class Shifted(Mask):
@@ -110,41 +116,146 @@ class HFMaskFunction(Mask):
 
 
 # ------------------------------------------------------------------ reading patterns back
+#
+# transformers describes a mask as a closure made by one of the public factories of
+# ``masking_utils`` (``and_masks``, ``sliding_window_overlay``, ...). A closure is
+# recognised by its code object, which every closure a factory makes shares: we call each
+# public factory once on dummy arguments and remember the code of what it returns. Its
+# parameters are the values the closure captured, told apart by type (the window is an
+# int, the packed-sequence ids a tensor, the parts of ``and_masks`` a tuple of
+# functions). Nothing depends on the names of transformers' private inner functions or
+# variables, and a factory missing from an installed version is simply not recognised.
+# Whatever is read back is then checked against transformers' own function on sample
+# rows (:func:`_agrees`): a factory whose meaning changed falls back to evaluating
+# transformers' function, exactly, instead of being misread.
 
 class _Unknown:
     """A mask function the translation does not recognise."""
+
+    def __repr__(self):
+        return "UNKNOWN"
 
 
 UNKNOWN = _Unknown()
 
 
-def _cells(fn) -> dict:
-    """The variables a closure captured, by name."""
-    code = getattr(fn, "__code__", None)
-    if code is None or not fn.__closure__:
-        return {}
-    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__)}
+class _NotRead(Exception):
+    """A recognised closure whose captured values are not what its factory captures."""
 
 
-def _and(a, b):
-    """Intersection; None means 'every key' and is the identity."""
-    if a is UNKNOWN or b is UNKNOWN:
+@dataclass(frozen=True)
+class _Remapped:
+    """``remap_positions_for_packed_sequence(inner, position_ids)``: ``inner`` evaluated on
+    positions inside each packed sequence. Only meaningful and-ed with that packing's
+    document mask (see :func:`_and_all`)."""
+
+    inner: object
+
+
+def _captured(fn) -> list:
+    """The values a closure captured."""
+    return [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())]
+
+
+def _one(values: list, kind):
+    """The only captured value of type ``kind``."""
+    found = [v for v in values if isinstance(v, kind) and not isinstance(v, bool)]
+    if len(found) != 1:
+        raise _NotRead
+    return found[0]
+
+
+def _functions(values: list) -> tuple:
+    """The mask functions ``and_masks`` / ``or_masks`` captured."""
+    parts = _one(values, (tuple, list))
+    if not all(callable(p) for p in parts):
+        raise _NotRead
+    return tuple(parts)
+
+
+def _and_all(parts: list):
+    """Intersection of translated parts; None means 'every key' and is the identity. A
+    :class:`_Remapped` part is its inner pattern when a document mask is and-ed with it
+    (inside one packed sequence, remapped positions differ by the same amounts as the
+    indices, so a translation-invariant pattern is unchanged); otherwise unknown."""
+    if any(p is UNKNOWN for p in parts):
         return UNKNOWN
-    if a is None or b is None:
-        return b if a is None else a
-    for x, y in ((a, b), (b, a)):
-        if isinstance(x, CausalMask) and isinstance(y, SlidingWindowMask):
-            return sliding_window(y.left, min(y.right, 0))
-    return a & b
+    has_documents = any(isinstance(p, DocumentMask) for p in parts)
+    out = None
+    for p in parts:
+        if isinstance(p, _Remapped):
+            if not has_documents or not (p.inner is None or p.inner.relative):
+                return UNKNOWN
+            p = p.inner
+        if p is None:
+            continue
+        if out is None:
+            out = p
+        elif isinstance(out, CausalMask) and isinstance(p, SlidingWindowMask):
+            out = sliding_window(p.left, min(p.right, 0))
+        elif isinstance(p, CausalMask) and isinstance(out, SlidingWindowMask):
+            out = sliding_window(out.left, min(out.right, 0))
+        else:
+            out = out & p
+    return out
 
 
-def _or(a, b):
-    """Union; None ('every key') absorbs."""
-    if a is UNKNOWN or b is UNKNOWN:
+def _or_all(parts: list):
+    """Union; None ('every key') absorbs; an empty union allows nothing (unknown here)."""
+    if not parts or any(p is UNKNOWN or isinstance(p, _Remapped) for p in parts):
         return UNKNOWN
-    if a is None or b is None:
+    if any(p is None for p in parts):
         return None
-    return a | b
+    out = parts[0]
+    for p in parts[1:]:
+        out = out | p
+    return out
+
+
+def _readers() -> dict:
+    """code object of a public factory's closures -> reader(captured values)."""
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    f = hf_masks.causal_mask_function
+    table = [
+        ("and_masks", (f, f), lambda v: _and_all([_translate(p) for p in _functions(v)])),
+        ("or_masks", (f, f), lambda v: _or_all([_translate(p) for p in _functions(v)])),
+        # kv_idx > q_idx - W: the W - 1 keys before the query and everything after
+        ("sliding_window_overlay", (2,),
+         lambda v: SlidingWindowMask(_one(v, int) - 1, _UNBOUNDED)),
+        ("sliding_window_bidirectional_overlay", (2,),
+         lambda v: sliding_window(_one(v, int), _one(v, int))),
+        ("packed_sequence_mask_function", (ids,), lambda v: document(_one(v, Tensor))),
+        ("remap_positions_for_packed_sequence", (f, ids),
+         lambda v: _Remapped(_translate(_one(v, type(f))))),
+    ]
+    readers = {}
+    for name, args, reader in table:
+        factory = getattr(hf_masks, name, None)
+        try:
+            code = factory(*args).__code__
+        except Exception:  # pragma: no cover - a factory this version lacks or changed
+            continue
+        readers[code] = reader
+    return readers
+
+
+_READERS: dict = {}
+
+
+def _translate(fn):
+    if fn is hf_masks.causal_mask_function:
+        return causal()
+    if fn is hf_masks.bidirectional_mask_function:
+        return None
+    if not _READERS:
+        _READERS.update(_readers())
+    reader = _READERS.get(getattr(fn, "__code__", None))
+    if reader is None:
+        return UNKNOWN
+    try:
+        return reader(_captured(fn))
+    except _NotRead:
+        return UNKNOWN
 
 
 def translate_mask_function(fn):
@@ -160,39 +271,38 @@ def translate_mask_function(fn):
     packed sequences (``position_ids`` restart)  ``document(ids) & <inner pattern>``
     ``and_masks`` / ``or_masks``                 ``&`` / ``|``
     """
-    if fn is hf_masks.causal_mask_function:
-        return causal()
-    if fn is hf_masks.bidirectional_mask_function:
-        return None
-    if getattr(fn, "__module__", None) != hf_masks.__name__:
-        return UNKNOWN
-    name, cells = getattr(fn, "__qualname__", ""), _cells(fn)
-    if name == "and_masks.<locals>.and_mask":
-        out = None
-        for part in cells["mask_functions"]:
-            out = _and(out, translate_mask_function(part))
-        return out
-    if name == "or_masks.<locals>.or_mask":
-        parts = [translate_mask_function(p) for p in cells["mask_functions"]]
-        if not parts:  # transformers starts an or from False: nothing allowed
-            return UNKNOWN
-        out = parts[0]
-        for part in parts[1:]:
-            out = _or(out, part)
-        return out
-    if name == "sliding_window_overlay.<locals>.inner_mask":
-        # kv_idx > q_idx - W: the W - 1 keys before the query and everything after
-        return SlidingWindowMask(cells["sliding_window"] - 1, _UNBOUNDED)
-    if name == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
-        return sliding_window(cells["sliding_window"], cells["sliding_window"])
-    if name == "packed_sequence_mask_function.<locals>.inner_mask":
-        return document(cells["packed_sequence_mask"])
-    if name == "remap_positions_for_packed_sequence.<locals>.inner_mask":
-        # transformers only builds this and-ed with the packed-sequence mask above, and
-        # inside one packed sequence the remapped positions differ by the same amounts as
-        # the indices (a sequence is a run of position ids increasing by 1)
-        return translate_mask_function(cells["mask_function"])
-    return UNKNOWN
+    out = _translate(fn)
+    return UNKNOWN if isinstance(out, _Remapped) else out
+
+
+def _probe_rows(q_length: int) -> Tensor:
+    """The query rows :func:`_agrees` compares: both ends, the middle, and rows spread
+    evenly in between."""
+    rows = torch.linspace(0, q_length - 1, min(q_length, 16)).round().long()
+    extra = torch.tensor([0, 1, q_length // 2, q_length - 2, q_length - 1])
+    return torch.cat([rows, extra]).clamp(0, q_length - 1).unique()
+
+
+def _agrees(pattern, fn, batch_size: int, q_length: int, kv_length: int, q_offset: int,
+            kv_offset: int, device) -> bool:
+    """Whether the attnkit ``pattern`` allows the same keys as transformers' ``fn`` on
+    sample query rows (every batch element, every key)."""
+    rows = _probe_rows(q_length).to(device)
+    b = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    k = torch.arange(kv_length, device=device).view(1, 1, 1, -1)
+    try:
+        want = fn(b, h, rows.view(1, 1, -1, 1) + q_offset, k + kv_offset)
+    except Exception:  # transformers' own function cannot be probed here: do not trust
+        return False
+    want = torch.as_tensor(want, device=device).to(torch.bool)
+    want = want.expand(batch_size, 1, rows.numel(), kv_length)
+    if pattern is None:
+        return bool(want.all())
+    grid = Grid(q_length, kv_length, device)
+    pos = rows.view(1, 1, -1, 1) + grid.q_offset
+    got = pattern.mask_mod(grid, b, h, pos, k).to(torch.bool)
+    return bool((got == want).all())
 
 
 def _key_padding(attention_mask: Tensor | None, kv_length: int, kv_offset: int):
@@ -235,12 +345,20 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_of
                                    use_vmap=True, device=device)
         return PreparedMask(dense, q_length, kv_length)
     pattern = translate_mask_function(mask_function)
-    if pattern is UNKNOWN:
-        pattern = HFMaskFunction(mask_function, batch_size, q_offset, kv_offset)
-    else:
+    if pattern is not UNKNOWN:
         delta = (q_offset - kv_offset) - (kv_length - q_length)
         if pattern is not None and delta != 0:
             pattern = Shifted(pattern, delta)
+        if not _agrees(pattern, mask_function, batch_size, q_length, kv_length, q_offset,
+                       kv_offset, device):
+            warnings.warn(f"attnkit read transformers' mask function as {pattern!r}, but the "
+                          f"two disagree; evaluating transformers' function tile by tile "
+                          f"instead (exact, without skipping blocks). Please report this "
+                          f"with your transformers version ({_transformers_version()}).",
+                          RuntimeWarning, stacklevel=2)
+            pattern = UNKNOWN
+    if pattern is UNKNOWN:
+        pattern = HFMaskFunction(mask_function, batch_size, q_offset, kv_offset)
     keep = _key_padding(attention_mask, kv_length, kv_offset)
     if keep is not None:
         pad = KeyPadding(keep.to(device))
