@@ -1,7 +1,38 @@
+import re
+
 import pytest
 import torch
 
 from attnkit.backends import _fused
+
+
+# ------------------------------------------------------------------ the `hf` marker
+
+#: a test module that imports transformers (at the top, inside a test, or through
+#: pytest.importorskip) checks attnkit against it
+_IMPORTS_TRANSFORMERS = re.compile(
+    r"^\s*(from transformers\b|import transformers\b)|importorskip\(\s*[\"']transformers",
+    re.MULTILINE)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test of a module that imports transformers as ``hf``: CI runs
+    ``pytest -m hf`` again on the lowest transformers release the project supports."""
+    facing = {}
+    for item in items:
+        path = item.path
+        if path not in facing:
+            facing[path] = bool(_IMPORTS_TRANSFORMERS.search(path.read_text(encoding="utf-8")))
+        if facing[path]:
+            item.add_marker(pytest.mark.hf)
+
+
+def pytest_report_header(config):
+    try:
+        import transformers
+    except ImportError:
+        return f"torch {torch.__version__}, transformers not installed"
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 @pytest.fixture(autouse=True)

@@ -239,7 +239,7 @@ def test_t5_outputs_equal_unpatched(t5_pair, side, no_hf_attention, monkeypatch)
 
 
 @pytest.mark.parametrize("side,cache", [("right", "dynamic"), ("left", "dynamic"),
-                                        ("left", "static")])
+                                        ("right", "static"), ("left", "static")])
 def test_t5_greedy_generation_with_cache_equals_unpatched(t5_pair, side, cache,
                                                           no_hf_attention, monkeypatch):
     reference, model = t5_pair
@@ -268,6 +268,31 @@ def test_t5_greedy_generation_with_cache_equals_unpatched(t5_pair, side, cache,
     assert all(o[1] == 1 for o in decoder)
     if cache == "dynamic":
         assert [o[2] for o in decoder] == list(range(1, 11))  # keys: the cache so far
+
+
+def test_patched_modules_take_the_cache_under_either_name(t5_pair):
+    """transformers 5.24 renamed the attention modules' ``past_key_values`` keyword to
+    ``cache`` (the old name deprecated until 5.40): a patched module reads its past under
+    both names, so it decodes the same whichever release calls it."""
+    from transformers.cache_utils import DynamicCache
+    _, model = t5_pair
+    layer = model.decoder.block[0].layer[0].SelfAttention
+    x = torch.randn(2, 5, 64)
+
+    def decode(name):
+        cache = DynamicCache()
+        with torch.no_grad():
+            layer(x[:, :4], **{name: cache})
+            return layer(x[:, 4:], **{name: cache})[0], cache.get_seq_length(0)
+
+    (new, n_new), (old, n_old) = decode("cache"), decode("past_key_values")
+    assert n_new == n_old == 5  # both appended to the cache they were given
+    torch.testing.assert_close(new, old, atol=0, rtol=0)
+    with torch.no_grad():  # the last token, decoded with its past, equals a full pass
+        full = layer(x, mask=None)[0][:, 4:]
+    torch.testing.assert_close(new, full, **TOL)
+    with pytest.raises(ValueError, match="cache.*past_key_values"):
+        layer(x, cache=DynamicCache(), past_key_values=DynamicCache())
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

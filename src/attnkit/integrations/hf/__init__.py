@@ -12,7 +12,7 @@ causal, sliding window, padding, packed sequences), so masks arrive as attnkit m
 objects instead of dense (B, 1, L, S) tensors. Outputs equal "eager" at every position
 that is not padding.
 
-Needs ``transformers>=5`` (``pip install attnkit[hf]``).
+Needs ``transformers>=5.15,<6`` (from a checkout: ``pip install -e ".[hf]"``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from __future__ import annotations
 try:
     import transformers as _transformers
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("attnkit.integrations.hf needs transformers>=5,<6: "
-                      "pip install 'attnkit[hf]'") from err
+    raise ImportError("attnkit.integrations.hf needs transformers>=5.15,<6: from a checkout "
+                      "of attnkit, pip install -e '.[hf]'") from err
 
-if int(_transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
-    raise ImportError(f"attnkit.integrations.hf needs transformers>=5,<6, found "
+if tuple(int(x) for x in _transformers.__version__.split(".")[:2]) < (5, 15):  # pragma: no cover
+    raise ImportError(f"attnkit.integrations.hf needs transformers>=5.15,<6, found "
                       f"{_transformers.__version__}")
 
 from .attention import attention_forward
