@@ -476,7 +476,7 @@ def test_custom_vmap_patterns_are_drawn_by_transformers():
 def _check_block_states(mask, L, S, block):
     """Every FULL block is all True and every EMPTY block all False."""
     grid = Grid(L, S)
-    edges_q = list(range(S - L, S, block)) + [S]
+    edges_q = list(range(0, L, block)) + [L]  # blocks of query rows
     edges_k = list(range(0, S, block)) + [S]
     q_lo = torch.tensor(edges_q[:-1]).view(-1, 1)
     q_hi = torch.tensor(edges_q[1:]).view(-1, 1)
@@ -491,7 +491,7 @@ def _check_block_states(mask, L, S, block):
     seen = set()
     for i in range(q_lo.shape[0]):
         for j in range(k_lo.shape[1]):
-            block = dense[..., q_lo[i, 0] - (S - L):q_hi[i, 0] - (S - L), k_lo[0, j]:k_hi[0, j]]
+            block = dense[..., q_lo[i, 0]:q_hi[i, 0], k_lo[0, j]:k_hi[0, j]]
             st = states[..., i, j].expand(block.shape[:2])
             for b in range(block.shape[0]):
                 s = int(st[b, 0])

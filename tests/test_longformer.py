@@ -167,14 +167,14 @@ def test_mask_materialize_block_states_and_engine_agree(case):
     from attnkit.masks import EMPTY, FULL, Grid
     grid = Grid(L, L + G)
     bq, bk = ri(1, 7), ri(1, 7)
-    qb = list(range(G, G + L, bq)) + [G + L]
+    qb = list(range(0, L, bq)) + [L]  # blocks of query rows
     kb = list(range(0, L + G, bk)) + [L + G]
     st = m.block_states(grid, torch.tensor(qb[:-1]).view(-1, 1), torch.tensor(qb[1:]).view(-1, 1),
                         torch.tensor(kb[:-1]).view(1, -1), torch.tensor(kb[1:]).view(1, -1))
     st = st.expand(B, dense.shape[1], len(qb) - 1, len(kb) - 1)
     for i in range(len(qb) - 1):
         for j in range(len(kb) - 1):
-            blk = dense.expand_as(want)[:, :, qb[i] - G:qb[i + 1] - G, kb[j]:kb[j + 1]]
+            blk = dense.expand_as(want)[:, :, qb[i]:qb[i + 1], kb[j]:kb[j + 1]]
             for b in range(B):
                 for h in range(blk.shape[1]):
                     s = int(st[b, h, i, j])

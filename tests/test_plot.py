@@ -89,7 +89,7 @@ BAD = [
     ("sliding_window:left", "expected key=value"),
     ("sliding_window:left=a", "must be an integer"),
     ("sliding_window:left=1+2", "takes one integer"),
-    ("sliding_window:left=-1", "must be >= 0"),
+    ("dilated:left=-1", "must be >= 0"),
     ("sliding_window:left=1,left=2", "given twice"),
     ("dilated:dilation=0", "dilation must be >= 1"),
     ("bigbird:window=2", "must be odd"),

@@ -205,7 +205,7 @@ def test_position_term_tiles_equal_dense_relative_shift():
     allowed = torch.arange(S).view(1, S) <= M + torch.arange(L).view(L, 1)
     close(dense[..., allowed], shifted[..., allowed])
     for q0, q1, k0, k1 in ((M, M + 3, 0, 4), (M + 2, S, 3, S), (M + 6, S, 0, S)):
-        t = term.tile(term_grid(L, S), q0, q1, k0, k1)
+        t = term.tile(term_grid(L, S), q0 - M, q1 - M, k0, k1)  # query rows
         ok = allowed[q0 - M:q1 - M, k0:k1]
         close(t[..., ok], dense[:, :, q0 - M:q1 - M, k0:k1][..., ok])
 

@@ -7,11 +7,18 @@ the optional softcap, before the softmax. Biases are never scaled.
 Protocol, mirroring masks:
 
 * ``score_mod(grid, b, h, q, k, *params)``: the elementwise rule on broadcasting index
-  tensors (FlexAttention's ``score_mod`` minus the score);
-* ``tile(grid, q0, q1, k0, k1, params)``: the float block ``(B|1, H|1, q1-q0, k1-k0)``;
+  tensors of query positions and keys (FlexAttention's ``score_mod`` minus the score);
+* ``at(grid, b, h, i, k, *params)``: the rule at query *rows* i (the grid turns rows into
+  positions); ``tile(grid, r0, r1, k0, k1, params)``: the float block
+  ``(B|1, H|1, r1-r0, k1-k0)`` for query rows r0..r1-1. Biases defined on rows (a dense
+  tensor) override these two instead of ``score_mod``;
 * ``params``: the tensors the bias is a function of. The chunked engine passes them
   through its autograd function, so a learned bias (T5's embedding, learnable ALiBi
   slopes) gets its gradient without a dense (L, S) tensor.
+
+Bias arithmetic runs in ``grid.dtype``, the input's accumulation type (float64 for
+float64 inputs, float32 for float32 and half precision): a float32 slope times a float64
+distance is formed in float64.
 """
 
 from __future__ import annotations
@@ -41,16 +48,28 @@ class Bias:
     def params(self) -> tuple[Tensor, ...]:
         return ()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the bias's own numbers (what :meth:`materialize` returns)."""
+        floats = [p.dtype for p in self.params if p.is_floating_point()]
+        return floats[0] if floats else torch.float32
+
     def score_mod(self, grid: Grid, b, h, q, k, *params) -> Tensor:
         raise NotImplementedError
 
-    def tile(self, grid: Grid, q0: int, q1: int, k0: int, k1: int, params=None) -> Tensor:
+    def at(self, grid: Grid, b, h, i, k, *params) -> Tensor:
+        """The bias at query rows ``i`` (broadcasting index tensors)."""
+        return self.score_mod(grid, b, h, grid.position(b, i), k, *params)
+
+    def tile(self, grid: Grid, r0: int, r1: int, k0: int, k1: int, params=None) -> Tensor:
+        """Float block (B|1, H|1, r1-r0, k1-k0) in ``grid.dtype`` for query rows r0..r1-1."""
         params = self.params if params is None else params
-        b = torch.arange(self.batch_size or 1, device=grid.device).view(-1, 1, 1, 1)
+        b = torch.arange(self.batch_size or grid.batch_size or 1,
+                         device=grid.device).view(-1, 1, 1, 1)
         h = torch.arange(self.num_heads or 1, device=grid.device).view(1, -1, 1, 1)
-        q = grid.positions(q0, q1).view(1, 1, -1, 1)
+        i = torch.arange(r0, r1, device=grid.device).view(1, 1, -1, 1)
         k = grid.keys(k0, k1).view(1, 1, 1, -1)
-        return _as_4d(self.score_mod(grid, b, h, q, k, *params))
+        return _as_4d(self.at(grid, b, h, i, k, *params)).to(grid.dtype)
 
     def validate(self, grid: Grid) -> None:
         """Raise ValueError when the bias cannot describe this grid."""
@@ -58,10 +77,10 @@ class Bias:
     def materialize(self, q_len: int, k_len: int | None = None, device=None) -> Tensor:
         """Dense float bias (B|1, H|1, L, S), for pictures and tests."""
         k_len = q_len if k_len is None else k_len
-        grid = Grid(int(q_len), int(k_len), torch.device(device or "cpu"))
+        grid = Grid(int(q_len), int(k_len), torch.device(device or "cpu"),
+                    dtype=torch.promote_types(self.dtype, torch.float32))
         self.validate(grid)
-        off = grid.q_offset
-        t = self.tile(grid, off, off + q_len, 0, k_len)
+        t = self.tile(grid, 0, q_len, 0, k_len)
         return t.expand(*t.shape[:2], q_len, k_len).clone()
 
     def __add__(self, other: "Bias") -> "Bias":
@@ -91,46 +110,68 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
 
 class ALiBi(Bias):
-    """Attention with Linear Biases: adds ``-slope[h] * |p - j|``."""
+    """Attention with Linear Biases: adds ``-slope[h] * |p - j|``; ``slopes`` is
+    (num_heads,), or (B, num_heads) for one set of slopes per batch element."""
     relative = True
 
     def __init__(self, slopes: Tensor):
-        if not isinstance(slopes, Tensor) or slopes.dim() != 1 or not slopes.is_floating_point():
-            raise TypeError(f"slopes must be a 1-D float tensor, got {slopes!r}")
+        if not isinstance(slopes, Tensor) or slopes.dim() not in (1, 2) or \
+                not slopes.is_floating_point():
+            raise TypeError(f"slopes must be a float tensor (num_heads,) or (batch, num_heads), "
+                            f"got {getattr(slopes, 'dtype', type(slopes).__name__)} of shape "
+                            f"{tuple(getattr(slopes, 'shape', ()))}")
         self.slopes = slopes
-        self.num_heads = slopes.numel()
+        self.num_heads = slopes.shape[-1]
+        if slopes.dim() == 2 and slopes.shape[0] > 1:
+            self.batch_size = slopes.shape[0]
 
     @property
     def params(self):
         return (self.slopes,)
 
-    def tile(self, grid, q0, q1, k0, k1, params=None):
+    def _slopes(self, grid, slopes) -> Tensor:
+        """(B|1, H, 1, 1) slopes in the grid's dtype."""
+        return slopes.to(grid.device, grid.dtype).reshape(-1, slopes.shape[-1], 1, 1)
+
+    def tile(self, grid, r0, r1, k0, k1, params=None):
         """-slope[h] * |p - j| is constant along diagonals: scale the nq + nk - 1 distinct
-        offsets once per head and spread them over the (1, H, nq, nk) tile, row-major."""
+        offsets once per head and spread them over the (B|1, H, nq, nk) tile, row-major."""
         (slopes,) = self.params if params is None else params
+        if not grid.affine:
+            return super().tile(grid, r0, r1, k0, k1, (slopes,))
+        q0, q1 = r0 + grid.q_offset, r1 + grid.q_offset
         nq, nk = q1 - q0, k1 - k0
-        offsets = torch.arange(k0 - (q1 - 1), k1 - q0, device=grid.device).to(slopes.dtype)
-        values = (-slopes.to(grid.device).view(-1, 1) * offsets.abs()).contiguous()
-        band = values.as_strided((values.shape[0], nq, nk), (values.shape[1], 1, 1))
-        return band.flip(1).contiguous().unsqueeze(0)
+        offsets = torch.arange(k0 - (q1 - 1), k1 - q0, device=grid.device).to(grid.dtype)
+        sl = self._slopes(grid, slopes)
+        values = (-sl[:, :, 0] * offsets.abs()).contiguous()          # (B|1, H, nq + nk - 1)
+        band = values.as_strided((*values.shape[:2], nq, nk),
+                                 (values.stride(0), values.stride(1), 1, 1))
+        return band.flip(2).contiguous()
 
     def score_mod(self, grid, b, h, q, k, slopes):
-        s = slopes.to(grid.device)
-        s = s[h] if s.numel() > 1 else s[torch.zeros_like(h)]
-        return -s * (q - k).abs()
+        sl = self._slopes(grid, slopes)[:, :, 0, 0]                     # (B|1, H)
+        s = sl[b if sl.shape[0] > 1 else torch.zeros_like(b), h if sl.shape[1] > 1 else
+               torch.zeros_like(h)]
+        return -s * (q - k).abs().to(grid.dtype)
 
     def __repr__(self):
+        if self.slopes.dim() == 2:
+            return f"alibi({self.num_heads}, slopes per batch {tuple(self.slopes.shape)})"
         return f"alibi({self.num_heads})"
 
 
 def alibi(num_heads: int, slopes: Tensor | None = None) -> ALiBi:
-    """ALiBi bias object for ``num_heads`` heads (slopes from :func:`alibi_slopes`)."""
+    """ALiBi bias object for ``num_heads`` heads (slopes from :func:`alibi_slopes`);
+    ``slopes`` may be given as (num_heads,) or (batch, num_heads)."""
+    if slopes is not None and isinstance(slopes, Tensor) and slopes.shape[-1:] != (num_heads,):
+        raise ValueError(f"slopes must have num_heads = {num_heads} entries in the last "
+                         f"dimension, got shape {tuple(slopes.shape)}")
     return ALiBi(alibi_slopes(num_heads) if slopes is None else slopes)
 
 
 class TensorBias(Bias):
-    """A dense float tensor (B|1, H|1, L|1, S|1) added to the scores. Internal: the
-    functional API wraps float ``attn_mask`` and ``bias`` tensors in it."""
+    """A dense float tensor (B|1, H|1, L|1, S|1) added to the scores, indexed by query row.
+    Internal: the functional API wraps float ``attn_mask`` and ``bias`` tensors in it."""
 
     def __init__(self, bias: Tensor, may_mask: bool = False):
         if bias.dim() != 4 or not bias.is_floating_point():
@@ -144,21 +185,26 @@ class TensorBias(Bias):
     def params(self):
         return (self.bias,)
 
-    def tile(self, grid, q0, q1, k0, k1, params=None):
+    def tile(self, grid, r0, r1, k0, k1, params=None):
         t = self.bias if params is None else params[0]
-        off = grid.q_offset
         if t.shape[2] > 1:
-            t = t[:, :, q0 - off:q1 - off]
+            t = t[:, :, r0:r1]
         if t.shape[3] > 1:
             t = t[:, :, :, k0:k1]
-        return t
+        return t.to(grid.dtype)
 
-    def score_mod(self, grid, b, h, q, k, t):
+    def at(self, grid, b, h, i, k, t):
         bi = b if t.shape[0] > 1 else torch.zeros_like(b)
         hi = h if t.shape[1] > 1 else torch.zeros_like(h)
-        qi = q - grid.q_offset if t.shape[2] > 1 else torch.zeros_like(q)
+        qi = i if t.shape[2] > 1 else torch.zeros_like(i)
         ki = k if t.shape[3] > 1 else torch.zeros_like(k)
-        return t[bi, hi, qi, ki]
+        return t[bi, hi, qi, ki].to(grid.dtype)
+
+    def score_mod(self, grid, b, h, q, k, t):
+        if not grid.affine:
+            raise NotImplementedError("a tensor bias is indexed by query rows; with per-row "
+                                      "positions evaluate it with at() or tile()")
+        return self.at(grid, b, h, q - grid.q_offset, k, t)
 
     def __repr__(self):
         return f"TensorBias({tuple(self.bias.shape)})"
@@ -185,13 +231,20 @@ class SumBias(Bias):
         n = len(self.a.params)
         return params[:n], params[n:]
 
-    def tile(self, grid, q0, q1, k0, k1, params=None):
+    def tile(self, grid, r0, r1, k0, k1, params=None):
         pa, pb = self._split(self.params if params is None else params)
-        return self.a.tile(grid, q0, q1, k0, k1, pa) + self.b.tile(grid, q0, q1, k0, k1, pb)
+        return (self.a.tile(grid, r0, r1, k0, k1, pa).to(grid.dtype)
+                + self.b.tile(grid, r0, r1, k0, k1, pb).to(grid.dtype))
+
+    def at(self, grid, b, h, i, k, *params):
+        pa, pb = self._split(params)
+        return (self.a.at(grid, b, h, i, k, *pa).to(grid.dtype)
+                + self.b.at(grid, b, h, i, k, *pb).to(grid.dtype))
 
     def score_mod(self, grid, b, h, q, k, *params):
         pa, pb = self._split(params)
-        return self.a.score_mod(grid, b, h, q, k, *pa) + self.b.score_mod(grid, b, h, q, k, *pb)
+        return (self.a.score_mod(grid, b, h, q, k, *pa).to(grid.dtype)
+                + self.b.score_mod(grid, b, h, q, k, *pb).to(grid.dtype))
 
     def validate(self, grid):
         self.a.validate(grid)

@@ -117,7 +117,7 @@ def _dense_size(mask: Mask | None, B: int, H: int, L: int, S: int) -> int:
     return (B if mask.batch_size else 1) * (H if mask.num_heads else 1) * L * S
 
 
-def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool) -> str:
+def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool, grid: Grid) -> str:
     """``auto``: torch SDPA when the inputs are dense or a cheap dense mask says it all,
     the chunked engine when something would cost more dense than tiled."""
     if needs_chunked or (bias is not None and not isinstance(bias, TensorBias)):
@@ -130,20 +130,20 @@ def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool) -> str:
         return "torch"
     if hasattr(mask, "residue_classes"):  # dilated: sliding windows on strided views
         return "chunked"
-    if allowed_fraction(mask, L, S) <= SPARSE_FRACTION:
+    if allowed_fraction(mask, L, S, grid=grid) <= SPARSE_FRACTION:
         return "chunked"
     return "torch" if _dense_size(mask, B, Hq, L, S) <= DENSE_MASK_LIMIT else "chunked"
 
 
-def allowed_fraction(mask: Mask, L: int, S: int, tile: int = _DENSITY_TILE) -> float:
+def allowed_fraction(mask: Mask, L: int, S: int, tile: int = _DENSITY_TILE,
+                     grid: Grid | None = None) -> float:
     """Share of the (tile x tile) blocks of the (L, S) score grid that ``mask`` does not
     rule out (in any batch element or head), read from ``block_states`` without drawing
     the mask."""
-    off = S - L
-    q = torch.arange(off, off + L, tile)
+    grid = Grid(L, S) if grid is None else grid
+    r = torch.arange(0, L, tile)
     k = torch.arange(0, S, tile)
-    states = mask.block_states(Grid(L, S), q.view(-1, 1),
-                               torch.minimum(q + tile, torch.tensor(off + L)).view(-1, 1),
+    states = mask.block_states(grid, r.view(-1, 1), (r + tile).clamp(max=L).view(-1, 1),
                                k.view(1, -1), (k + tile).clamp(max=S).view(1, -1))
     states = states.reshape(-1, *states.shape[-2:]).amax(0)
     return float((states != EMPTY).float().mean())
@@ -236,7 +236,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise TypeError(f"bias must be a tensor or an attnkit bias, got {type(bias).__name__}")
     if bias is not None:
         add = bias if add is None else add + bias
-    grid = Grid(L, S, query.device)
+    # where the query rows sit (a ragged or packed mask may put them per row), and the
+    # dtype bias arithmetic runs in: the input's accumulation type
+    positions = None if mask is None else mask.query_positions(L, S)
+    if positions is not None:
+        positions = positions.to(query.device)
+    grid = Grid(L, S, query.device, query_positions=positions,
+                dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)
     for obj, what in ((mask, "attn_mask"), (add, "bias")):
         if obj is not None:
             _check_dims(obj, what, B, Hq)
@@ -251,7 +257,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     # ---- pick the backend
     needs_chunked = (softcap is not None or sinks is not None or return_weights or return_lse)
     if backend == "auto":
-        backend = _choose_backend(mask, add, B, Hq, L, S, needs_chunked)
+        backend = _choose_backend(mask, add, B, Hq, L, S, needs_chunked, grid)
     elif backend == "torch":
         for name, given in (("softcap", softcap is not None), ("sinks", sinks is not None),
                             ("return_weights", return_weights), ("return_lse", return_lse)):
@@ -286,17 +292,20 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out, weights, lse = _empty(q, v, S, sinks)
     elif backend == "reference":
         out, weights, lse = reference_attention(q, k, v, mask=mask, bias=add, scale=scale,
-                                                softcap=softcap, sinks=sinks, dropout_p=dropout_p)
+                                                softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                                                grid=grid)
     elif backend == "chunked":
         out, weights, lse = chunked_attention(q, k, v, mask=mask, bias=add, scale=scale,
                                               softcap=softcap, sinks=sinks, dropout_p=dropout_p,
-                                              return_weights=return_weights)
+                                              return_weights=return_weights, grid=grid)
     elif backend == "torch":
-        out = torch_attention(q, k, v, mask=mask, bias=add, scale=scale, dropout_p=dropout_p)
+        out = torch_attention(q, k, v, mask=mask, bias=add, scale=scale, dropout_p=dropout_p,
+                              grid=grid)
     else:
         from .backends.flex import flex_attention_backend
         out, lse = flex_attention_backend(q, k, v, mask=mask, bias=add, scale=scale,
-                                          softcap=softcap, sinks=sinks, return_lse=return_lse)
+                                          softcap=softcap, sinks=sinks, return_lse=return_lse,
+                                          grid=grid)
 
     out = out.reshape(*batch, Hq, L, Dv)
     if not (return_weights or return_lse):

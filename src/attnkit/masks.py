@@ -2,17 +2,28 @@
 
 Every mask speaks in *positions*. Key ``j`` sits at position ``j``; query row ``i``
 sits at position ``p = i + (S - L)`` (bottom-right alignment, what KV-cache decoding
-needs). A mask answers three questions, from cheap to exact:
+needs), or at a position the mask itself declares per row (:meth:`Mask.query_positions`:
+a ragged batch puts each sequence's queries bottom-right against its own keys, packed
+cross-attention each document's). A mask describes its pattern in positions:
 
-* ``block_states(grid, q_lo, q_hi, k_lo, k_hi)``: for every rectangle of query
+* ``mask_mod(grid, b, h, q, k)``: the elementwise rule on broadcasting index tensors
+  (query positions ``q``, keys ``k``), FlexAttention's ``mask_mod`` with the grid bound in;
+* ``position_states(grid, q_lo, q_hi, k_lo, k_hi)``: for every rectangle of query
   positions ``[q_lo, q_hi)`` x keys ``[k_lo, k_hi)``, is it ``EMPTY`` (no entry
-  allowed), ``FULL`` (every entry allowed) or ``PARTIAL``? The chunked engine skips
-  empty tiles and runs full tiles without a mask, so cost follows what the mask allows.
-* ``tile(grid, q0, q1, k0, k1)``: the exact bool block ``(B|1, H|1, q1-q0, k1-k0)``.
-* ``mask_mod(grid, b, h, q, k)``: the elementwise rule on broadcasting index tensors,
-  FlexAttention's ``mask_mod`` with the grid bound in.
+  allowed), ``FULL`` (every entry allowed) or ``PARTIAL``?
 
-``True`` means "may attend", as in ``torch.nn.functional.scaled_dot_product_attention``.
+The engine asks in query *rows*, and :class:`Mask` turns rows into positions through the
+:class:`Grid`:
+
+* ``block_states(grid, r_lo, r_hi, k_lo, k_hi)``: the states of row blocks; the chunked
+  engine skips empty tiles and runs full tiles without a mask, so cost follows what the
+  mask allows;
+* ``tile(grid, r0, r1, k0, k1)``: the exact bool block ``(B|1, H|1, r1-r0, k1-k0)``;
+* ``at(grid, b, h, i, k)``: the elementwise rule at query rows ``i`` (gathered keys,
+  FlexAttention).
+
+Masks that are defined on rows rather than positions (a dense tensor) override these
+three. ``True`` means "may attend", as in ``torch.nn.functional.scaled_dot_product_attention``.
 Masks compose with ``&`` (both allow) and ``|`` (either allows); ``materialize(L, S)``
 draws the dense picture, for plots and tests only.
 """
@@ -29,7 +40,7 @@ from torch import Tensor
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Grid", "Mask",
     "causal", "padding", "key_padding", "sliding_window", "dilated", "global_tokens",
-    "block_sparse", "document", "bigbird", "KeyPaddingMask",
+    "block_sparse", "document", "packed", "bigbird", "KeyPaddingMask",
     "CausalMask", "PaddingMask", "SlidingWindowMask", "DilatedMask", "GlobalTokensMask",
     "BlockSparseMask", "BigBirdMask", "DocumentMask", "TensorMask", "AndMask", "OrMask",
     "bigbird_layout",
@@ -38,25 +49,68 @@ __all__ = [
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Grid:
     """The shape of one attention call as masks and biases see it.
 
-    ``q_len`` query rows, ``k_len`` keys; query row ``i`` sits at position
-    ``i + offset`` with ``offset = k_len - q_len`` unless given explicitly.
+    ``q_len`` query rows, ``k_len`` keys; key ``j`` sits at position ``j``. Query row
+    ``i`` sits at position ``i + q_offset``, with ``q_offset = k_len - q_len`` unless
+    ``offset`` is given, or, when ``query_positions`` (B|1, q_len) is given, at
+    ``query_positions[b, i]``. ``dtype`` is the dtype bias arithmetic runs in (the
+    input's accumulation type: float64 for float64 inputs, float32 otherwise).
     """
 
     q_len: int
     k_len: int
     device: torch.device = torch.device("cpu")
     offset: int | None = None
+    query_positions: Tensor | None = None
+    dtype: torch.dtype = torch.float32
 
     @property
     def q_offset(self) -> int:
+        """The position of query row 0 when every row has the same offset."""
         return self.k_len - self.q_len if self.offset is None else self.offset
 
-    def positions(self, q0: int, q1: int) -> Tensor:
-        return torch.arange(q0, q1, device=self.device)
+    @property
+    def affine(self) -> bool:
+        """Whether query row i sits at ``i + q_offset`` for every batch element."""
+        return self.query_positions is None
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size of per-sequence query positions (None: shared by the batch)."""
+        p = self.query_positions
+        return p.shape[0] if p is not None and p.shape[0] > 1 else None
+
+    def position(self, b: Tensor, i: Tensor) -> Tensor:
+        """Positions of query rows ``i`` in batch elements ``b`` (broadcasting)."""
+        if self.query_positions is None:
+            return i + self.q_offset
+        pos = self.query_positions
+        return pos[b if pos.shape[0] > 1 else torch.zeros_like(b), i]
+
+    def row_positions(self, r0: int, r1: int) -> Tensor:
+        """(B|1, 1, r1 - r0, 1) positions of query rows r0..r1-1."""
+        rows = torch.arange(r0, r1, device=self.device).view(1, 1, -1, 1)
+        if self.query_positions is None:
+            return rows + self.q_offset
+        return self.query_positions[:, r0:r1].view(-1, 1, r1 - r0, 1)
+
+    def position_bounds(self, r_lo: Tensor, r_hi: Tensor) -> tuple[Tensor, Tensor]:
+        """For row blocks ``[r_lo, r_hi)`` ((nq, 1) tensors), bounds ``[p_lo, p_hi)`` of
+        their query positions: (nq, 1) tensors, or (B|1, 1, nq, 1) per batch element when
+        positions are given per row (the smallest and largest position of each block)."""
+        if self.query_positions is None:
+            return r_lo + self.q_offset, r_hi + self.q_offset
+        pos = self.query_positions
+        lo, hi = [], []
+        for a, c in zip(r_lo.view(-1).tolist(), r_hi.view(-1).tolist()):
+            block = pos[:, a:max(c, a + 1)]
+            lo.append(block.amin(-1))
+            hi.append(block.amax(-1) + 1)
+        shape = (pos.shape[0], 1, len(lo), 1)
+        return torch.stack(lo, -1).view(shape), torch.stack(hi, -1).view(shape)
 
     def keys(self, k0: int, k1: int) -> Tensor:
         return torch.arange(k0, k1, device=self.device)
@@ -109,7 +163,8 @@ def _merge_dim(a: int | None, b: int | None, what: str) -> int | None:
 
 class Mask:
     """Base class of all masks. Subclasses implement ``mask_mod`` and, when they can,
-    ``block_states``; the default says every block is PARTIAL (correct, no skipping)."""
+    ``position_states``; the default says every block is PARTIAL (correct, no skipping).
+    """
 
     #: batch size of a mask that differs per batch element (None: the same for all)
     batch_size: int | None = None
@@ -121,31 +176,59 @@ class Mask:
     #: tiles of the same geometry are then equal and the engine reuses them
     relative: bool = False
 
+    # ---- the pattern, in query positions
+
     def mask_mod(self, grid: Grid, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def tile_signature(self, grid: Grid, q0: int, q1: int, k0: int, k1: int):
-        """A hashable value that two blocks share only when their :meth:`tile` is equal,
-        or None (no promise). A translation-invariant mask's block depends only on the
-        offset ``k0 - q0`` and its size; the engine runs blocks with equal signatures as
-        one batched kernel call."""
-        if self.relative:
-            return ("relative", k0 - q0, q1 - q0, k1 - k0)
+    def position_states(self, grid: Grid, q_lo: Tensor, q_hi: Tensor, k_lo: Tensor,
+                        k_hi: Tensor) -> Tensor:
+        """EMPTY/PARTIAL/FULL for rectangles of query positions ``[q_lo, q_hi)`` and keys
+        ``[k_lo, k_hi)``: (nq, 1) / (1, nk) tensors."""
+        shape = torch.broadcast_shapes(q_lo.shape, k_lo.shape)
+        return torch.full(shape, PARTIAL, dtype=torch.int8, device=q_lo.device)
+
+    def query_positions(self, q_len: int, k_len: int) -> Tensor | None:
+        """Positions (B|1, q_len) this mask puts the query rows at, or None for the
+        default ``i + (k_len - q_len)``."""
         return None
 
-    def tile(self, grid: Grid, q0: int, q1: int, k0: int, k1: int) -> Tensor:
-        """Exact bool block for query positions ``q0..q1-1`` and keys ``k0..k1-1``."""
-        b = _batch_index(self.batch_size, grid.device)
-        h = _head_index(self.num_heads, grid.device)
-        q = grid.positions(q0, q1).view(1, 1, -1, 1)
-        k = grid.keys(k0, k1).view(1, 1, 1, -1)
-        return _as_4d(self.mask_mod(grid, b, h, q, k))
+    # ---- what the engine asks, in query rows
 
-    def block_states(self, grid: Grid, q_lo: Tensor, q_hi: Tensor, k_lo: Tensor,
+    def at(self, grid: Grid, b: Tensor, h: Tensor, i: Tensor, k: Tensor) -> Tensor:
+        """The rule at query rows ``i`` (broadcasting index tensors)."""
+        return self.mask_mod(grid, b, h, grid.position(b, i), k)
+
+    def tile(self, grid: Grid, r0: int, r1: int, k0: int, k1: int) -> Tensor:
+        """Exact bool block (B|1, H|1, r1-r0, k1-k0) for query rows ``r0..r1-1`` and keys
+        ``k0..k1-1``."""
+        b = _batch_index(self.batch_size or grid.batch_size, grid.device)
+        h = _head_index(self.num_heads, grid.device)
+        i = torch.arange(r0, r1, device=grid.device).view(1, 1, -1, 1)
+        k = grid.keys(k0, k1).view(1, 1, 1, -1)
+        return _as_4d(self.at(grid, b, h, i, k))
+
+    def block_states(self, grid: Grid, r_lo: Tensor, r_hi: Tensor, k_lo: Tensor,
                      k_hi: Tensor) -> Tensor:
-        """EMPTY/PARTIAL/FULL per block; ``q_lo`` etc. are (nq, 1) and (1, nk) tensors."""
-        return torch.full(torch.broadcast_shapes(q_lo.shape, k_lo.shape), PARTIAL,
-                          dtype=torch.int8, device=q_lo.device)
+        """EMPTY/PARTIAL/FULL per block of query rows ``[r_lo, r_hi)`` ((nq, 1)) and keys
+        ``[k_lo, k_hi)`` ((1, nk))."""
+        q_lo, q_hi = grid.position_bounds(r_lo, r_hi)
+        if q_lo.dim() == 2:
+            return self.position_states(grid, q_lo, q_hi, k_lo, k_hi)
+        per_batch = []  # positions given per batch element: ask about each one's blocks
+        for b in range(q_lo.shape[0]):
+            st = _as_4d(self.position_states(grid, q_lo[b, 0], q_hi[b, 0], k_lo, k_hi))
+            per_batch.append(st[b:b + 1] if st.shape[0] > 1 else st)
+        return torch.cat(per_batch, 0)
+
+    def tile_signature(self, grid: Grid, r0: int, r1: int, k0: int, k1: int):
+        """A hashable value that two blocks share only when their :meth:`tile` is equal,
+        or None (no promise). A translation-invariant mask's block depends only on the
+        offset ``k0 - r0`` and its size (when every row has the same offset); the engine
+        runs blocks with equal signatures as one batched kernel call."""
+        if self.relative and grid.affine:
+            return ("relative", k0 - r0, r1 - r0, k1 - k0)
+        return None
 
     def validate(self, grid: Grid) -> None:
         """Raise ValueError when the mask cannot describe this grid."""
@@ -153,12 +236,15 @@ class Mask:
     def materialize(self, q_len: int, k_len: int | None = None, device=None) -> Tensor:
         """Dense bool mask: (L, S), or (B|1, H|1, L, S) when it depends on batch/head."""
         k_len = q_len if k_len is None else k_len
-        grid = Grid(int(q_len), int(k_len), torch.device(device or "cpu"))
+        device = torch.device(device or "cpu")
+        positions = self.query_positions(int(q_len), int(k_len))
+        grid = Grid(int(q_len), int(k_len), device,
+                    query_positions=None if positions is None else positions.to(device))
         self.validate(grid)
-        off = grid.q_offset
-        dense = self.tile(grid, off, off + q_len, 0, k_len)
+        dense = self.tile(grid, 0, q_len, 0, k_len)
         dense = dense.expand(*dense.shape[:2], q_len, k_len)
-        if self.batch_size is None and self.num_heads is None:
+        if dense.shape[0] == 1 and dense.shape[1] == 1 and self.batch_size is None \
+                and self.num_heads is None:
             return dense[0, 0].clone()
         return dense.clone()
 
@@ -190,6 +276,20 @@ class _Combined(Mask):
         self.a.validate(grid)
         self.b.validate(grid)
 
+    def query_positions(self, q_len, k_len):
+        pa, pb = self.a.query_positions(q_len, k_len), self.b.query_positions(q_len, k_len)
+        if pa is None or pb is None:
+            return pb if pa is None else pa
+        if pa.shape != pb.shape or not torch.equal(pa, pb):
+            raise ValueError(f"{self.a!r} and {self.b!r} put the queries at different "
+                             f"positions; combine masks that agree on them")
+        return pa
+
+    def tile_signature(self, grid, r0, r1, k0, k1):
+        sa = self.a.tile_signature(grid, r0, r1, k0, k1)
+        sb = self.b.tile_signature(grid, r0, r1, k0, k1)
+        return None if sa is None or sb is None else (self.symbol, sa, sb)
+
     def __repr__(self):
         return f"({self.a!r} {self.symbol} {self.b!r})"
 
@@ -201,13 +301,19 @@ class AndMask(_Combined):
     def mask_mod(self, grid, b, h, q, k):
         return self.a.mask_mod(grid, b, h, q, k) & self.b.mask_mod(grid, b, h, q, k)
 
-    def tile(self, grid, q0, q1, k0, k1):
-        return self.a.tile(grid, q0, q1, k0, k1) & self.b.tile(grid, q0, q1, k0, k1)
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        return torch.minimum(_as_4d(self.a.position_states(grid, q_lo, q_hi, k_lo, k_hi)),
+                             _as_4d(self.b.position_states(grid, q_lo, q_hi, k_lo, k_hi)))
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        sa = self.a.block_states(grid, q_lo, q_hi, k_lo, k_hi)
-        sb = self.b.block_states(grid, q_lo, q_hi, k_lo, k_hi)
-        return torch.minimum(_as_4d(sa), _as_4d(sb))
+    def at(self, grid, b, h, i, k):
+        return self.a.at(grid, b, h, i, k) & self.b.at(grid, b, h, i, k)
+
+    def tile(self, grid, r0, r1, k0, k1):
+        return self.a.tile(grid, r0, r1, k0, k1) & self.b.tile(grid, r0, r1, k0, k1)
+
+    def block_states(self, grid, r_lo, r_hi, k_lo, k_hi):
+        return torch.minimum(_as_4d(self.a.block_states(grid, r_lo, r_hi, k_lo, k_hi)),
+                             _as_4d(self.b.block_states(grid, r_lo, r_hi, k_lo, k_hi)))
 
 
 class OrMask(_Combined):
@@ -217,24 +323,30 @@ class OrMask(_Combined):
     def mask_mod(self, grid, b, h, q, k):
         return self.a.mask_mod(grid, b, h, q, k) | self.b.mask_mod(grid, b, h, q, k)
 
-    def tile(self, grid, q0, q1, k0, k1):
-        return self.a.tile(grid, q0, q1, k0, k1) | self.b.tile(grid, q0, q1, k0, k1)
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        return torch.maximum(_as_4d(self.a.position_states(grid, q_lo, q_hi, k_lo, k_hi)),
+                             _as_4d(self.b.position_states(grid, q_lo, q_hi, k_lo, k_hi)))
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        sa = self.a.block_states(grid, q_lo, q_hi, k_lo, k_hi)
-        sb = self.b.block_states(grid, q_lo, q_hi, k_lo, k_hi)
-        return torch.maximum(_as_4d(sa), _as_4d(sb))
+    def at(self, grid, b, h, i, k):
+        return self.a.at(grid, b, h, i, k) | self.b.at(grid, b, h, i, k)
+
+    def tile(self, grid, r0, r1, k0, k1):
+        return self.a.tile(grid, r0, r1, k0, k1) | self.b.tile(grid, r0, r1, k0, k1)
+
+    def block_states(self, grid, r_lo, r_hi, k_lo, k_hi):
+        return torch.maximum(_as_4d(self.a.block_states(grid, r_lo, r_hi, k_lo, k_hi)),
+                             _as_4d(self.b.block_states(grid, r_lo, r_hi, k_lo, k_hi)))
 
 
 # --------------------------------------------------------------------------- windows
 
-def _check_int(name: str, value, minimum: int = 0) -> int:
+def _check_int(name: str, value, minimum: int | None = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
             value = int(value)
         else:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
@@ -246,7 +358,7 @@ class CausalMask(Mask):
     def mask_mod(self, grid, b, h, q, k):
         return k <= q
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         return _interval_states(q_lo, q_hi, k_lo, k_hi, -math.inf, 0)
 
 
@@ -262,18 +374,27 @@ def _window_block(span: int) -> int | None:
 
 
 class SlidingWindowMask(Mask):
-    """Query at position p sees keys p - left .. p + right."""
+    """Query at position p sees keys p - left .. p + right.
+
+    A negative ``left`` or ``right`` moves that edge past p (FlashAttention's one-sided
+    windows: ``sliding_window(-2, 5)`` sees p + 2 .. p + 5); when ``left + right < 0``
+    the window is empty and sees nothing."""
     relative = True
 
     def __init__(self, left: int, right: int | None = None):
-        self.left = _check_int("left (window)", left)
-        self.right = self.left if right is None else _check_int("right (window)", right)
-        self.block_size = _window_block(self.left + self.right + 1)
+        self.left = _check_int("left (window)", left, minimum=None)
+        self.right = self.left if right is None else _check_int("right (window)", right,
+                                                                 minimum=None)
+        self.empty = self.left + self.right < 0
+        self.block_size = None if self.empty else _window_block(self.left + self.right + 1)
 
     def mask_mod(self, grid, b, h, q, k):
         return (k >= q - self.left) & (k <= q + self.right)
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        if self.empty:
+            shape = torch.broadcast_shapes(q_lo.shape, k_lo.shape)
+            return torch.full(shape, EMPTY, dtype=torch.int8, device=q_lo.device)
         return _interval_states(q_lo, q_hi, k_lo, k_hi, -self.left, self.right)
 
     def __repr__(self):
@@ -314,7 +435,7 @@ class DilatedMask(Mask):
         rel = k - q
         return (rel % d == 0) & (rel >= -self.left * d) & (rel <= self.right * d)
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         d = self._d(grid.device).view(1, -1, 1, 1)
         band = _interval_states(q_lo, q_hi, k_lo, k_hi, -self.left * d, self.right * d)
         # only dilation 1 fills a block; otherwise a reached block is PARTIAL
@@ -384,7 +505,7 @@ class GlobalTokensMask(Mask):
     def mask_mod(self, grid, b, h, q, k):
         return self._is_global(grid, q) | self._is_global(grid, k)
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         t = self._table(grid)[:-1]
         nq = _prefix_count(t, q_lo, q_hi)
         nk = _prefix_count(t, k_lo, k_hi)
@@ -396,20 +517,52 @@ class GlobalTokensMask(Mask):
         return f"global_tokens({self.indices.tolist()})"
 
 
-class PaddingMask(Mask):
-    """Keys at index >= lengths[b] are padding and are never seen."""
+def _lengths(name: str, lengths) -> Tensor:
+    ln = torch.as_tensor(lengths)
+    if ln.is_floating_point() or ln.dtype == torch.bool or ln.dim() > 1:
+        raise TypeError(f"{name} must be a 1-D sequence of ints (one per batch element), "
+                        f"got {lengths!r}")
+    ln = ln.reshape(-1).long()
+    if ln.numel() == 0 or (ln < 0).any():
+        raise ValueError(f"{name} must be non-empty and >= 0, got {ln.tolist()}")
+    return ln
 
-    def __init__(self, lengths):
-        ln = torch.as_tensor(lengths)
-        if ln.is_floating_point() or ln.dtype == torch.bool or ln.dim() > 1:
-            raise TypeError(f"lengths must be a 1-D sequence of ints (one per batch element), "
-                            f"got {lengths!r}")
-        ln = ln.reshape(-1).long()
-        if ln.numel() == 0 or (ln < 0).any():
-            raise ValueError(f"lengths must be non-empty and >= 0, got {ln.tolist()}")
-        self.lengths = ln
-        self.batch_size = ln.numel()
+
+class PaddingMask(Mask):
+    """Keys at index >= lengths[b] are padding and are never seen.
+
+    With ``query_lengths`` the batch is ragged on both sides: sequence b has
+    ``query_lengths[b]`` real queries in rows 0.. (right-padded) and ``lengths[b]`` real
+    keys, and its queries sit bottom-right against its own keys: row i at position
+    ``i + lengths[b] - query_lengths[b]``. Causal masks, windows and position biases then
+    follow each sequence's own length; padding rows (i >= query_lengths[b]) see nothing.
+    """
+
+    def __init__(self, lengths, query_lengths=None):
+        self.lengths = _lengths("lengths", lengths)
+        self.query_lengths = None
+        if query_lengths is not None:
+            self.query_lengths = _lengths("query_lengths", query_lengths)
+            if self.query_lengths.shape != self.lengths.shape:
+                raise ValueError(f"query_lengths {self.query_lengths.tolist()} and lengths "
+                                 f"{self.lengths.tolist()} must have one entry per sequence")
+            if (self.query_lengths > self.lengths).any():
+                raise ValueError(f"query_lengths {self.query_lengths.tolist()} must not exceed "
+                                 f"lengths {self.lengths.tolist()} (the queries are the last "
+                                 f"tokens of each sequence)")
+        self.batch_size = self.lengths.numel()
         self._on = {}
+
+    def validate(self, grid):
+        if self.query_lengths is not None and int(self.query_lengths.max()) > grid.q_len:
+            raise ValueError(f"query_lengths {self.query_lengths.tolist()} exceed the query "
+                             f"length {grid.q_len}")
+
+    def query_positions(self, q_len, k_len):
+        if self.query_lengths is None:
+            return None
+        rows = torch.arange(q_len).view(1, -1)
+        return rows + (self.lengths - self.query_lengths).view(-1, 1)
 
     def _ln(self, device):
         if device not in self._on:
@@ -417,14 +570,23 @@ class PaddingMask(Mask):
         return self._on[device]
 
     def mask_mod(self, grid, b, h, q, k):
-        return k < _pick(self._ln(grid.device), b)
+        n = _pick(self._ln(grid.device), b)
+        allow = k < n
+        if self.query_lengths is not None:  # padding queries sit at positions >= n
+            allow = allow & (q < n)
+        return allow
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         n = self._ln(grid.device).view(-1, 1, 1, 1)
-        return _states((k_hi <= n) & (q_lo == q_lo), (k_lo >= n) & (q_lo == q_lo))
+        full, empty = (k_hi <= n) & (q_lo == q_lo), (k_lo >= n) & (q_lo == q_lo)
+        if self.query_lengths is not None:
+            full, empty = full & (q_hi <= n), empty | (q_lo >= n)
+        return _states(full, empty)
 
     def __repr__(self):
-        return f"padding({self.lengths.tolist()})"
+        if self.query_lengths is None:
+            return f"padding({self.lengths.tolist()})"
+        return f"padding({self.lengths.tolist()}, query_lengths={self.query_lengths.tolist()})"
 
 
 class KeyPaddingMask(Mask):
@@ -453,67 +615,139 @@ class KeyPaddingMask(Mask):
         bi = b if self.keep.shape[0] > 1 else torch.zeros_like(b)
         return self.keep[bi, k]
 
-    def tile(self, grid, q0, q1, k0, k1):
+    def tile(self, grid, r0, r1, k0, k1):
         return self.keep[:, None, None, k0:k1]
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         if self._csum is None or self._csum.device != self.keep.device:
             self._csum = torch.nn.functional.pad(self.keep.long().cumsum(-1), (1, 0))
         lo, hi = k_lo.view(-1), k_hi.view(-1)
         kept = self._csum[:, hi] - self._csum[:, lo]                     # (B, nk)
         width = (hi - lo).view(1, -1)
         st = _states(kept == width, kept == 0).view(kept.shape[0], 1, 1, -1)
-        return st.expand(st.shape[0], 1, q_lo.shape[0], st.shape[-1])
+        return st.expand(st.shape[0], 1, q_lo.shape[-2], st.shape[-1])
 
     def __repr__(self):
         return f"key_padding(<{tuple(self.keep.shape)}>)"
+
+
+def _ids_tensor(name: str, ids) -> Tensor:
+    t = torch.as_tensor(ids)
+    if t.numel() == 0 and t.dim() == 1:  # torch.tensor([]) is float: no ids, no dtype
+        t = t.long()
+    if t.is_floating_point() or t.dtype == torch.bool or t.dim() not in (1, 2):
+        raise TypeError(f"{name} must be an integer tensor (N,) or (B, N), got "
+                        f"{getattr(t, 'dtype', type(ids).__name__)} of shape {tuple(t.shape)}")
+    return t.long().reshape(-1, t.shape[-1]) if t.dim() == 2 else t.long().reshape(1, -1)
 
 
 class DocumentMask(Mask):
     """Packed sequences: a token sees only tokens with the same document id.
 
     ``ids`` is (S,) or (B, S); query position p has id ``ids[..., p]``.
+
+    With ``key_ids`` (S,) or (B, S) the queries carry ``ids`` (L,) or (B, L) row by row and
+    the keys ``key_ids``: packed cross-attention, where each document has its own query and
+    key lengths (FlashAttention's ``cu_seqlens_q`` / ``cu_seqlens_k``). Each document's
+    queries then sit bottom-right against its own keys: a query row of document d at
+    position ``i + k_end(d) - q_end(d)``, one past the last key and query of d, so that a
+    causal mask or a window is aligned inside every document as in FlashAttention's varlen
+    kernels.
     """
 
-    def __init__(self, ids):
-        t = torch.as_tensor(ids)
-        if t.is_floating_point() or t.dtype == torch.bool or t.dim() not in (1, 2):
-            raise TypeError(f"ids must be an integer tensor (S,) or (B, S), got "
-                            f"{type(ids).__name__} of shape {tuple(t.shape)}")
-        self.ids = t.long().view(-1, t.shape[-1])
-        self.batch_size = self.ids.shape[0] if t.dim() == 2 else None
+    def __init__(self, ids, key_ids=None):
+        self.ids = _ids_tensor("ids", ids)
+        self.key_ids = None if key_ids is None else _ids_tensor("key_ids", key_ids)
+        sizes = [t.shape[0] if t is not None and t.shape[0] > 1 else None
+                 for t in (self.ids, self.key_ids)]
+        self.batch_size = _merge_dim(sizes[0], sizes[1], "batch sizes of ids and key_ids")
         self._on = {}
 
     def validate(self, grid):
-        if self.ids.shape[-1] != grid.k_len:
-            raise ValueError(f"document ids cover {self.ids.shape[-1]} positions but the key "
-                             f"length is {grid.k_len}")
+        if self.key_ids is None:
+            if self.ids.shape[-1] != grid.k_len:
+                raise ValueError(f"document ids cover {self.ids.shape[-1]} positions but the "
+                                 f"key length is {grid.k_len}")
+            return
+        if self.ids.shape[-1] != grid.q_len or self.key_ids.shape[-1] != grid.k_len:
+            raise ValueError(f"document ids cover {self.ids.shape[-1]} queries and key_ids "
+                             f"{self.key_ids.shape[-1]} keys, but attention has "
+                             f"q_len={grid.q_len}, k_len={grid.k_len}")
+
+    def query_positions(self, q_len, k_len):
+        if self.key_ids is None or self.ids.shape[-1] != q_len or \
+                self.key_ids.shape[-1] != k_len:
+            return None
+        rows = torch.arange(q_len).view(1, -1)
+        B = max(self.ids.shape[0], self.key_ids.shape[0])
+        q_ids = self.ids.expand(B, -1)
+        k_ids = self.key_ids.expand(B, -1)
+        # last row / key of each id, + 1: scatter the index of every entry, keep the max
+        big = int(max(int(q_ids.max()) if q_ids.numel() else 0,
+                      int(k_ids.max()) if k_ids.numel() else 0)) + 1
+        low = int(min(int(q_ids.min()) if q_ids.numel() else 0,
+                      int(k_ids.min()) if k_ids.numel() else 0))
+        width = big - low
+        q_end = torch.full((B, width), -1).scatter_reduce(
+            1, q_ids - low, rows.expand(B, -1) + 1, "amax")
+        k_end = torch.full((B, width), -1).scatter_reduce(
+            1, k_ids - low, torch.arange(k_len).view(1, -1).expand(B, -1) + 1, "amax")
+        qe, ke = q_end.gather(1, q_ids - low), k_end.gather(1, q_ids - low)
+        return torch.where(ke >= 0, rows + ke - qe, rows + (k_len - q_len))
 
     def _ids(self, device):
         if device not in self._on:
             # one sentinel column that matches nothing, for positions before the first key
             pad = torch.full((self.ids.shape[0], 1), -(2 ** 62))
-            self._on[device] = torch.cat([self.ids, pad], 1).to(device)
+            self._on[device] = (torch.cat([self.ids, pad], 1).to(device),
+                                None if self.key_ids is None else self.key_ids.to(device))
         return self._on[device]
 
     def mask_mod(self, grid, b, h, q, k):
-        table = self._ids(grid.device)  # (Bm, S + 1); the last column matches nothing
+        if self.key_ids is not None:
+            raise NotImplementedError("document(ids, key_ids) gives ids to query rows, not "
+                                      "positions: evaluate it with at() or tile()")
+        table, _ = self._ids(grid.device)  # (Bm, S + 1); the last column matches nothing
         bi = b if table.shape[0] > 1 else torch.zeros_like(b)
         qi = torch.where((q >= 0) & (q < grid.k_len), q, grid.k_len)
         return table[bi, qi] == table[bi, k]
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        ids = self._ids(grid.device)[:, :-1]
-        lo_q, hi_q = _block_minmax(ids, q_lo.view(-1), q_hi.view(-1))
-        lo_k, hi_k = _block_minmax(ids, k_lo.view(-1), k_hi.view(-1))
-        lo_q, hi_q = lo_q[:, None, :, None], hi_q[:, None, :, None]
-        lo_k, hi_k = lo_k[:, None, None, :], hi_k[:, None, None, :]
-        full = (lo_q == hi_q) & (lo_k == hi_k) & (lo_q == lo_k)
-        empty = (hi_q < lo_k) | (hi_k < lo_q)
-        return _states(full, empty)
+    def at(self, grid, b, h, i, k):
+        if self.key_ids is None:
+            return super().at(grid, b, h, i, k)
+        q_ids, k_ids = self._ids(grid.device)
+        return q_ids[_row(q_ids, b), i] == k_ids[_row(k_ids, b), k]
+
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        ids, _ = self._ids(grid.device)
+        return _document_states(ids[:, :-1], ids[:, :-1], q_lo, q_hi, k_lo, k_hi)
+
+    def block_states(self, grid, r_lo, r_hi, k_lo, k_hi):
+        if self.key_ids is None:
+            return super().block_states(grid, r_lo, r_hi, k_lo, k_hi)
+        q_ids, k_ids = self._ids(grid.device)
+        return _document_states(q_ids[:, :-1], k_ids, r_lo, r_hi, k_lo, k_hi)
 
     def __repr__(self):
-        return f"document(<ids {tuple(self.ids.shape)}>)"
+        if self.key_ids is None:
+            return f"document(<ids {tuple(self.ids.shape)}>)"
+        return f"document(<ids {tuple(self.ids.shape)}>, <key_ids {tuple(self.key_ids.shape)}>)"
+
+
+def _row(table: Tensor, b: Tensor) -> Tensor:
+    return b if table.shape[0] > 1 else torch.zeros_like(b)
+
+
+def _document_states(q_ids: Tensor, k_ids: Tensor, q_lo, q_hi, k_lo, k_hi) -> Tensor:
+    """States of blocks of query ``[q_lo, q_hi)`` x key ``[k_lo, k_hi)`` indices into
+    ``q_ids`` (Bq, n) and ``k_ids`` (Bk, S)."""
+    lo_q, hi_q = _block_minmax(q_ids, q_lo.view(-1), q_hi.view(-1))
+    lo_k, hi_k = _block_minmax(k_ids, k_lo.view(-1), k_hi.view(-1))
+    lo_q, hi_q = lo_q[:, None, :, None], hi_q[:, None, :, None]
+    lo_k, hi_k = lo_k[:, None, None, :], hi_k[:, None, None, :]
+    full = (lo_q == hi_q) & (lo_k == hi_k) & (lo_q == lo_k)
+    empty = (hi_q < lo_k) | (hi_k < lo_q)
+    return _states(full, empty)
 
 
 def _block_minmax(ids: Tensor, lo: Tensor, hi: Tensor):
@@ -573,7 +807,7 @@ class BlockSparseMask(Mask):
         inside = qb >= 0
         return lay[hh, qb.clamp(min=0), torch.div(k, self.block_size, rounding_mode="floor")] & inside
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         lay, csum = self._layout(grid.device)
         bs = self.block_size
         qa = torch.div(q_lo, bs, rounding_mode="floor").clamp(min=0)
@@ -664,8 +898,8 @@ class BigBirdMask(BlockSparseMask):
     def mask_mod(self, grid, b, h, q, k):
         return self._for(grid.k_len).mask_mod(grid, b, h, q, k)
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        return self._for(grid.k_len).block_states(grid, q_lo, q_hi, k_lo, k_hi)
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        return self._for(grid.k_len).position_states(grid, q_lo, q_hi, k_lo, k_hi)
 
     def __repr__(self):
         return (f"bigbird({self.block_size}, {self.num_window_blocks}, {self.num_global_blocks}, "
@@ -685,32 +919,39 @@ class TensorMask(Mask):
         self.batch_size = mask.shape[0] if mask.shape[0] > 1 else None
         self.num_heads = mask.shape[1] if mask.shape[1] > 1 else None
 
-    def _slice(self, grid, q0, q1, k0, k1):
+    def _slice(self, r0, r1, k0, k1):
         m = self.mask
-        off = grid.q_offset
         if m.shape[2] > 1:
-            m = m[:, :, q0 - off:q1 - off]
+            m = m[:, :, r0:r1]
         if m.shape[3] > 1:
             m = m[:, :, :, k0:k1]
         return m
 
-    def tile(self, grid, q0, q1, k0, k1):
-        return self._slice(grid, q0, q1, k0, k1)
+    # defined on query rows: these override the position-based defaults
 
-    def mask_mod(self, grid, b, h, q, k):
+    def tile(self, grid, r0, r1, k0, k1):
+        return self._slice(r0, r1, k0, k1)
+
+    def at(self, grid, b, h, i, k):
         m = self.mask
         bi = b if m.shape[0] > 1 else torch.zeros_like(b)
         hi = h if m.shape[1] > 1 else torch.zeros_like(h)
-        qi = q - grid.q_offset if m.shape[2] > 1 else torch.zeros_like(q)
+        qi = i if m.shape[2] > 1 else torch.zeros_like(i)
         ki = k if m.shape[3] > 1 else torch.zeros_like(k)
         return m[bi, hi, qi, ki]
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def mask_mod(self, grid, b, h, q, k):
+        if not grid.affine:
+            raise NotImplementedError("a tensor mask is indexed by query rows; with per-row "
+                                      "positions evaluate it with at() or tile()")
+        return self.at(grid, b, h, q - grid.q_offset, k)
+
+    def block_states(self, grid, r_lo, r_hi, k_lo, k_hi):
         rows = []
-        qs, qe = q_lo.view(-1).tolist(), q_hi.view(-1).tolist()
+        qs, qe = r_lo.view(-1).tolist(), r_hi.view(-1).tolist()
         ks, ke = k_lo.view(-1).tolist(), k_hi.view(-1).tolist()
         for a, c in zip(qs, qe):
-            t = self._slice(grid, a, c, 0, grid.k_len)
+            t = self._slice(a, c, 0, grid.k_len)
             t = t.expand(*t.shape[:2], c - a, grid.k_len)
             anys = torch.stack([t[..., x:y].any(-1).any(-1) for x, y in zip(ks, ke)], -1)
             alls = torch.stack([t[..., x:y].all(-1).all(-1) for x, y in zip(ks, ke)], -1)
@@ -728,15 +969,20 @@ def causal() -> CausalMask:
     return CausalMask()
 
 
-def padding(lengths) -> PaddingMask:
-    """Keys at index >= ``lengths[b]`` are padding: masked for every query of batch ``b``."""
-    return PaddingMask(lengths)
+def padding(lengths, query_lengths=None) -> PaddingMask:
+    """Keys at index >= ``lengths[b]`` are padding: masked for every query of batch ``b``.
+
+    With ``query_lengths`` (ragged batches): sequence b's ``query_lengths[b]`` queries (rows
+    0.., right-padded) sit bottom-right against its own ``lengths[b]`` keys, so causal
+    masks, windows and position biases follow each sequence's own length."""
+    return PaddingMask(lengths, query_lengths)
 
 
 def sliding_window(left: int, right: int | None = None) -> SlidingWindowMask:
     """Query at position p sees keys p-left .. p+right (``right`` defaults to ``left``;
     ``right=0`` is causal local attention; transformers' ``sliding_window=W`` is
-    ``sliding_window(W - 1, 0)``)."""
+    ``sliding_window(W - 1, 0)``). A negative ``left`` or ``right`` moves that edge past
+    p (one-sided windows); a window with ``left + right < 0`` sees nothing."""
     return SlidingWindowMask(left, right)
 
 
@@ -765,9 +1011,41 @@ def key_padding(key_padding_mask: Tensor) -> KeyPaddingMask:
     return KeyPaddingMask(~key_padding_mask)
 
 
-def document(ids) -> DocumentMask:
-    """Packed sequences: a token sees only tokens with the same id (ids: (S,) or (B, S))."""
-    return DocumentMask(ids)
+def document(ids, key_ids=None) -> DocumentMask:
+    """Packed sequences: a token sees only tokens with the same id (ids: (S,) or (B, S)).
+
+    With ``key_ids`` (S,) or (B, S), the queries carry ``ids`` ((L,) or (B, L)) and the keys
+    ``key_ids``: packed cross-attention, documents with different query and key lengths,
+    each document's queries bottom-right against its own keys."""
+    return DocumentMask(ids, key_ids)
+
+
+def _cu_seqlens(name: str, cu) -> Tensor:
+    t = torch.as_tensor(cu)
+    if t.is_floating_point() or t.dtype == torch.bool or t.dim() != 1 or t.numel() == 0:
+        raise TypeError(f"{name} must be a 1-D integer tensor of cumulative lengths "
+                        f"(0, n_1, n_1 + n_2, ...), got {cu!r}")
+    t = t.long()
+    if int(t[0]) != 0 or bool((t[1:] < t[:-1]).any()):
+        raise ValueError(f"{name} must start at 0 and never decrease, got {t.tolist()}")
+    return t
+
+
+def packed(cu_seqlens_q, cu_seqlens_k=None) -> DocumentMask:
+    """Documents packed back to back, as FlashAttention's varlen functions take them:
+    document d holds queries ``cu_seqlens_q[d] .. cu_seqlens_q[d+1]-1`` and keys
+    ``cu_seqlens_k[d] .. cu_seqlens_k[d+1]-1`` (``cu_seqlens_k=None``: the same as the
+    queries, self-attention). Each document's queries sit bottom-right against its own
+    keys, so ``is_causal=True`` gives FlashAttention's varlen causal mask."""
+    cq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+    ids_q = torch.repeat_interleave(torch.arange(cq.numel() - 1), cq.diff())
+    if cu_seqlens_k is None:
+        return DocumentMask(ids_q)
+    ck = _cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+    if ck.numel() != cq.numel():
+        raise ValueError(f"cu_seqlens_q ({cq.numel() - 1} documents) and cu_seqlens_k "
+                         f"({ck.numel() - 1} documents) must describe the same documents")
+    return DocumentMask(ids_q, torch.repeat_interleave(torch.arange(ck.numel() - 1), ck.diff()))
 
 
 def bigbird(block_size: int, num_window_blocks: int = 3, num_global_blocks: int = 2,

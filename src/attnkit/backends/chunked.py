@@ -81,7 +81,8 @@ class Gathered:
 
 @dataclass
 class Tile:
-    """Query rows ``r0..r1-1`` (positions ``p0..p1-1``) and their key segments."""
+    """Query rows ``r0..r1-1`` and their key segments; ``p0..p1-1`` are the rows'
+    positions when every row has the same offset (the grid is affine)."""
     r0: int
     r1: int
     p0: int
@@ -105,7 +106,9 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     needs into one buffer (:class:`Gathered`), so cost follows the allowed blocks rather
     than their union.
     """
-    off = grid.q_offset
+    # tiles aligned in position space (equal tiles of a translation-invariant mask then
+    # sit at equal offsets), or in row space when rows carry their own positions
+    off = grid.q_offset if grid.affine else 0
     qb = _boundaries(off, off + grid.q_len, block_q)
     kb = _boundaries(0, grid.k_len, block_k) if grid.k_len else [0]
     nq, nk = len(qb) - 1, len(kb) - 1
@@ -118,8 +121,8 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
             t.segments = list(runs)
         return tiles
     dev = grid.device
-    q_lo = torch.tensor(qb[:-1], device=dev).view(-1, 1)
-    q_hi = torch.tensor(qb[1:], device=dev).view(-1, 1)
+    q_lo = torch.tensor([t.r0 for t in tiles], device=dev).view(-1, 1)
+    q_hi = torch.tensor([t.r1 for t in tiles], device=dev).view(-1, 1)
     k_lo = torch.tensor(kb[:-1], device=dev).view(1, -1)
     k_hi = torch.tensor(kb[1:], device=dev).view(1, -1)
     st = _as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
@@ -248,23 +251,21 @@ def _allowed(cfg: _Config, tile: Tile, seg) -> Tensor:
         allow = (seg.index >= 0).view(1, seg.index.shape[0], 1, -1)
         if cfg.mask is not None and seg.masked:
             m = cfg.mask
-            q = grid.positions(tile.p0, tile.p1).view(1, 1, -1, 1)
-            allow = allow & m.mask_mod(grid, _index(m.batch_size, grid.device, 0),
-                                       _index(m.num_heads, grid.device, 1), q,
-                                       _gathered_keys(seg))
+            rows = torch.arange(tile.r0, tile.r1, device=grid.device).view(1, 1, -1, 1)
+            allow = allow & m.at(grid, _index(m.batch_size or grid.batch_size, grid.device, 0),
+                                 _index(m.num_heads, grid.device, 1), rows, _gathered_keys(seg))
         return allow
-    return cfg.mask.tile(grid, tile.p0, tile.p1, seg.k0, seg.k1)
+    return cfg.mask.tile(grid, tile.r0, tile.r1, seg.k0, seg.k1)
 
 
 def _bias_values(cfg: _Config, tile: Tile, seg, params) -> Tensor:
     """Float (B|1, H|1, nq, nk): the bias of the segment's scores."""
     grid, b = cfg.grid, cfg.bias
     if isinstance(seg, Gathered):
-        q = grid.positions(tile.p0, tile.p1).view(1, 1, -1, 1)
-        return b.score_mod(grid, _index(b.batch_size, grid.device, 0),
-                           _index(b.num_heads, grid.device, 1), q, _gathered_keys(seg),
-                           *params)
-    return b.tile(grid, tile.p0, tile.p1, seg.k0, seg.k1, params)
+        rows = torch.arange(tile.r0, tile.r1, device=grid.device).view(1, 1, -1, 1)
+        return b.at(grid, _index(b.batch_size or grid.batch_size, grid.device, 0),
+                    _index(b.num_heads, grid.device, 1), rows, _gathered_keys(seg), *params)
+    return b.tile(grid, tile.r0, tile.r1, seg.k0, seg.k1, params)
 
 
 def _width(seg) -> int:
@@ -306,15 +307,17 @@ def _master(cfg: _Config, params, dtype):
     c = grid.k_len
     width = grid.k_len + grid.q_len + 1
     heads = max((o.num_heads or 1) for o in (cfg.mask, cfg.bias) if o is not None)
-    if heads * rows * width > MASTER_ELEMENTS:
+    batch = max((o.batch_size or 1) for o in (cfg.mask, cfg.bias) if o is not None)
+    if batch * heads * rows * width > MASTER_ELEMENTS:
         cfg.masters[dtype] = None
         return None
     allow = add = None
+    r0 = -grid.q_offset  # the row at position 0
     if cfg.mask is not None:
-        allow = cfg.mask.tile(grid, 0, rows, -c, width - c)
+        allow = cfg.mask.tile(grid, r0, r0 + rows, -c, width - c)
         allow = allow.expand(*allow.shape[:2], rows, width).contiguous()
     if cfg.bias is not None:
-        add = cfg.bias.tile(grid, 0, rows, -c, width - c, params).to(dtype)
+        add = cfg.bias.tile(grid, r0, r0 + rows, -c, width - c, params).to(dtype)
     if allow is not None:
         inf = torch.full((), NEG_INF, dtype=dtype, device=allow.device)
         add = torch.where(allow, add if add is not None else torch.zeros((), dtype=dtype,
@@ -532,7 +535,7 @@ def _signature(cfg: _Config, tile: Tile, seg):
         return ("relative", seg.k0 - tile.p0, nq, width, seg.masked)
     if not seg.masked or cfg.mask is None:
         return ("open", nq, width)
-    sig = cfg.mask.tile_signature(cfg.grid, tile.p0, tile.p1, seg.k0, seg.k1)
+    sig = cfg.mask.tile_signature(cfg.grid, tile.r0, tile.r1, seg.k0, seg.k1)
     return None if sig is None else ("mask", sig)
 
 
@@ -776,11 +779,14 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
                       bias: Bias | None = None, scale: float, softcap: float | None = None,
                       sinks: Tensor | None = None, dropout_p: float = 0.0,
                       return_weights: bool = False, block_q: int | None = None,
-                      block_k: int | None = None, kernel: str = "auto"):
+                      block_k: int | None = None, kernel: str = "auto",
+                      grid: Grid | None = None):
     """Tiled attention on (B, Hq, L, D) query and (B, Hkv, S, D) key/value.
 
     Returns ``(out, weights_or_None, lse)`` with out (B, Hq, L, Dv) and lse (B, Hq, L)
-    (-inf for rows that see nothing; those rows output zeros).
+    (-inf for rows that see nothing; those rows output zeros). ``grid`` carries the
+    query positions and the bias dtype (default: bottom-right, the input's accumulation
+    type).
 
     A mask that splits by residue class (``residue_classes()``: a dilated window) runs as
     one inner-mask problem per class on strided views, unless a bias, sinks, softcap,
@@ -788,14 +794,15 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     """
     B, Hq, L, _ = query.shape
     S = key.shape[2]
+    if grid is None:
+        grid = Grid(L, S, query.device, dtype=_compute_dtype(query.dtype))
     split = getattr(mask, "residue_classes", None)
     if (split is not None and bias is None and sinks is None and not return_weights
-            and softcap is None and block_q is None and block_k is None):
+            and softcap is None and block_q is None and block_k is None and grid.affine):
         done = _by_residue_class(query, key, value, split(), scale=scale,
                                  dropout_p=dropout_p, kernel=kernel)
         if done is not None:
             return done
-    grid = Grid(L, S, query.device)
     natural = mask.block_size if mask is not None else None
     if natural is not None and not 16 <= natural <= 512:
         natural = None
@@ -814,7 +821,7 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    relative = ((mask is not None or bias is not None)
+    relative = ((mask is not None or bias is not None) and grid.affine
                 and (mask is None or mask.relative) and (bias is None or bias.relative))
     cfg = _Config(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed, kernel,
                   {} if relative else None, {} if relative else None)
@@ -889,7 +896,7 @@ def chunked_attention_backward(dout: Tensor, query: Tensor, key: Tensor, value: 
     Summing the results over blocks gives the gradients of the whole attention; ring
     attention uses it for the K/V blocks that travel around the ring.
     """
-    grid = Grid(query.shape[2], key.shape[2], query.device)
+    grid = Grid(query.shape[2], key.shape[2], query.device, dtype=_compute_dtype(query.dtype))
     bk = block_k or BLOCK_K
     tiles = plan_tiles(mask, grid, block_q or BLOCK_Q, bk)
     cfg = _Config(grid, tiles, mask, None, float(scale), None, 0.0, 0, kernel)

@@ -1,9 +1,9 @@
 """torch FlexAttention (opt-in): the same mask and bias objects lowered to a
 ``BlockMask`` and a ``score_mod``. The first call compiles (about 10 s on CPU).
 
-Masks and biases already speak FlexAttention's ``(b, h, q_idx, kv_idx)`` language; the
-only translation is the bottom-right alignment: FlexAttention's ``q_idx`` is a row, our
-rules take positions, so ``p = q_idx + (S - L)``.
+Masks and biases already speak FlexAttention's ``(b, h, q_idx, kv_idx)`` language: their
+``at`` rules take query rows, as FlexAttention's ``q_idx`` is, and turn them into
+positions through the grid (bottom-right, or per row).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def _compiled():
 def flex_block_mask(mask: Mask, grid: Grid, batch: int, heads: int, block_size: int = 128):
     """A FlexAttention ``BlockMask`` for an attnkit mask on this grid."""
     from torch.nn.attention.flex_attention import create_block_mask
-    off = grid.q_offset
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return mask.mask_mod(grid, b, h, q_idx + off, kv_idx)
+        return mask.at(grid, b, h, q_idx, kv_idx)
 
-    return create_block_mask(mask_mod, batch if mask.batch_size else None,
+    per_batch = mask.batch_size or grid.batch_size
+    return create_block_mask(mask_mod, batch if per_batch else None,
                              heads if mask.num_heads else None, grid.q_len, grid.k_len,
                              device=grid.device, BLOCK_SIZE=block_size)
 
@@ -49,15 +49,14 @@ def flex_block_mask(mask: Mask, grid: Grid, batch: int, heads: int, block_size: 
 def flex_attention_backend(query: Tensor, key: Tensor, value: Tensor, *,
                            mask: Mask | None = None, bias: Bias | None = None, scale: float,
                            softcap: float | None = None, sinks: Tensor | None = None,
-                           return_lse: bool = False, block_mask=None):
+                           return_lse: bool = False, block_mask=None, grid: Grid | None = None):
     """Returns ``(out, lse or None)`` for (B, Hq, L, D) query, (B, Hkv, S, D) key/value.
 
     On CPU, torch's compiled FlexAttention is inference-only and returns no log-sum-exp,
     so gradients, ``return_lse`` and ``sinks`` need another device there.
     """
     B, Hq, L, _ = query.shape
-    grid = Grid(L, key.shape[2], query.device)
-    off = grid.q_offset
+    grid = Grid(L, key.shape[2], query.device) if grid is None else grid
     if block_mask is None and mask is not None:
         block_mask = flex_block_mask(mask, grid, B, Hq)
     score_mod = None
@@ -68,7 +67,7 @@ def flex_attention_backend(query: Tensor, key: Tensor, value: Tensor, *,
             if softcap is not None:
                 score = softcap * torch.tanh(score / softcap)
             if bias is not None:
-                score = score + bias.score_mod(grid, b, h, q_idx + off, kv_idx, *params)
+                score = score + bias.at(grid, b, h, q_idx, kv_idx, *params)
             return score
 
     need_lse = return_lse or sinks is not None

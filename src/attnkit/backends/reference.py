@@ -22,8 +22,10 @@ __all__ = ["reference_attention"]
 
 def reference_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | None = None,
                         bias: Bias | None = None, scale: float, softcap: float | None = None,
-                        sinks: Tensor | None = None, dropout_p: float = 0.0):
-    """Returns ``(out, weights, lse)`` for (B, Hq, L, D) query, (B, Hkv, S, D) key/value."""
+                        sinks: Tensor | None = None, dropout_p: float = 0.0,
+                        grid: Grid | None = None):
+    """Returns ``(out, weights, lse)`` for (B, Hq, L, D) query, (B, Hkv, S, D) key/value.
+    ``grid`` carries the query positions and the bias dtype (default: bottom-right)."""
     B, Hq, L, _ = query.shape
     S = key.shape[2]
     groups = Hq // key.shape[1]  # grouped-query attention: head h reads kv head h // groups
@@ -34,12 +36,12 @@ def reference_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask
     scores = scale * (q @ k.transpose(-2, -1))
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    grid = Grid(L, S, query.device)
-    rows = (grid.q_offset, grid.q_offset + L)
+    if grid is None:
+        grid = Grid(L, S, query.device, dtype=work)
     if bias is not None:
-        scores = scores + bias.tile(grid, *rows, 0, S).to(work)
+        scores = scores + bias.tile(grid, 0, L, 0, S).to(work)
     if mask is not None:
-        scores = scores.masked_fill(~mask.tile(grid, *rows, 0, S), float("-inf"))
+        scores = scores.masked_fill(~mask.tile(grid, 0, L, 0, S), float("-inf"))
     if sinks is not None:  # a per-head logit that joins the denominator, with no value
         scores = torch.cat([scores, sinks.to(work).view(1, Hq, 1, 1).expand(B, Hq, L, 1)], -1)
 

@@ -2,8 +2,9 @@
 attention and for masks simple enough to hand over as one tensor.
 
 Differences it has to be shielded from: torch's ``is_causal`` is top-left aligned (we
-pass it only when L == S and build a bottom-right mask otherwise), and torch leaves the
-output of a row that sees nothing to the kernel (we zero it, as the contract says).
+pass it only when L == S and build a bottom-right mask otherwise) and masks before it
+scales (we pass it only for a positive scale), and torch leaves the output of a row that
+sees nothing to the kernel (we zero it, as the contract says).
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ __all__ = ["torch_attention"]
 def dense_additive(mask: Mask | None, bias: Bias | None, grid: Grid, dtype):
     """(attn_mask for torch, rows-alive or None) for the whole grid; masks stay bool when
     there is no bias so torch can pick its bool fast paths."""
-    rows = (grid.q_offset, grid.q_offset + grid.q_len)
-    allow = None if mask is None else mask.tile(grid, *rows, 0, grid.k_len)
+    allow = None if mask is None else mask.tile(grid, 0, grid.q_len, 0, grid.k_len)
     if bias is None:
         return allow, (None if allow is None else allow.any(-1))
-    add = bias.tile(grid, *rows, 0, grid.k_len).to(dtype)
+    add = bias.tile(grid, 0, grid.q_len, 0, grid.k_len).to(dtype)
     if allow is not None:
         add = add.masked_fill(~allow, float("-inf"))
     alive = (add > float("-inf")).any(-1) if (allow is not None or bias.may_mask) else None
@@ -32,12 +32,16 @@ def dense_additive(mask: Mask | None, bias: Bias | None, grid: Grid, dtype):
 
 
 def torch_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | None = None,
-                    bias: Bias | None = None, scale: float, dropout_p: float = 0.0) -> Tensor:
+                    bias: Bias | None = None, scale: float, dropout_p: float = 0.0,
+                    grid: Grid | None = None) -> Tensor:
     """(B, Hq, L, D) x (B, Hkv, S, D) -> (B, Hq, L, Dv) through torch SDPA."""
     L, S = query.shape[2], key.shape[2]
-    grid = Grid(L, S, query.device)
+    grid = Grid(L, S, query.device) if grid is None else grid
     gqa = query.shape[1] != key.shape[1]
-    if isinstance(mask, CausalMask) and bias is None and L == S:
+    # torch's own causal path masks with -inf before scaling: a zero or negative scale
+    # would turn masked entries into NaN or +inf, so those get the mask as a tensor
+    if (isinstance(mask, CausalMask) and bias is None and L == S and grid.affine
+            and scale > 0):
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p,
                                               is_causal=True, scale=scale, enable_gqa=gqa)
     attn_mask, alive = dense_additive(mask, bias, grid, query.dtype)

@@ -143,7 +143,9 @@ def count_allowed(mask: M.Mask | None, L: int, S: int, batch: int, heads: int,
         block = bs if bs and 16 <= bs <= 512 else 128
     grid = Grid(L, S)
     off = grid.q_offset
-    qb = list(range(off, off + L, block)) + [off + L]
+    # row blocks cut where positions cross multiples of the block (the mask's own blocks)
+    cuts = (m * block - off for m in range(off // block + 1, (off + L - 1) // block + 1))
+    qb = [0] + [r for r in cuts if 0 < r < L] + [L]
     kb = list(range(0, S, block)) + [S]
     q_lo = torch.tensor(qb[:-1]).view(-1, 1)
     q_hi = torch.tensor(qb[1:]).view(-1, 1)

@@ -161,12 +161,11 @@ def flex(s):
     B, H, L, _ = s.q.shape
     S = s.k.shape[2]
     grid = Grid(L, S, s.q.device)
-    off = grid.q_offset
     mask = _full_mask(s)
     block_mask = None
     if mask is not None:
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask.mask_mod(grid, b, h, q_idx + off, kv_idx)
+            return mask.at(grid, b, h, q_idx, kv_idx)
         block_mask = create_block_mask(mask_mod, B if mask.batch_size else None,
                                        H if mask.num_heads else None, L, S,
                                        device=s.q.device)
@@ -175,7 +174,7 @@ def flex(s):
         bias, params = s.bias, tuple(s.bias.params)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias.score_mod(grid, b, h, q_idx + off, kv_idx, *params)
+            return score + bias.at(grid, b, h, q_idx, kv_idx, *params)
     attention = _compiled_flex()
 
     def call():

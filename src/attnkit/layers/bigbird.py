@@ -54,15 +54,21 @@ class BlockBias(Bias):
         self.block_size = int(block_size)
         self.num_heads = table.shape[0] if table.shape[0] > 1 else None
 
-    def tile(self, grid, q0, q1, k0, k1, params=None):
+    @property
+    def dtype(self):
+        return self.table.dtype
+
+    def tile(self, grid, r0, r1, k0, k1, params=None):
+        if not grid.affine:
+            return super().tile(grid, r0, r1, k0, k1, params)
         bs = self.block_size
-        rows = torch.arange(q0, q1, device=grid.device) // bs
+        rows = torch.arange(r0, r1, device=grid.device).add_(grid.q_offset) // bs
         cols = torch.arange(k0, k1, device=grid.device) // bs
-        t = self.table.to(grid.device)
+        t = self.table.to(grid.device, grid.dtype)
         return t[:, rows][:, :, cols].unsqueeze(0)
 
     def score_mod(self, grid, b, h, q, k):
-        t = self.table.to(grid.device)
+        t = self.table.to(grid.device, grid.dtype)
         hh = h if t.shape[0] > 1 else torch.zeros_like(h)
         return t[hh, q // self.block_size, k // self.block_size]
 

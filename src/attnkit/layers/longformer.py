@@ -92,6 +92,9 @@ class LongformerMask(Mask):
             self.block_size = max(16, min(128, self.num_globals & -self.num_globals))
 
     def validate(self, grid: Grid) -> None:
+        if not grid.affine:
+            raise ValueError("LongformerMask puts query row i at position i + G; it takes no "
+                             "per-row query positions")
         want = self.num_tokens + self.num_globals
         if grid.k_len != want:
             raise ValueError(f"LongformerMask covers {self.num_tokens} tokens + "
@@ -111,43 +114,44 @@ class LongformerMask(Mask):
             allow = allow | (~is_token & self.global_slots[_pick_rows(self.global_slots, b), slot])
         return allow
 
-    def tile(self, grid, q0, q1, k0, k1):
+    def tile(self, grid, r0, r1, k0, k1):
         """The exact block, with few ops: inside a band every tile at the same offset
-        ``q0 - k0`` has the same window part, so it is computed once and reused."""
+        ``r0 - k0`` has the same window part, so it is computed once and reused. (Row i
+        is the token at position i, the window's own position: rows shifted by -G.)"""
         L, G = self.num_tokens, self.num_globals
         if k0 < L < k1 or k1 <= k0:  # straddles tokens and global slots: the general rule
-            return super().tile(grid, q0, q1, k0, k1)
+            return super().tile(grid, r0, r1, k0, k1)
         if k0 >= L:
             return self.global_slots[:, None, None, k0 - L:k1 - L]
-        key = (q0 - G - k0, q1 - q0, k1 - k0, grid.device)
+        key = (r0 - k0, r1 - r0, k1 - k0, grid.device)
         win = self._windows.get(key)
         if win is None:
             if len(self._windows) > 64:
                 self._windows.clear()
-            win = self._windows[key] = _as_4d(self.window.tile(grid, q0 - G, q1 - G, k0, k1))
+            win = self._windows[key] = _as_4d(self.window.tile(grid, r0 - G, r1 - G, k0, k1))
         if self.local_keys is None:
             return win
         return win & self.local_keys[:, None, None, k0:k1]
 
-    def tile_signature(self, grid, q0, q1, k0, k1):
+    def tile_signature(self, grid, r0, r1, k0, k1):
         """Blocks of token keys that are all local (no global token, no padding) are the
         window's own blocks: equal whenever the window's are; blocks of global slots do
         not depend on the queries."""
         if k0 >= self.num_tokens:
-            return ("slots", k0, k1, q1 - q0)
+            return ("slots", k0, k1, r1 - r0)
         if k1 > self.num_tokens or not self.window.relative:
             return None
         if self.local_keys is not None and not bool(self.local_keys[:, k0:k1].all()):
             return None
         G = self.num_globals
-        return ("window", self.window.tile_signature(grid, q0 - G, q1 - G, k0, k1))
+        return ("window", self.window.tile_signature(grid, r0 - G, r1 - G, k0, k1))
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         L, G = self.num_tokens, self.num_globals
         tok_hi = k_hi.clamp(max=L)
         has_tok = tok_hi > k_lo
         # token part: the window (in token positions) and the per-batch key flags
-        tok = _as_4d(self.window.block_states(grid, q_lo - G, q_hi - G, k_lo,
+        tok = _as_4d(self.window.position_states(grid, q_lo - G, q_hi - G, k_lo,
                                               torch.maximum(tok_hi, k_lo + 1)))
         if self.local_keys is not None:
             tok = torch.minimum(tok, _flag_states(self.local_keys, k_lo, tok_hi))

@@ -88,14 +88,16 @@ class TransformerXLPositionTerm(Bias):
 
     def validate(self, grid: Grid) -> None:
         L, S = self.query_r.shape[2], self.key_r.shape[1]
-        if (grid.q_len, grid.k_len) != (L, S) or grid.q_offset != S - L:
-            raise ValueError(f"this position term is for {L} queries and {S} keys, got "
-                             f"q_len={grid.q_len}, k_len={grid.k_len}")
+        if (grid.q_len, grid.k_len) != (L, S) or not grid.affine or grid.q_offset != S - L:
+            raise ValueError(f"this position term is for {L} queries at positions "
+                             f"{S - L}.. among {S} keys, got q_len={grid.q_len}, "
+                             f"k_len={grid.k_len}")
 
-    def tile(self, grid, q0, q1, k0, k1, params=None):
+    def tile(self, grid, r0, r1, k0, k1, params=None):
         query_r, key_r = self.params if params is None else params
         S = key_r.shape[1]
         off = grid.q_offset
+        q0, q1 = r0 + off, r1 + off
         nq, nk = q1 - q0, k1 - k0
         # key_r rows m = S - 1 - (p - j) for p in [q0, q1), j in [k0, k1)
         m_lo, m_hi = S - 1 - (q1 - 1) + k0, S - 1 - q0 + (k1 - 1)
@@ -109,12 +111,14 @@ class TransformerXLPositionTerm(Bias):
         flat = raw.flatten(-2)[..., nq - 1:nq - 1 + nq * (width - 1)]
         return flat.unflatten(-1, (nq, width - 1))[..., :nk]
 
-    def score_mod(self, grid, b, h, q, k, query_r, key_r):
+    def at(self, grid, b, h, i, k, query_r, key_r):
         S = key_r.shape[1]
-        row = q - grid.q_offset
-        m = (S - 1 - (q - k)).clamp(max=S - 1)
+        m = (S - 1 - (i + grid.q_offset - k)).clamp(max=S - 1)
         bi = b if query_r.shape[0] > 1 else torch.zeros_like(b)
-        return (query_r[bi, h, row] * key_r[h, m]).sum(-1)
+        return (query_r[bi, h, i] * key_r[h, m]).sum(-1)
+
+    def score_mod(self, grid, b, h, q, k, query_r, key_r):
+        return self.at(grid, b, h, q - grid.q_offset, k, query_r, key_r)
 
     def __repr__(self):
         return (f"TransformerXLPositionTerm(query_r={tuple(self.query_r.shape)}, "

@@ -66,8 +66,9 @@ def _check_buckets(num_buckets, max_distance, bidirectional):
 
 class T5Bias(Bias):
     """The bias object of one attention call: ``embedding[bucket(j - i), h]`` with query
-    row ``r`` at position ``i = offset + r``. The engine gives positions
-    ``p = r + grid.q_offset``, so ``i = p + (offset - grid.q_offset)``.
+    row ``r`` at position ``i = offset + r``, or, with ``offset=None``, at the position the
+    attention grid gives row r (bottom-right: ``r + k_len - q_len``; per sequence in a
+    ragged batch).
 
     ``params = (embedding.weight,)``: gradients reach the table tile by tile.
     """
@@ -83,9 +84,6 @@ class T5Bias(Bias):
     def params(self):
         return (self.module.embedding.weight,)
 
-    def _shift(self, grid: Grid) -> int:
-        return 0 if self.offset is None else self.offset - grid.q_offset
-
     def validate(self, grid: Grid) -> None:
         if (grid.q_len, grid.k_len) != (self.q_len, self.k_len):
             raise ValueError(f"this T5 bias was made for q_len={self.q_len}, k_len="
@@ -96,25 +94,33 @@ class T5Bias(Bias):
         m = self.module
         return relative_position_bucket(rel, m.bidirectional, m.num_buckets, m.max_distance)
 
-    def score_mod(self, grid, b, h, q, k, weight):
-        """The elementwise rule: ``weight[bucket(k - (q + shift)), h]``."""
-        rel = k - (q + self._shift(grid))
-        return weight[self._bucket(rel), h]
+    def at(self, grid, b, h, i, k, weight):
+        """``weight[bucket(k - position(i)), h]`` for query rows i."""
+        pos = grid.position(b, i) if self.offset is None else i + self.offset
+        return weight[self._bucket(k - pos), h].to(grid.dtype)
 
-    def tile(self, grid, q0, q1, k0, k1, params=None):
-        """(1, H, q1-q0, k1-k0). The offsets of a tile form a Toeplitz band, so the
+    def score_mod(self, grid, b, h, q, k, weight):
+        """The elementwise rule at query positions q (the grid's)."""
+        if self.offset is not None:
+            return self.at(grid, b, h, q - grid.q_offset, k, weight)
+        return weight[self._bucket(k - q), h].to(grid.dtype)
+
+    def tile(self, grid, r0, r1, k0, k1, params=None):
+        """(1, H, r1-r0, k1-k0). The offsets of a tile form a Toeplitz band, so the
         buckets are computed for its ``nq + nk - 1`` distinct offsets only, looked up
         once, and spread over the tile by a strided view."""
         (weight,) = self.params if params is None else params
-        nq, nk = q1 - q0, k1 - k0
-        shift = self._shift(grid)
-        # offsets k - i, smallest first: c = 0 .. nq+nk-2 <-> rel = k0 - (q1-1+shift) + c
-        rel = torch.arange(k0 - (q1 - 1 + shift), k1 - (q0 + shift), device=weight.device)
+        if self.offset is None and not grid.affine:
+            return super().tile(grid, r0, r1, k0, k1, (weight,))
+        nq, nk = r1 - r0, k1 - k0
+        first = r0 + (grid.q_offset if self.offset is None else self.offset)
+        # offsets k - i, smallest first: c = 0 .. nq+nk-2 <-> rel = k0 - (last query) + c
+        rel = torch.arange(k0 - (first + nq - 1), k1 - first, device=weight.device)
         values = weight[self._bucket(rel)].t().contiguous()  # (H, nq + nk - 1)
         # row a (from the bottom, a' = nq-1-a) and column t read values[a' + t]; made
         # contiguous before the flip so the tile comes out row-major, as kernels want it
         band = values.as_strided((values.shape[0], nq, nk), (values.stride(0), 1, 1))
-        return band.contiguous().flip(1).unsqueeze(0)
+        return band.contiguous().flip(1).unsqueeze(0).to(grid.dtype)
 
     def __repr__(self):
         return (f"T5Bias(heads={self.num_heads}, q_len={self.q_len}, k_len={self.k_len}, "

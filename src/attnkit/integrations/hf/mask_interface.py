@@ -90,8 +90,9 @@ class Shifted(Mask):
     def mask_mod(self, grid, b, h, q, k):
         return self.inner.mask_mod(grid, b, h, q + self.delta, k)
 
-    def block_states(self, grid, q_lo, q_hi, k_lo, k_hi):
-        return self.inner.block_states(grid, q_lo + self.delta, q_hi + self.delta, k_lo, k_hi)
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        return self.inner.position_states(grid, q_lo + self.delta, q_hi + self.delta, k_lo,
+                                          k_hi)
 
     def __repr__(self):
         return f"Shifted({self.inner!r}, {self.delta})"
@@ -107,9 +108,12 @@ class HFMaskFunction(Mask):
         self.batch_size = batch_size
         self.q_offset, self.kv_offset = q_offset, kv_offset
 
+    def at(self, grid, b, h, i, k):
+        # query row i -> transformers' q_offset + i, key j -> kv_offset + j
+        return self.fn(b, h, i + self.q_offset, k + self.kv_offset)
+
     def mask_mod(self, grid, b, h, q, k):
-        q_idx = q - grid.q_offset + self.q_offset  # query row i -> transformers' q_offset + i
-        return self.fn(b, h, q_idx, k + self.kv_offset)
+        return self.at(grid, b, h, q - grid.q_offset, k)
 
     def __repr__(self):
         return f"HFMaskFunction({getattr(self.fn, '__qualname__', self.fn)!r})"
@@ -300,8 +304,7 @@ def _agrees(pattern, fn, batch_size: int, q_length: int, kv_length: int, q_offse
     if pattern is None:
         return bool(want.all())
     grid = Grid(q_length, kv_length, device)
-    pos = rows.view(1, 1, -1, 1) + grid.q_offset
-    got = pattern.mask_mod(grid, b, h, pos, k).to(torch.bool)
+    got = pattern.at(grid, b, h, rows.view(1, 1, -1, 1), k).to(torch.bool)
     return bool((got == want).all())
 
 
