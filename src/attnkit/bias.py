@@ -177,7 +177,8 @@ class TensorBias(Bias):
         if bias.dim() != 4 or not bias.is_floating_point():
             raise TypeError("TensorBias takes a 4-D float tensor")
         self.bias = bias
-        self.may_mask = may_mask
+        # a -inf anywhere masks that entry, whether the tensor came as attn_mask or bias
+        self.may_mask = may_mask or bool(torch.isneginf(bias).any())
         self.batch_size = bias.shape[0] if bias.shape[0] > 1 else None
         self.num_heads = bias.shape[1] if bias.shape[1] > 1 else None
 

@@ -340,6 +340,13 @@ class OrMask(_Combined):
 
 # --------------------------------------------------------------------------- windows
 
+def _int_tensor(values) -> Tensor:
+    """``torch.as_tensor`` of a sequence meant to hold ints: an empty one (``[]`` or
+    ``torch.tensor([])``, float by default) becomes an empty long tensor."""
+    t = torch.as_tensor(values)
+    return t.long() if t.numel() == 0 and t.is_floating_point() else t
+
+
 def _check_int(name: str, value, minimum: int | None = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
@@ -475,7 +482,7 @@ class GlobalTokensMask(Mask):
     """Tokens at ``indices`` see every key and are seen by every query."""
 
     def __init__(self, indices):
-        idx = torch.as_tensor(indices)
+        idx = _int_tensor(indices)
         if idx.is_floating_point() or idx.dtype == torch.bool or idx.dim() > 1:
             raise TypeError(f"indices must be a 1-D sequence of ints, got {indices!r}")
         idx = idx.reshape(-1).long()
@@ -518,7 +525,7 @@ class GlobalTokensMask(Mask):
 
 
 def _lengths(name: str, lengths) -> Tensor:
-    ln = torch.as_tensor(lengths)
+    ln = _int_tensor(lengths)
     if ln.is_floating_point() or ln.dtype == torch.bool or ln.dim() > 1:
         raise TypeError(f"{name} must be a 1-D sequence of ints (one per batch element), "
                         f"got {lengths!r}")
@@ -632,9 +639,7 @@ class KeyPaddingMask(Mask):
 
 
 def _ids_tensor(name: str, ids) -> Tensor:
-    t = torch.as_tensor(ids)
-    if t.numel() == 0 and t.dim() == 1:  # torch.tensor([]) is float: no ids, no dtype
-        t = t.long()
+    t = _int_tensor(ids)
     if t.is_floating_point() or t.dtype == torch.bool or t.dim() not in (1, 2):
         raise TypeError(f"{name} must be an integer tensor (N,) or (B, N), got "
                         f"{getattr(t, 'dtype', type(ids).__name__)} of shape {tuple(t.shape)}")
@@ -652,12 +657,14 @@ class DocumentMask(Mask):
     queries then sit bottom-right against its own keys: a query row of document d at
     position ``i + k_end(d) - q_end(d)``, one past the last key and query of d, so that a
     causal mask or a window is aligned inside every document as in FlashAttention's varlen
-    kernels.
+    kernels. A document without keys sees nothing (with ids, its queries keep the default
+    positions; :func:`packed` knows where its empty key range sits).
     """
 
-    def __init__(self, ids, key_ids=None):
+    def __init__(self, ids, key_ids=None, positions: Tensor | None = None):
         self.ids = _ids_tensor("ids", ids)
         self.key_ids = None if key_ids is None else _ids_tensor("key_ids", key_ids)
+        self._positions = positions  # given by packed(): exact even for empty documents
         sizes = [t.shape[0] if t is not None and t.shape[0] > 1 else None
                  for t in (self.ids, self.key_ids)]
         self.batch_size = _merge_dim(sizes[0], sizes[1], "batch sizes of ids and key_ids")
@@ -678,6 +685,8 @@ class DocumentMask(Mask):
         if self.key_ids is None or self.ids.shape[-1] != q_len or \
                 self.key_ids.shape[-1] != k_len:
             return None
+        if self._positions is not None:
+            return self._positions
         rows = torch.arange(q_len).view(1, -1)
         B = max(self.ids.shape[0], self.key_ids.shape[0])
         q_ids = self.ids.expand(B, -1)
@@ -804,14 +813,15 @@ class BlockSparseMask(Mask):
         lay, _ = self._layout(grid.device)
         hh = h if lay.shape[0] > 1 else torch.zeros_like(h)
         qb = torch.div(q, self.block_size, rounding_mode="floor")
-        inside = qb >= 0
-        return lay[hh, qb.clamp(min=0), torch.div(k, self.block_size, rounding_mode="floor")] & inside
+        inside = (qb >= 0) & (qb < lay.shape[-2])  # query positions the layout covers
+        return lay[hh, qb.clamp(0, lay.shape[-2] - 1),
+                   torch.div(k, self.block_size, rounding_mode="floor")] & inside
 
     def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
         lay, csum = self._layout(grid.device)
-        bs = self.block_size
-        qa = torch.div(q_lo, bs, rounding_mode="floor").clamp(min=0)
-        qb = torch.div(q_hi - 1, bs, rounding_mode="floor") + 1
+        bs, rows = self.block_size, lay.shape[-2]
+        qa = torch.div(q_lo, bs, rounding_mode="floor").clamp(0, rows)
+        qb = (torch.div(q_hi - 1, bs, rounding_mode="floor") + 1).clamp(0, rows)
         ka = torch.div(k_lo, bs, rounding_mode="floor")
         kb = torch.div(k_hi - 1, bs, rounding_mode="floor") + 1
         c = csum.unsqueeze(0)  # (1, H, nq+1, nk+1)
@@ -821,9 +831,10 @@ class BlockSparseMask(Mask):
         ka_, kb_ = cols_k[0], cols_k[1]
         count = c[..., qb_, kb_] - c[..., qa_, kb_] - c[..., qb_, ka_] + c[..., qa_, ka_]
         area = (qb_ - qa_) * (kb_ - ka_)
-        before_start = (q_hi <= 0).expand_as(area)  # query rows at negative positions
-        full = (count == area) & (q_lo >= 0)
-        empty = (count == 0) | before_start
+        # query positions outside the layout's rows see nothing
+        outside = ((q_hi <= 0) | (q_lo >= rows * bs)).expand_as(area)
+        full = (count == area) & (q_lo >= 0) & (q_hi <= rows * bs) & (area > 0)
+        empty = (count == 0) | outside
         return _states(full, empty)
 
     def __repr__(self):
@@ -1045,7 +1056,10 @@ def packed(cu_seqlens_q, cu_seqlens_k=None) -> DocumentMask:
     if ck.numel() != cq.numel():
         raise ValueError(f"cu_seqlens_q ({cq.numel() - 1} documents) and cu_seqlens_k "
                          f"({ck.numel() - 1} documents) must describe the same documents")
-    return DocumentMask(ids_q, torch.repeat_interleave(torch.arange(ck.numel() - 1), ck.diff()))
+    ids_k = torch.repeat_interleave(torch.arange(ck.numel() - 1), ck.diff())
+    # query i of document d at i + k_end(d) - q_end(d): its keys end where its queries end
+    positions = (torch.arange(ids_q.numel()) + (ck[1:] - cq[1:])[ids_q]).view(1, -1)
+    return DocumentMask(ids_q, ids_k, positions)
 
 
 def bigbird(block_size: int, num_window_blocks: int = 3, num_global_blocks: int = 2,
