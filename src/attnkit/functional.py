@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS, chunked_attention, reference_attention, torch_attention
+from .backends.torch_sdpa import saturated_rows
 from .bias import Bias, TensorBias
 from .masks import (EMPTY, AndMask, CausalMask, Grid, Mask, OrMask, PaddingMask, TensorMask,
                     causal as causal_mask)
@@ -117,11 +118,14 @@ def _dense_size(mask: Mask | None, B: int, H: int, L: int, S: int) -> int:
     return (B if mask.batch_size else 1) * (H if mask.num_heads else 1) * L * S
 
 
-def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool, grid: Grid) -> str:
+def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool, grid: Grid,
+                    needs_grad: bool = False) -> str:
     """``auto``: torch SDPA when the inputs are dense or a cheap dense mask says it all,
     the chunked engine when something would cost more dense than tiled."""
     if needs_chunked or (bias is not None and not isinstance(bias, TensorBias)):
         return "chunked"
+    if needs_grad and saturated_rows(bias):  # torch's fused backward cannot recompute
+        return "chunked"                     # those rows; the tiled engine can, lean
     if mask is None or isinstance(mask, TensorMask):
         return "torch"
     if isinstance(mask, CausalMask) and L == S and bias is None:
@@ -257,7 +261,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     # ---- pick the backend
     needs_chunked = (softcap is not None or sinks is not None or return_weights or return_lse)
     if backend == "auto":
-        backend = _choose_backend(mask, add, B, Hq, L, S, needs_chunked, grid)
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (query, key, value))
+        backend = _choose_backend(mask, add, B, Hq, L, S, needs_chunked, grid, needs_grad)
     elif backend == "torch":
         for name, given in (("softcap", softcap is not None), ("sinks", sinks is not None),
                             ("return_weights", return_weights), ("return_lse", return_lse)):

@@ -225,6 +225,8 @@ class _Config:
     #: per dtype, the Toeplitz master tile of a translation-invariant mask/bias (see
     #: _master): every tile of the call is a view into it
     masters: dict | None = None
+    #: per tile, the kernel the forward used (FUSED, EAGER, EXACT); the backward follows
+    modes: list | None = None
 
 
 # ------------------------------------------------------------------ tile helpers
@@ -401,20 +403,22 @@ class _KV:
         return (kf.index_select(1, flat).view(B, self.q_heads, n, -1),
                 vf.index_select(1, flat).view(B, self.q_heads, n, -1))
 
-    def add_grad(self, dk: Tensor, dv: Tensor, seg, gk: Tensor, gv: Tensor) -> None:
+    def add_grad(self, dk: Tensor, dv: Tensor | None, seg, gk: Tensor, gv: Tensor | None) -> None:
+        """Add a segment's key and value gradients (``gv`` None: keys only)."""
+        pairs = [(dk, gk)] + ([] if gv is None else [(dv, gv)])
         if not isinstance(seg, Gathered):
-            dk[:, :, seg.k0:seg.k1] += gk
-            dv[:, :, seg.k0:seg.k1] += gv
+            for acc, g in pairs:
+                acc[:, :, seg.k0:seg.k1] += g
             return
         if seg.index.shape[0] == 1:
             idx = seg.index[0].clamp(min=0)
-            dk.index_add_(2, idx, gk.to(dk.dtype))
-            dv.index_add_(2, idx, gv.to(dv.dtype))
+            for acc, g in pairs:
+                acc.index_add_(2, idx, g.to(acc.dtype))
             return
         B, Hkv, S, _ = dk.shape
         flat = self._flat_index(seg)
-        dk.view(B, Hkv * S, -1).index_add_(1, flat, gk.reshape(B, flat.numel(), -1).to(dk.dtype))
-        dv.view(B, Hkv * S, -1).index_add_(1, flat, gv.reshape(B, flat.numel(), -1).to(dv.dtype))
+        for acc, g in pairs:
+            acc.view(B, Hkv * S, -1).index_add_(1, flat, g.reshape(B, flat.numel(), -1).to(acc.dtype))
 
 
 def _fold(x: Tensor, kv_heads: int) -> Tensor:
@@ -431,15 +435,15 @@ def _unfold(x: Tensor, q_heads: int) -> Tensor:
 
 def _scores(qt: Tensor, ks: Tensor, cfg: _Config):
     """Scaled (and soft-capped) scores (B, Hq, nq, nk) in the compute dtype, plus
-    tanh(s / softcap) for the softcap derivative."""
+    x = s / softcap, from which the backward forms softcap's derivative."""
     cdt = _compute_dtype(qt.dtype)
     s = torch.matmul(_fold(qt.to(cdt), ks.shape[1]), ks.to(cdt).transpose(-1, -2))
     s = _unfold(s, qt.shape[1]) * cfg.scale
-    t = None
+    x = None
     if cfg.softcap is not None:
-        t = torch.tanh(s / cfg.softcap)
-        s = cfg.softcap * t
-    return s, t
+        x = s / cfg.softcap
+        s = cfg.softcap * torch.tanh(x)
+    return s, x
 
 
 def _keep(cfg: _Config, ti: int, si: int, shape, device) -> Tensor:
@@ -456,57 +460,6 @@ def _use_fused(cfg: _Config, q, k, v, need_bias_grad: bool = False) -> bool:
     if cfg.bias is not None and q.dtype in (torch.float16, torch.bfloat16):
         return False  # a bias rounded to half precision would change the softmax
     return _fused.usable(q, k, v)
-
-
-def _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused):
-    """(out, lse) of one segment; out in the compute dtype, lse in float32/64."""
-    if fused:
-        out, lse = _fused.forward(qt, ks, vs, add, cfg.scale)
-        if alive is not None:  # the fused kernel reports lse = 0 for rows with no key
-            lse = lse.masked_fill(~alive, NEG_INF)
-        return out, lse
-    s, _ = _scores(qt, ks, cfg)
-    if add is not None:
-        s = s + add
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(m == NEG_INF, 0.0, m)
-    p = torch.exp(s - m)
-    denom = p.sum(-1, keepdim=True)
-    if cfg.dropout_p > 0:
-        p = p * _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
-    pv = _unfold(torch.matmul(_fold(p, vs.shape[1]), vs.to(p.dtype)), qt.shape[1])
-    out = pv / torch.where(denom == 0, 1.0, denom)
-    lse = (m + torch.log(denom)).squeeze(-1)
-    return out, lse
-
-
-def _merge_into(out: Tensor, lse: Tensor, outs: list, lses: list, acc_dtype) -> None:
-    """Merge the partial results of one tile over disjoint key sets straight into the
-    tile's rows of ``out`` (B, H, n, Dv) and ``lse`` (B, H, n):
-
-        lse = log sum_i exp(lse_i),   out = sum_i exp(lse_i - lse) out_i
-
-    Rows that see no key anywhere (lse = -inf) get zeros. When ``out`` has the compute
-    dtype the sum accumulates in place (no stacked copy of the partial outputs)."""
-    if len(outs) == 1:
-        out.copy_(outs[0])
-        lse.copy_(lses[0])
-        return
-    total = lses[0]
-    for l in lses[1:]:
-        total = torch.logaddexp(total, l)
-    dead = total == NEG_INF
-    weights = [torch.exp(l - total).masked_fill_(dead, 0.0).unsqueeze(-1) for l in lses]
-    lse.copy_(total)
-    if out.dtype == acc_dtype:
-        torch.mul(outs[0], weights[0], out=out)
-        for o, w in zip(outs[1:], weights[1:]):
-            out.addcmul_(o, w)
-        return
-    acc = outs[0].to(acc_dtype) * weights[0].to(acc_dtype)
-    for o, w in zip(outs[1:], weights[1:]):
-        acc.addcmul_(o.to(acc_dtype), w.to(acc_dtype))
-    out.copy_(acc)
 
 
 def _like_query(q: Tensor, dv: int) -> Tensor:
@@ -581,7 +534,232 @@ def _tiles_view(t: Tensor, b: int, start: int, count: int, rows: int, step: int)
                         x.storage_offset() + start * sn)
 
 
-def _run_forward(cfg, run: _Run, q, k, v, params, add_dtype, out, lse, acc_dtype):
+@dataclass
+class _Part:
+    """One segment's contribution to a tile's rows. Fused kernel: ``out`` normalised over
+    the segment and its log-sum-exp ``rel`` (``shift`` None). Eager kernel: ``out`` the
+    unnormalised sum P V with P = exp(s - shift), ``shift`` each row's largest score and
+    ``denom`` the sum of P, so that the merge normalises once, as the textbook does. A
+    sink is a part with a logit (``shift``), ``denom`` 1 and no value."""
+    out: Tensor | None
+    shift: Tensor | None
+    rel: Tensor
+    denom: Tensor | None = None
+
+
+def _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused) -> _Part:
+    """One segment's :class:`_Part`; rows that see no key: rel = -inf (denom 0)."""
+    if fused:
+        out, lse = _fused.forward(qt, ks, vs, add, cfg.scale)
+        if alive is not None:  # the fused kernel reports lse = 0 for rows with no key
+            lse = lse.masked_fill(~alive, NEG_INF)
+        return _Part(out, None, lse)
+    s, _ = _scores(qt, ks, cfg)
+    if add is not None:
+        s = s + add
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == NEG_INF, 0.0, m)
+    p = torch.exp(s - m)
+    denom = p.sum(-1)
+    if cfg.dropout_p > 0:
+        p = p * _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
+    pv = _unfold(torch.matmul(_fold(p, vs.shape[1]), vs.to(p.dtype)), qt.shape[1])
+    return _Part(pv, m.squeeze(-1), torch.log(denom), denom)
+
+
+def _merge_into(out: Tensor, shift: Tensor, rel: Tensor, parts: list, acc_dtype,
+                sink: Tensor | None = None) -> None:
+    """Merge the :class:`_Part` s of one tile over disjoint key sets (and a sink logit,
+    a key with no value) straight into the tile's rows of ``out`` (B, H, n, Dv) and its
+    statistics ``shift``, ``rel`` (B, H, n), so that ``shift + rel`` is the log-sum-exp of
+    all the scores and each row is rounded to the output dtype once. Rows that see no
+    key anywhere get zeros and rel = -inf.
+
+    Eager parts merge as sums, ``out = sum_i e_i pv_i / sum_i e_i denom_i`` with
+    ``e_i = exp(shift_i - max shift)``; fused parts as log-sum-exps,
+    ``out = sum_i exp(lse_i - lse) out_i``."""
+    if all(p.denom is not None for p in parts):
+        if sink is not None:
+            parts = parts + [_Part(None, sink, torch.zeros((), dtype=rel.dtype, device=rel.device),
+                                   torch.ones((), dtype=rel.dtype, device=rel.device))]
+        _merge_sums(out, shift, rel, parts, acc_dtype)
+        return
+    # fused parts: lse_i (shift None), merged as log-sum-exps; the sink scales the result
+    # by sigmoid(lse - sink) = exp(lse) / (exp(lse) + exp(sink)), one rounding
+    shift.zero_()
+    if len(parts) == 1:
+        (part,) = parts
+        total = part.rel.to(rel.dtype).expand_as(rel)
+        valued = [] if part.out is None else [(part.out, None)]
+    else:
+        lses = [p.rel.to(rel.dtype) for p in parts]
+        total = lses[0]
+        for l in lses[1:]:
+            total = torch.logaddexp(total, l)
+        dead = total == NEG_INF
+        valued = [(p.out, torch.exp(l - total).masked_fill(dead, 0.0).unsqueeze(-1))
+                  for p, l in zip(parts, lses) if p.out is not None]
+    if sink is not None:
+        keep = torch.sigmoid(total - sink).unsqueeze(-1)
+        valued = [(o, keep if w is None else w * keep) for o, w in valued]
+        total = torch.logaddexp(total, sink.expand_as(total))
+    rel.copy_(total.expand_as(rel))
+    if len(valued) == 1 and valued[0][1] is None:
+        out.copy_(valued[0][0])
+        return
+    _weighted_sum(out, valued, acc_dtype)
+
+
+def _merge_sums(out, shift, rel, parts, acc_dtype):
+    """The eager parts' merge: numerator and denominator summed on the common scale of
+    the largest row maximum (the part holding it gets scale 1, exactly), one division."""
+    M = parts[0].shift.to(rel.dtype)
+    for p in parts[1:]:
+        M = torch.maximum(M, p.shift.to(rel.dtype))
+    scales = [torch.exp(p.shift.to(rel.dtype) - M) for p in parts]
+    total = scales[0] * parts[0].denom.to(rel.dtype)
+    for e, p in zip(scales[1:], parts[1:]):
+        total = total + e * p.denom.to(rel.dtype)
+    dead = total == 0
+    rel.copy_(torch.log(total).expand_as(rel))
+    shift.copy_(torch.where(dead, 0.0, M).expand_as(shift))
+    valued = [(p.out, e) for e, p in zip(scales, parts) if p.out is not None]
+    if not valued:
+        out.zero_()
+        return
+    num = valued[0][0].to(acc_dtype) * valued[0][1].to(acc_dtype).unsqueeze(-1)
+    for o, e in valued[1:]:
+        num.addcmul_(o.to(acc_dtype), e.to(acc_dtype).unsqueeze(-1))
+    num = num / torch.where(dead, 1.0, total).to(acc_dtype).unsqueeze(-1)
+    out.copy_(num.masked_fill(dead.unsqueeze(-1), 0.0))
+
+
+def _weighted_sum(out, valued, acc_dtype):
+    """out = sum of o * w over (o, w) pairs, accumulated in the compute dtype."""
+    if not valued:
+        out.zero_()
+        return
+    if out.dtype == acc_dtype and valued[0][0].shape == out.shape:
+        torch.mul(valued[0][0], valued[0][1], out=out)
+        for o, w in valued[1:]:
+            out.addcmul_(o, w)
+        return
+    acc = valued[0][0].to(acc_dtype) * valued[0][1].to(acc_dtype)
+    for o, w in valued[1:]:
+        acc.addcmul_(o.to(acc_dtype), w.to(acc_dtype))
+    out.copy_(acc)
+
+
+#: how a tile is computed: torch's fused kernel, the eager kernel, or the eager kernel
+#: with a backward that forms rowsum(P * dP) from the same dP it uses (exact for rows
+#: that see a single key: their gradients with respect to q and k are exactly zero)
+FUSED, EAGER, EXACT = "fused", "eager", "exact"
+#: a fused tile whose log-sum-exp is this large lost digits that P = exp(s - lse) needs
+#: (its rounding, |lse| * eps, becomes P's relative error; with an additive offset such
+#: as a masking constant, the scores themselves carry no such error): it is recomputed
+#: by the eager kernel, whose statistics keep the row maximum apart. Keyed by the dtype
+#: the scores are computed in.
+LARGE_LSE = {torch.float32: 2.0 ** 8, torch.float64: 2.0 ** 5}
+
+
+def _single_key_rows(tile: Tile, adds: list) -> bool:
+    """Whether some row of the tile sees exactly one key, counted from the segments'
+    additive tiles."""
+    count = 0
+    for seg, (add, _) in zip(tile.segments, adds):
+        if add is None:
+            count = count + _width(seg)
+        else:
+            count = count + (add > NEG_INF).sum(-1)
+    return bool((torch.as_tensor(count) == 1).any())
+
+
+def _tile_forward(cfg, ti, tile, q, kv, params, add_dtype, mode, out, shift, rel, acc_dtype,
+                  sink, adds=None):
+    """Compute one tile's rows of out/shift/rel with the kernel its mode asks for."""
+    r = slice(tile.r0, tile.r1)
+    qt = q[:, :, r]
+    parts = []
+    for si, seg in enumerate(tile.segments):
+        add, alive = adds[si] if adds is not None else _additive(cfg, tile, seg, params,
+                                                                   add_dtype)
+        ks, vs = kv.get(seg)
+        parts.append(_segment_forward(cfg, ti, si, qt, ks, vs, add, alive, mode == FUSED))
+    if not parts:  # the tile sees no key at all
+        parts = [_Part(None, None, torch.full((), NEG_INF, dtype=rel.dtype, device=q.device))]
+    _merge_into(out[:, :, r], shift[:, :, r], rel[:, :, r], parts, acc_dtype, sink)
+
+
+def _forward(q, k, v, sinks, cfg: _Config, params):
+    B, Hq, L, _ = q.shape
+    Dv = v.shape[-1]
+    # in float32/64 a sink belongs in the softmax's one normalisation, which only the eager
+    # kernel can give it (the fused kernel's output would be rescaled, rounding twice); in
+    # half precision that rescale is far inside the dtype's own rounding
+    fused_ok = _use_fused(cfg, q, k, v) and not (
+        sinks is not None and q.dtype in (torch.float32, torch.float64))
+    out = _like_query(q, Dv)
+    # statistics in float64 whatever the inputs: shift is a float32 score (exact), and
+    # rel = log(denominator) keeps the digits that P_sink and dsinks need
+    stat = torch.float64
+    shift = torch.empty(B, Hq, L, dtype=stat, device=q.device)
+    rel = torch.empty(B, Hq, L, dtype=stat, device=q.device)
+    acc_dtype = _compute_dtype(q.dtype)
+    sink = None if sinks is None else sinks.to(stat).view(1, Hq, 1)
+    kv = _KV(k, v, Hq)
+    fused_dtype = q.dtype
+    runs = _batched_runs(cfg) if fused_ok else {}
+    cfg.modes = [FUSED if fused_ok else EAGER] * len(cfg.tiles)
+    done = 0
+    for ti, tile in enumerate(cfg.tiles):
+        if ti < done:
+            continue
+        run = runs.get(ti)
+        if _could_see_one_key(cfg, tile):
+            adds = [_additive(cfg, tile, seg, params, acc_dtype) for seg in tile.segments]
+            if _single_key_rows(tile, adds):
+                stop = run.stop if run is not None else ti + 1
+                for t in range(ti, stop):  # a run's tiles share their additive tiles
+                    cfg.modes[t] = EXACT
+                    _tile_forward(cfg, t, cfg.tiles[t], q, kv, params, acc_dtype, EXACT,
+                                  out, shift, rel, acc_dtype, sink, adds if t == ti else None)
+                done = stop
+                continue
+        if run is not None:
+            _run_forward(cfg, run, q, k, v, params, fused_dtype, out, shift, rel, acc_dtype, sink)
+            done = run.stop
+            continue
+        mode = cfg.modes[ti]
+        _tile_forward(cfg, ti, tile, q, kv, params, fused_dtype if mode == FUSED else acc_dtype,
+                      mode, out, shift, rel, acc_dtype, sink)
+    if fused_ok:  # fused tiles whose log-sum-exp is too large to recompute P from
+        large = (shift + rel).abs()
+        large = large.masked_fill(~torch.isfinite(large), 0.0) >= LARGE_LSE[acc_dtype]
+        if bool(large.any()):
+            rows = large.any(0).any(0)
+            for ti, tile in enumerate(cfg.tiles):
+                if cfg.modes[ti] == FUSED and bool(rows[tile.r0:tile.r1].any()):
+                    cfg.modes[ti] = EAGER
+                    _tile_forward(cfg, ti, tile, q, kv, params, acc_dtype, EAGER, out, shift,
+                                  rel, acc_dtype, sink)
+    if cfg.tile_cache is not None:
+        cfg.tile_cache.clear()  # not held until backward (a layer's worth per layer)
+        cfg.masters.clear()
+    return out, shift, rel
+
+
+def _could_see_one_key(cfg: _Config, tile: Tile) -> bool:
+    """Cheap test before counting: only a tile without a FULL block (or with a float mask,
+    which may hold -inf anywhere) can have a row that sees a single key."""
+    if not tile.segments:
+        return False
+    if cfg.bias is not None and cfg.bias.may_mask:
+        return True
+    return not any((getattr(seg, "covered", False) or not getattr(seg, "masked", True))
+                   and _width(seg) > 1 for seg in tile.segments)
+
+
+def _run_forward(cfg, run: _Run, q, k, v, params, add_dtype, out, shift, rel, acc_dtype, sink):
     """A run of equal tiles as one fused call per segment: queries and keys as strided
     tile views (no copies), the run's tiles as the kernel's batch dimension, one shared
     additive tile; then one vectorised merge into the output rows."""
@@ -594,7 +772,7 @@ def _run_forward(cfg, run: _Run, q, k, v, params, add_dtype, out, lse, acc_dtype
                                for seg in first.segments)]
     for b in range(q.shape[0]):
         qt = _tiles_view(q, b, first.r0, n, nq, nq)
-        outs, lses = [], []
+        parts = []
         for seg, step, (add, alive) in zip(first.segments, run.steps, extras):
             width = seg.k1 - seg.k0
             ks = _tiles_view(k, b, seg.k0, n, width, step)
@@ -603,113 +781,244 @@ def _run_forward(cfg, run: _Run, q, k, v, params, add_dtype, out, lse, acc_dtype
                 add = add[b:b + 1]
             if alive is not None and alive.shape[0] > 1:
                 alive = alive[b:b + 1]
-            o, l = _segment_forward(cfg, run.start, 0, qt, ks, vs, add, alive, True)
-            outs.append(o)
-            lses.append(l.to(lse.dtype))
-        _merge_into(out[b, :, rows].unflatten(1, (n, nq)).transpose(0, 1),
-                    lse[b, :, rows].unflatten(1, (n, nq)).transpose(0, 1), outs, lses, acc_dtype)
+            parts.append(_segment_forward(cfg, run.start, 0, qt, ks, vs, add, alive, True))
+        view = lambda t: t[b, :, rows].unflatten(1, (n, nq)).transpose(0, 1)
+        _merge_into(view(out), view(shift), view(rel), parts, acc_dtype,
+                    None if sink is None else sink[0].view(1, -1, 1))
 
 
-def _forward(q, k, v, sinks, cfg: _Config, params):
-    B, Hq, L, _ = q.shape
-    Dv = v.shape[-1]
-    fused_ok = _use_fused(cfg, q, k, v)
-    out = _like_query(q, Dv)
-    lse = torch.empty(B, Hq, L, dtype=_stat_dtype(q.dtype), device=q.device)
-    acc_dtype = _compute_dtype(q.dtype)
-    kv = _KV(k, v, Hq)
-    add_dtype = q.dtype if fused_ok else acc_dtype
-    runs = _batched_runs(cfg) if fused_ok else {}
-    done = 0
-    for ti, tile in enumerate(cfg.tiles):
-        if ti < done:
-            continue
-        if ti in runs:
-            _run_forward(cfg, runs[ti], q, k, v, params, add_dtype, out, lse, acc_dtype)
-            done = runs[ti].stop
-            continue
-        qt = q[:, :, tile.r0:tile.r1]
-        outs, lses = [], []
-        for si, seg in enumerate(tile.segments):
-            add, alive = _additive(cfg, tile, seg, params, add_dtype)
-            ks, vs = kv.get(seg)
-            o, l = _segment_forward(cfg, ti, si, qt, ks, vs, add, alive, fused_ok)
-            outs.append(o)
-            lses.append(l.to(lse.dtype))
-        if not outs:
-            out[:, :, tile.r0:tile.r1] = 0
-            lse[:, :, tile.r0:tile.r1] = NEG_INF
-        else:
-            _merge_into(out[:, :, tile.r0:tile.r1], lse[:, :, tile.r0:tile.r1], outs, lses,
-                        acc_dtype)
-    if sinks is not None:  # a sink is a segment with a logit and no value
-        sink_l = sinks.to(lse.dtype).view(1, Hq, 1).expand_as(lse)
-        new_l = torch.logaddexp(lse, sink_l)
-        out = (out.to(acc_dtype) * torch.exp(lse - new_l).unsqueeze(-1)).to(q.dtype)
-        lse = new_l
-    if cfg.tile_cache is not None:
-        cfg.tile_cache.clear()  # not held until backward (a layer's worth per layer)
-        cfg.masters.clear()
-    return out, lse
+def _probabilities(cfg, qt, ks, add, shift_t, rel_t, acc):
+    """P = exp((s + add - shift) - rel) for one segment, with the scores computed as the
+    forward's eager kernel computed them, and tanh(s / softcap) for softcap's derivative."""
+    s, t = _scores(qt, ks, cfg)
+    if add is not None:
+        s = s + add
+    if shift_t is not None:
+        s = s - shift_t.unsqueeze(-1).to(acc)
+    return torch.exp(s - rel_t.unsqueeze(-1).to(acc)), t
 
 
-def _backward(dout, dlse, q, k, v, out, lse, sinks, cfg: _Config, params):
+def _segment_grads(cfg, ti, si, tile, seg, qt, dot, ks, vs, p, t, delta_t, need, params,
+                   dparams, dq, dk, dv, kv, r, sums=None):
+    """Accumulate one segment's dq, dk, dv (and bias-parameter gradients) from its
+    probabilities ``p`` and the rows' softmax correction ``delta_t``; with ``sums``
+    (B, Hq, L) also add this segment's rowsum(P * dP) to its rows."""
+    acc = p.dtype
+    Hq = qt.shape[1]
+    keep = None
+    if cfg.dropout_p > 0:
+        keep = _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
+    pd = p if keep is None else p * keep
+    do_f = dot.to(acc)
+    hk = ks.shape[1]
+    gv = torch.matmul(_fold(pd, hk).transpose(-1, -2), _fold(do_f, hk))
+    dp = _unfold(torch.matmul(_fold(do_f, hk), vs.to(acc).transpose(-1, -2)), Hq)
+    if keep is not None:
+        dp = dp * keep
+    if sums is not None:
+        sums[:, :, r] += (p * dp).sum(-1).to(sums.dtype)
+    ds = p * (dp - delta_t.unsqueeze(-1))
+    if any(need):
+        _bias_param_grads(cfg, tile, seg, params, need, ds, dparams)
+    if t is not None:
+        # d softcap * tanh(x) / ds = 1 - tanh(x)^2 = 1 / cosh(x)^2: no cancellation when
+        # |tanh(x)| is near 1
+        ds = ds / torch.cosh(t).square()
+    ds = ds * cfg.scale
+    dq[:, :, r] += torch.matmul(_fold(ds, hk), ks.to(acc)).reshape(qt.shape)
+    gk = torch.matmul(_fold(ds, hk).transpose(-1, -2), _fold(qt.to(acc), hk))
+    kv.add_grad(dk, dv, seg, gk, gv)
+
+
+def _backward(dout, dlse, q, k, v, out, shift, rel, sinks, cfg: _Config, params):
+    """Gradients from the saved output and statistics (lse = shift + rel), tile by tile,
+    each tile with the kernel that computed it (``cfg.modes``; None: fused if usable)."""
     B, Hq, L, _ = q.shape
     acc = _compute_dtype(q.dtype)
-    need_param_grads = [p.requires_grad for p in params]
-    bias_grad = any(need_param_grads)
-    fused_ok = dlse is None and _use_fused(cfg, q, k, v, bias_grad)
+    need = [p.requires_grad for p in params]
+    fused_ok = _use_fused(cfg, q, k, v, any(need))
+    modes = cfg.modes or [FUSED if fused_ok else EAGER] * len(cfg.tiles)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    dparams = [torch.zeros_like(p) if need else None for p, need in zip(params, need_param_grads)]
-    # rowsum(dO * O), the softmax-gradient correction, minus the gradient through lse
+    dparams = [torch.zeros_like(p) if n else None for p, n in zip(params, need)]
+    lse = rel if shift is None else shift + rel
+    # rowsum(dO * O), the softmax-gradient correction; the gradient through lse, dlse, is
+    # a term of its own: dS = P * (dP - rowsum(dO * O) + dlse)
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    lse_b = torch.where(lse == NEG_INF, float("inf"), lse)  # rows that see nothing: P = 0
+    dead = rel == NEG_INF  # rows that see nothing: P = 0
+    lse_b = torch.where(dead, float("inf"), lse)
+    rel_b = torch.where(dead, float("inf"), rel)
     kv = _KV(k, v, Hq)
+    # the sinks' gradient, -sum P_sink * rowsum(P * dP): the sum formed from P and dP
+    # wherever the eager kernel runs (rowsum(dO * O) in float64 where the fused one does)
+    sink_grad = sinks is not None and sinks.requires_grad
+    sums = torch.zeros(B, Hq, L, dtype=torch.float64, device=q.device) if sink_grad else None
+    summed = torch.zeros(L, dtype=torch.bool, device=q.device) if sink_grad else None
     for ti, tile in enumerate(cfg.tiles):
         r = slice(tile.r0, tile.r1)
         qt, dot = q[:, :, r], dout[:, :, r]
+        mode = modes[ti] if (modes[ti] != FUSED or fused_ok) else EAGER
+        if sink_grad and mode != FUSED:
+            summed[r] = True
+        if mode == EXACT:
+            _exact_tile_backward(cfg, ti, tile, qt, dot, kv, params, need, dparams, shift,
+                                 rel_b, dlse, dq, dk, dv, r, acc, sums)
+            continue
         for si, seg in enumerate(tile.segments):
             ks, vs = kv.get(seg)
-            add, _ = _additive(cfg, tile, seg, params, q.dtype if fused_ok else acc)
-            if fused_ok:
-                gq, gk, gv = _fused.backward(dot, qt, ks, vs, out[:, :, r], lse_b[:, :, r],
-                                             add, cfg.scale)
+            if mode == FUSED:
+                add, _ = _additive(cfg, tile, seg, params, q.dtype)
+                gq, gk, gv = _fused_backward(dot, qt, ks, vs, out[:, :, r],
+                                             lse_b[:, :, r].to(_stat_dtype(q.dtype)), add,
+                                             cfg.scale)
                 dq[:, :, r] += gq
                 kv.add_grad(dk, dv, seg, gk, gv)
+                if dlse is not None:  # the lse term, P * dlse, with dV untouched
+                    p, _ = _probabilities(cfg, qt, ks, add if add is None else add.to(acc),
+                                          None, lse_b[:, :, r], acc)
+                    _lse_term(cfg, p, dlse[:, :, r].to(acc), qt, ks, dq, dk, kv, seg, r)
                 continue
-            s, t = _scores(qt, ks, cfg)
-            if add is not None:
-                s = s + add
-            p = torch.exp(s - lse_b[:, :, r].unsqueeze(-1).to(acc))
-            keep = None
-            if cfg.dropout_p > 0:
-                keep = _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
-            pd = p if keep is None else p * keep
-            do_f = dot.to(acc)
-            hk = ks.shape[1]
-            gv = torch.matmul(_fold(pd, hk).transpose(-1, -2), _fold(do_f, hk))
-            dp = _unfold(torch.matmul(_fold(do_f, hk), vs.to(acc).transpose(-1, -2)), Hq)
-            if keep is not None:
-                dp = dp * keep
-            ds = p * (dp - delta[:, :, r].unsqueeze(-1))
-            if bias_grad:
-                _bias_param_grads(cfg, tile, seg, params, need_param_grads, ds, dparams)
-            if t is not None:
-                ds = ds * (1 - t * t)
-            ds = ds * cfg.scale
-            dq[:, :, r] += torch.matmul(_fold(ds, hk), ks.to(acc)).reshape(qt.shape)
-            gk = torch.matmul(_fold(ds, hk).transpose(-1, -2), _fold(qt.to(acc), hk))
-            kv.add_grad(dk, dv, seg, gk, gv)
+            add, _ = _additive(cfg, tile, seg, params, acc)
+            p, t = _probabilities(cfg, qt, ks, add, None if shift is None else shift[:, :, r],
+                                  rel_b[:, :, r], acc)
+            _segment_grads(cfg, ti, si, tile, seg, qt, dot, ks, vs, p, t, delta[:, :, r], need,
+                           params, dparams, dq, dk, dv, kv, r, sums)
     dsinks = None
-    if sinks is not None and sinks.requires_grad:
-        p_sink = torch.exp(sinks.to(lse.dtype).view(1, Hq, 1) - lse_b)
-        dsinks = (-(p_sink * delta.to(lse.dtype))).sum((0, 2)).to(sinks.dtype)
+    if sink_grad:
+        full = (dout.double() * out.double()).sum(-1)
+        d = torch.where(summed.view(1, 1, -1), sums, full)
+        if dlse is not None:
+            d = d - dlse.double()
+        lse64 = (rel_b.double() if shift is None else shift.double() + rel_b.double())
+        p_sink = torch.exp(sinks.double().view(1, Hq, 1) - lse64)
+        dsinks = (-(p_sink * d)).sum((0, 2)).to(sinks.dtype)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks,
             [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)])
+
+
+def _lse_term(cfg, p, dlse_t, qt, ks, dq, dk, kv, seg, r):
+    """dq and dk of lse alone: dS = P * dlse (dV gets nothing)."""
+    hk = ks.shape[1]
+    ds = p * dlse_t.unsqueeze(-1) * cfg.scale
+    acc = p.dtype
+    dq[:, :, r] += torch.matmul(_fold(ds, hk), ks.to(acc)).reshape(qt.shape)
+    gk = torch.matmul(_fold(ds, hk).transpose(-1, -2), _fold(qt.to(acc), hk))
+    kv.add_grad(dk, None, seg, gk, None)
+
+
+def _exact_tile_backward(cfg, ti, tile, qt, dot, kv, params, need, dparams, shift, rel_b,
+                         dlse, dq, dk, dv, r, acc, sums=None):
+    """A tile's gradients with the softmax correction formed from the same dP the
+    gradients use, delta = rowsum(P * dP) (torch's own softmax backward), in two passes
+    over its segments: a row that sees one key has P = 1 and delta = dP exactly, so its
+    dS, and its gradients with respect to q and k, are exactly zero."""
+    hk = None
+    delta = None
+    for si, seg in enumerate(tile.segments):
+        ks, vs = kv.get(seg)
+        hk = ks.shape[1]
+        add, _ = _additive(cfg, tile, seg, params, acc)
+        p, _ = _probabilities(cfg, qt, ks, add, shift[:, :, r], rel_b[:, :, r], acc)
+        dp = _unfold(torch.matmul(_fold(dot.to(acc), hk), vs.to(acc).transpose(-1, -2)),
+                     qt.shape[1])
+        if cfg.dropout_p > 0:
+            dp = dp * (_keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p))
+        part = (p * dp).sum(-1)
+        delta = part if delta is None else delta + part
+    if delta is None:
+        return
+    if sums is not None:
+        sums[:, :, r] += delta.to(sums.dtype)
+    if dlse is not None:
+        delta = delta - dlse[:, :, r].to(acc)
+    for si, seg in enumerate(tile.segments):
+        ks, vs = kv.get(seg)
+        add, _ = _additive(cfg, tile, seg, params, acc)
+        p, t = _probabilities(cfg, qt, ks, add, shift[:, :, r], rel_b[:, :, r], acc)
+        _segment_grads(cfg, ti, si, tile, seg, qt, dot, ks, vs, p, t, delta, need, params,
+                       dparams, dq, dk, dv, kv, r)
+
+
+def _fused_backward(dot, qt, ks, vs, out_t, lse_t, add, scale):
+    """The fused kernel's (dq, dk, dv) of one segment. In half precision with grouped
+    key/value heads, the kernel would sum a group's gradients in the half dtype; it gets
+    the key/value heads repeated as views instead, and the group sums run in float32."""
+    Hq, Hkv = qt.shape[1], ks.shape[1]
+    if Hq == Hkv or qt.dtype not in (torch.float16, torch.bfloat16):
+        return _fused.backward(dot, qt, ks, vs, out_t, lse_t, add, scale)
+    G = Hq // Hkv
+    expand = lambda x: x.unsqueeze(2).expand(x.shape[0], Hkv, G, *x.shape[2:]).reshape(
+        x.shape[0], Hq, *x.shape[2:])
+    gq, gk, gv = _fused.backward(dot, qt, expand(ks), expand(vs), out_t, lse_t, add, scale)
+    fold = lambda g: g.float().view(g.shape[0], Hkv, G, *g.shape[2:]).sum(2)
+    return gq, fold(gk), fold(gv)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, cfg, *params):
+        out, shift, rel = _forward(q, k, v, sinks, cfg, params)
+        ctx.save_for_backward(q, k, v, out, shift, rel, sinks, *params)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return out, (shift + rel).to(_stat_dtype(q.dtype))
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, shift, rel, sinks, *params = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dsinks, dparams = _backward(dout, dlse, q, k, v, out, shift, rel, sinks,
+                                                ctx.cfg, params)
+        return (dq, dk, dv, dsinks, None, *dparams)
+
+
+def _weights(q, k, sinks, cfg: _Config, params) -> Tensor:
+    """The attention weights (B, Hq, L, S) after dropout: the scores recomputed tile by
+    tile into one (B, Hq, L, S) tensor and normalised by one softmax over each whole row
+    (with the sink in its denominator), so a row's weights sum to 1 to rounding whatever
+    the size of its scores; differentiable through ordinary autograd."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    acc = _compute_dtype(q.dtype)
+    # one spare column: where a gathered segment's empty slots land
+    s_all = torch.full((B, Hq, L, S + 1), NEG_INF, dtype=acc, device=q.device)
+    keep_all = None
+    if cfg.dropout_p > 0:
+        keep_all = torch.zeros(B, Hq, L, S + 1, dtype=acc, device=q.device)
+    keys = _KV(k, k, Hq)
+    for ti, tile in enumerate(cfg.tiles):
+        r = slice(tile.r0, tile.r1)
+        for si, seg in enumerate(tile.segments):
+            s, _ = _scores(q[:, :, r], keys.get(seg)[0], cfg)
+            add, _ = _additive(cfg, tile, seg, params, acc)
+            if add is not None:
+                s = s + add
+            s = s.expand(B, Hq, *s.shape[2:])
+            keep = None
+            if keep_all is not None:
+                keep = (_keep(cfg, ti, si, s.shape, s.device) / (1 - cfg.dropout_p)).to(acc)
+            if isinstance(seg, Gathered):
+                at = seg.index.view(1, seg.index.shape[0], 1, -1)
+                at = torch.where(at >= 0, at, S).expand(B, Hq, s.shape[2], -1)
+                s_all[:, :, r] = s_all[:, :, r].scatter(3, at, s)
+                if keep is not None:
+                    keep_all[:, :, r] = keep_all[:, :, r].scatter(3, at, keep)
+            else:
+                s_all[:, :, r, seg.k0:seg.k1] = s
+                if keep is not None:
+                    keep_all[:, :, r, seg.k0:seg.k1] = keep
+    s_all = s_all[..., :S]
+    if sinks is not None:
+        s_all = torch.cat([s_all, sinks.to(acc).view(1, Hq, 1, 1).expand(B, Hq, L, 1)], -1)
+    dead = (s_all == NEG_INF).all(-1, keepdim=True)
+    w = torch.softmax(s_all.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)[..., :S]
+    if keep_all is not None:
+        w = w * keep_all[..., :S]
+    return w.to(q.dtype)
 
 
 def _bias_param_grads(cfg, tile, seg, params, need, ds, dparams):
@@ -728,51 +1037,6 @@ def _bias_param_grads(cfg, tile, seg, params, need, ds, dparams):
             gi = next(it)
             if gi is not None:
                 dparams[i] += gi
-
-
-class _ChunkedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, cfg, *params):
-        out, lse = _forward(q, k, v, sinks, cfg, params)
-        ctx.save_for_backward(q, k, v, out, lse, sinks, *params)
-        ctx.cfg = cfg
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sinks, *params = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv, dsinks, dparams = _backward(dout, dlse, q, k, v, out, lse, sinks,
-                                                ctx.cfg, params)
-        return (dq, dk, dv, dsinks, None, *dparams)
-
-
-def _weights(q, k, lse, cfg: _Config, params) -> Tensor:
-    """The attention weights (B, Hq, L, S) after dropout, tile by tile from the final
-    log-sum-exp; differentiable through ordinary autograd."""
-    B, Hq, L, _ = q.shape
-    acc = _compute_dtype(q.dtype)
-    w = torch.zeros(B, Hq, L, k.shape[2], dtype=acc, device=q.device)
-    lse_b = torch.where(lse == NEG_INF, float("inf"), lse)
-    keys = _KV(k, k, Hq)
-    for ti, tile in enumerate(cfg.tiles):
-        r = slice(tile.r0, tile.r1)
-        for si, seg in enumerate(tile.segments):
-            s, _ = _scores(q[:, :, r], keys.get(seg)[0], cfg)
-            add, _ = _additive(cfg, tile, seg, params, acc)
-            if add is not None:
-                s = s + add
-            p = torch.exp(s - lse_b[:, :, r].unsqueeze(-1).to(acc))
-            if cfg.dropout_p > 0:
-                p = p * _keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
-            if isinstance(seg, Gathered):  # empty slots hold p = 0: adding them is harmless
-                at = _gathered_keys(seg).expand(B, Hq, p.shape[2], -1)
-                w[:, :, r].scatter_add_(3, at, p)
-            else:
-                w[:, :, r, seg.k0:seg.k1] = p
-    return w.to(q.dtype)
 
 
 def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | None = None,
@@ -827,7 +1091,7 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
                   {} if relative else None, {} if relative else None)
     params = tuple(bias.params) if bias is not None else ()
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
-    weights = _weights(query, key, lse, cfg, params) if return_weights else None
+    weights = _weights(query, key, sinks, cfg, params) if return_weights else None
     return out, weights, lse
 
 
@@ -900,5 +1164,5 @@ def chunked_attention_backward(dout: Tensor, query: Tensor, key: Tensor, value: 
     bk = block_k or BLOCK_K
     tiles = plan_tiles(mask, grid, block_q or BLOCK_Q, bk)
     cfg = _Config(grid, tiles, mask, None, float(scale), None, 0.0, 0, kernel)
-    dq, dk, dv, _, _ = _backward(dout, None, query, key, value, out, lse, None, cfg, ())
+    dq, dk, dv, _, _ = _backward(dout, None, query, key, value, out, None, lse, None, cfg, ())
     return dq, dk, dv

@@ -48,7 +48,11 @@ def reference_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask
     sees_nothing = (scores == float("-inf")).all(-1, keepdim=True)
     scores = scores.masked_fill(sees_nothing, 0.0)
     weights = torch.softmax(scores, dim=-1).masked_fill(sees_nothing, 0.0)
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(sees_nothing.squeeze(-1), float("-inf"))
+    # lse = max + log sum exp(s - max), differentiated as written (torch.logsumexp's own
+    # backward, exp(s - lse), breaks where lse lost its digits: finfo.min-masked rows)
+    top = scores.amax(-1, keepdim=True).detach()
+    lse = (top + torch.log(torch.exp(scores - top).sum(-1, keepdim=True))).squeeze(-1)
+    lse = lse.masked_fill(sees_nothing.squeeze(-1), float("-inf"))
     if sinks is not None:
         weights = weights[..., :S]
     if dropout_p > 0:

@@ -9,13 +9,43 @@ sees nothing to the kernel (we zero it, as the contract says).
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..bias import Bias
 from ..masks import CausalMask, Grid, Mask
 
-__all__ = ["torch_attention"]
+__all__ = ["torch_attention", "saturated_rows"]
+
+#: a finite additive mask this negative on a whole row (transformers' finfo.min, the
+#: -1e9 of older code) leaves that row's log-sum-exp too large to recompute P = exp(s -
+#: lse) from in float32 (finfo.min + log n rounds back to finfo.min)
+SATURATED = -2.0 ** 11
+
+
+def saturated_rows(bias: Bias | None) -> bool:
+    """Whether a dense float mask masks some row entirely with finite numbers so large
+    that a kernel recomputing probabilities from the log-sum-exp gets them wrong."""
+    t = getattr(bias, "bias", None)  # a dense tensor, given as attn_mask or as bias
+    if t is None:
+        return False
+    top = t.amax(-1)
+    return bool(((top < SATURATED) & torch.isfinite(top)).any())
+
+
+def _selects(attn_mask: Tensor | None, S: int) -> bool:
+    """Whether every row of a dense mask lets through at most one key (the attention is
+    then a selection of value rows, its exact gradients for q and k are zero)."""
+    if S == 1:
+        return True
+    if attn_mask is None:
+        return False
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+    return bool((allowed.sum(-1) <= 1).all())
 
 
 def dense_additive(mask: Mask | None, bias: Bias | None, grid: Grid, dtype):
@@ -38,15 +68,24 @@ def torch_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | N
     L, S = query.shape[2], key.shape[2]
     grid = Grid(L, S, query.device) if grid is None else grid
     gqa = query.shape[1] != key.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     # torch's own causal path masks with -inf before scaling: a zero or negative scale
     # would turn masked entries into NaN or +inf, so those get the mask as a tensor
     if (isinstance(mask, CausalMask) and bias is None and L == S and grid.affine
-            and scale > 0):
+            and scale > 0 and not (needs_grad and S == 1)):
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p,
                                               is_causal=True, scale=scale, enable_gqa=gqa)
     attn_mask, alive = dense_additive(mask, bias, grid, query.dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
-                                         dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    kernel = None
+    if needs_grad and (saturated_rows(bias) or _selects(attn_mask, S)):
+        # torch's fused backward recomputes P = exp(s - lse) with s from another product:
+        # wrong on saturated rows (lse lost its digits), and on a row's single key not
+        # exactly 1, which is the whole gradient when every row selects one key (dq, dk
+        # must then be exactly 0). Its math kernel differentiates the softmax itself.
+        kernel = SDPBackend.MATH
+    with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                             dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if alive is not None and not bool(alive.all()):
         out = out.masked_fill(~alive.unsqueeze(-1), 0.0)
     return out
