@@ -17,7 +17,13 @@ _IMPORTS_TRANSFORMERS = re.compile(
 
 def pytest_collection_modifyitems(config, items):
     """Mark every test of a module that imports transformers as ``hf``: CI runs
-    ``pytest -m hf`` again on the lowest transformers release the project supports."""
+    ``pytest -m hf`` again on the lowest transformers release the project supports. The
+    long differential campaign (``fuzz``) runs only when asked for with ``-m fuzz``."""
+    if "fuzz" not in (config.option.markexpr or ""):
+        long_runs = [item for item in items if item.get_closest_marker("fuzz")]
+        if long_runs:
+            config.hook.pytest_deselected(items=long_runs)
+            items[:] = [item for item in items if not item.get_closest_marker("fuzz")]
     facing = {}
     for item in items:
         path = item.path
@@ -25,6 +31,25 @@ def pytest_collection_modifyitems(config, items):
             facing[path] = bool(_IMPORTS_TRANSFORMERS.search(path.read_text(encoding="utf-8")))
         if facing[path]:
             item.add_marker(pytest.mark.hf)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The differential campaign's account: cases run and the slowest 5% of them."""
+    import sys
+    module = sys.modules.get("test_differential")
+    record = getattr(module, "RECORD", None)
+    if not record:
+        return
+    times = sorted((t for t, _ in record), reverse=True)
+    n = len(times)
+    slow = max(1, n // 20)
+    tr = terminalreporter
+    tr.write_sep("-", "differential campaign")
+    tr.write_line(f"{n} cases, {sum(times):.1f} s; median {times[n // 2] * 1000:.0f} ms; "
+                  f"slowest 5% ({slow} cases) from {times[slow - 1] * 1000:.0f} ms to "
+                  f"{times[0] * 1000:.0f} ms, {sum(times[:slow]):.1f} s in all")
+    for t, what in sorted(record, reverse=True)[:min(slow, 5)]:
+        tr.write_line(f"  {t * 1000:7.0f} ms  {what}")
 
 
 def pytest_report_header(config):
