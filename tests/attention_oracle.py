@@ -109,12 +109,13 @@ def t5_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: 
 ULP_FLOOR = {torch.float32: 4, torch.float64: 32}
 
 
-def rounding_slack(ref: Tensor, dtype: torch.dtype) -> float:
+def rounding_slack(ref: Tensor, dtype: torch.dtype, magnitude: float = 0.0) -> float:
     """FlashAttention's absolute slack, twice what representing ``ref`` around 0.3 in
     ``dtype`` costs, ``2 * max |ref + 0.3 - 0.3 - ref|``; at least twice what rounding
     ``ref`` itself to ``dtype`` costs (no answer in that dtype can do better than the
     correctly rounded one); and at least ``ULP_FLOOR`` ulps of the largest value in
-    float32 and float64."""
+    float32 and float64, of the largest value or of ``magnitude``, the size of the terms
+    the values are sums of (:func:`gradient_magnitudes`), whichever is larger."""
     finite = torch.isfinite(ref)
     if not bool(finite.any()):
         return 0.0
@@ -123,11 +124,38 @@ def rounding_slack(ref: Tensor, dtype: torch.dtype) -> float:
     slack = max(2.0 * float((r + 0.3 - 0.3 - r).abs().max()),
                 2.0 * float((r.double() - exact).abs().max()))
     if dtype in ULP_FLOOR:
-        scale = float(r.abs().max())
+        scale = max(float(r.abs().max()), magnitude)
         if dtype == torch.float64:  # agreement to ~1e-15 absolute, whatever the magnitude
             scale = 1.0 + scale
         slack = max(slack, ULP_FLOOR[dtype] * torch.finfo(dtype).eps * scale)
     return slack
+
+
+def gradient_magnitudes(q: Tensor, k: Tensor, v: Tensor, w: Tensor, dout: Tensor,
+                        scale: float, dlse: Tensor | None = None) -> dict:
+    """The size of what each gradient entry sums, for rounding slack where it cancels.
+
+    A computed sum is off by a few ulps of the sum of its terms' magnitudes (Higham's
+    componentwise bound), not of its value: dK_j = scale * sum_i P_ij (dP_ij - delta_i) q_i
+    can be ~0 while its terms are not (a row that sees one key has dS = 0 from
+    dP - dP). With T = P * (|dO| |V|^T + rowsum(P |dO| |V|^T) + |dlse|):
+
+        |dQ| <= scale * T |K|,   |dK| <= scale * T^T |Q|,   |dV| <= P^T |dO|
+
+    (softcap's derivative, at most 1, left out). Returns the largest of each, as floats."""
+    B, Hq, L, _ = q.shape
+    groups = Hq // k.shape[1]
+    k = k.repeat_interleave(groups, 1).abs()
+    v = v.repeat_interleave(groups, 1).abs()
+    dp = dout.abs() @ v.transpose(-1, -2)
+    t = w * (dp + (w * dp).sum(-1, keepdim=True)
+             + (0.0 if dlse is None else dlse.abs().unsqueeze(-1)))
+    dq = scale * (t @ k)
+    dk = scale * (t.transpose(-1, -2) @ q.abs())
+    dv = w.transpose(-1, -2) @ dout.abs()
+    return {"dq": float(dq.max()) if dq.numel() else 0.0,
+            "dk": float(dk.max()) if dk.numel() else 0.0,
+            "dv": float(dv.max()) if dv.numel() else 0.0}
 
 
 def max_error(x: Tensor, ref: Tensor) -> float:
@@ -142,13 +170,13 @@ def max_error(x: Tensor, ref: Tensor) -> float:
 
 
 def fa_close(ours: Tensor, ref: Tensor, same_math, dtype: torch.dtype,
-             rtol: float = 2.0) -> tuple[bool, str]:
+             rtol: float = 2.0, magnitude: float = 0.0) -> tuple[bool, str]:
     """FlashAttention's rule: ``err(ours) <= rtol * err(same_math) + rounding_slack``, errors
     against the float64 ``ref``; ``same_math`` may be a list of orders of it (the largest
     error counts). Returns (passed, a one-line account)."""
     peers = same_math if isinstance(same_math, (list, tuple)) else [same_math]
     err = max_error(ours, ref)
     peer = max(max_error(p, ref) for p in peers)
-    slack = rounding_slack(ref, dtype)
+    slack = rounding_slack(ref, dtype, magnitude)
     ok = err <= rtol * peer + slack
     return ok, f"error {err:.3g} vs {rtol:g} x torch's {peer:.3g} + slack {slack:.3g}"

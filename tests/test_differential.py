@@ -36,9 +36,9 @@ import attnkit
 from attnkit import bias as ak_bias
 from attnkit import masks as M
 from attnkit.positional import T5RelativeBias
-from attention_oracle import attention, fa_close, t5_bucket
+from attention_oracle import attention, fa_close, gradient_magnitudes, t5_bucket
 
-FAST_EXAMPLES = 60
+FAST_EXAMPLES = 300
 LONG_EXAMPLES = int(os.environ.get("ATTNKIT_FUZZ_EXAMPLES", "10000"))
 BACKENDS = ("reference", "chunked", "torch", "auto")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -410,7 +410,12 @@ def _oracle(case, q, k, v, sinks, allowed, dense_bias, dtype, dout, dlse, **orde
             grads = torch.autograd.grad(loss, wrt, allow_unused=True)
             for name, gr in zip(["dq", "dk", "dv", "dsinks"], grads):
                 result[name] = None if gr is None else (gr if name == "dsinks" else flat(gr))
-    return {n: (None if t is None else t.detach()) for n, t in result.items()}
+    result = {n: (None if t is None else t.detach()) for n, t in result.items()}
+    if case.grad and dtype == torch.float64:
+        result["magnitudes"] = gradient_magnitudes(
+            *(flat(t.detach()).to(dtype) for t in (q, k, v)), result["weights"],
+            flat(dout).to(dtype), scale, flat(dlse).to(dtype) if case.return_lse else None)
+    return result
 
 
 def _ours(case, backend, q, k, v, sinks, kwargs, dout, dlse):
@@ -479,7 +484,8 @@ def check_case(case: Case):
             if not bool(torch.isfinite(got).all()) and name != "lse":
                 failures.append(f"{backend} {name}: not finite")
                 continue
-            ok, account = fa_close(got, want, same_math, case.dtype)
+            ok, account = fa_close(got, want, same_math, case.dtype,
+                                   magnitude=ref.get("magnitudes", {}).get(name, 0.0))
             if not ok:
                 failures.append(f"{backend} {name}: {account}")
     if failures and os.environ.get("ATTNKIT_FUZZ_DUMP"):  # everything needed to replay it

@@ -215,6 +215,8 @@ class Mask:
         q_lo, q_hi = grid.position_bounds(r_lo, r_hi)
         if q_lo.dim() == 2:
             return self.position_states(grid, q_lo, q_hi, k_lo, k_hi)
+        if q_lo.shape[0] == 1:  # positions per row, shared by the batch
+            return _as_4d(self.position_states(grid, q_lo[0, 0], q_hi[0, 0], k_lo, k_hi))
         per_batch = []  # positions given per batch element: ask about each one's blocks
         for b in range(q_lo.shape[0]):
             st = _as_4d(self.position_states(grid, q_lo[b, 0], q_hi[b, 0], k_lo, k_hi))

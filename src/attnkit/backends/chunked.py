@@ -788,14 +788,17 @@ def _run_forward(cfg, run: _Run, q, k, v, params, add_dtype, out, shift, rel, ac
 
 
 def _probabilities(cfg, qt, ks, add, shift_t, rel_t, acc):
-    """P = exp((s + add - shift) - rel) for one segment, with the scores computed as the
+    """P = exp(s + add - shift) / exp(rel) for one segment, with the scores computed as the
     forward's eager kernel computed them, and tanh(s / softcap) for softcap's derivative."""
     s, t = _scores(qt, ks, cfg)
     if add is not None:
         s = s + add
-    if shift_t is not None:
-        s = s - shift_t.unsqueeze(-1).to(acc)
-    return torch.exp(s - rel_t.unsqueeze(-1).to(acc)), t
+    if shift_t is None:  # the fused kernel's statistics: lse alone
+        return torch.exp(s - rel_t.unsqueeze(-1).to(acc)), t
+    # exp(s - shift) / denom as the forward formed it (1/denom = exp(-rel) rounded once,
+    # from float64), not exp(s - shift - rel), whose argument rounds with |rel|
+    inv = torch.exp(-rel_t.unsqueeze(-1)).to(acc)
+    return torch.exp(s - shift_t.unsqueeze(-1).to(acc)) * inv, t
 
 
 def _segment_grads(cfg, ti, si, tile, seg, qt, dot, ks, vs, p, t, delta_t, need, params,
