@@ -140,7 +140,7 @@ def gradient_magnitudes(q: Tensor, k: Tensor, v: Tensor, w: Tensor, dout: Tensor
     can be ~0 while its terms are not (a row that sees one key has dS = 0 from
     dP - dP). With T = P * (|dO| |V|^T + rowsum(P |dO| |V|^T) + |dlse|):
 
-        |dQ| <= scale * T |K|,   |dK| <= scale * T^T |Q|,   |dV| <= P^T |dO|
+        |dQ| <= |scale| T |K|,   |dK| <= |scale| T^T |Q|,   |dV| <= P^T |dO|
 
     (softcap's derivative, at most 1, left out). Returns the largest of each, as floats."""
     B, Hq, L, _ = q.shape
@@ -150,8 +150,8 @@ def gradient_magnitudes(q: Tensor, k: Tensor, v: Tensor, w: Tensor, dout: Tensor
     dp = dout.abs() @ v.transpose(-1, -2)
     t = w * (dp + (w * dp).sum(-1, keepdim=True)
              + (0.0 if dlse is None else dlse.abs().unsqueeze(-1)))
-    dq = scale * (t @ k)
-    dk = scale * (t.transpose(-1, -2) @ q.abs())
+    dq = abs(scale) * (t @ k)
+    dk = abs(scale) * (t.transpose(-1, -2) @ q.abs())
     dv = w.transpose(-1, -2) @ dout.abs()
     return {"dq": float(dq.max()) if dq.numel() else 0.0,
             "dk": float(dk.max()) if dk.numel() else 0.0,

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from .masks import Grid, _as_4d
+from .masks.grid import Grid, as_4d
 
 __all__ = ["Bias", "ALiBi", "TensorBias", "SumBias", "alibi", "alibi_slopes"]
 
@@ -42,7 +42,7 @@ class Bias:
     may_mask: bool = False
     #: True when the bias depends only on the offset k - p (and the head): equal tiles
     #: for equal geometry, which the engine builds once
-    relative: bool = False
+    translation_invariant: bool = False
 
     @property
     def params(self) -> tuple[Tensor, ...]:
@@ -69,7 +69,7 @@ class Bias:
         h = torch.arange(self.num_heads or 1, device=grid.device).view(1, -1, 1, 1)
         i = torch.arange(r0, r1, device=grid.device).view(1, 1, -1, 1)
         k = grid.keys(k0, k1).view(1, 1, 1, -1)
-        return _as_4d(self.at(grid, b, h, i, k, *params)).to(grid.dtype)
+        return as_4d(self.at(grid, b, h, i, k, *params)).to(grid.dtype)
 
     def validate(self, grid: Grid) -> None:
         """Raise ValueError when the bias cannot describe this grid."""
@@ -112,7 +112,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
 class ALiBi(Bias):
     """Attention with Linear Biases: adds ``-slope[h] * |p - j|``; ``slopes`` is
     (num_heads,), or (B, num_heads) for one set of slopes per batch element."""
-    relative = True
+    translation_invariant = True
 
     def __init__(self, slopes: Tensor):
         if not isinstance(slopes, Tensor) or slopes.dim() not in (1, 2) or \
@@ -217,7 +217,7 @@ class SumBias(Bias):
     def __init__(self, a: Bias, b: Bias):
         self.a, self.b = a, b
         self.may_mask = a.may_mask or b.may_mask
-        self.relative = a.relative and b.relative
+        self.translation_invariant = a.translation_invariant and b.translation_invariant
         for name in ("batch_size", "num_heads"):
             x, y = getattr(a, name), getattr(b, name)
             if x is not None and y is not None and x != y:

@@ -17,6 +17,7 @@ from torch import Tensor
 from .backends import BACKENDS, chunked_attention, reference_attention, torch_attention
 from .backends.torch_sdpa import saturated_rows
 from .bias import Bias, TensorBias
+from .checks import check_qkv, shape_of
 from .masks import (EMPTY, AndMask, CausalMask, Grid, Mask, OrMask, PaddingMask, TensorMask,
                     causal as causal_mask)
 
@@ -32,40 +33,6 @@ SPARSE_FRACTION = 0.5
 _DENSITY_TILE = 128
 
 
-def _shape(t) -> str:
-    return str(tuple(t.shape))
-
-
-def _check_qkv(query, key, value):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dim() < 3:
-            raise ValueError(f"{name} must have shape (..., heads, length, head_dim), "
-                             f"got {_shape(t)}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, "
-                        f"{key.dtype} and {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device, got {query.device}, "
-                         f"{key.device} and {value.device}")
-    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same rank, got {shapes}")
-    if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
-        raise ValueError(f"query, key and value must have the same batch dims, got {shapes}")
-    if key.shape[-3] != value.shape[-3] or key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key and value must have the same heads and length, got {shapes}")
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query and key must have the same head_dim, got {shapes}")
-    hq, hkv = query.shape[-3], key.shape[-3]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) "
-                         f"for grouped-query attention, got {shapes}")
-
-
 def _to_4d(t: Tensor, name: str, batch: torch.Size, heads: int, L: int, S: int) -> Tensor:
     """Broadcast a mask/bias tensor right-aligned against (*batch, heads, L, S) and fold
     its batch dims into one: (B|1, H|1, L|1, S|1). Refuses anything that does not
@@ -74,7 +41,7 @@ def _to_4d(t: Tensor, name: str, batch: torch.Size, heads: int, L: int, S: int) 
     bad = t.dim() > len(target) or t.dim() == 0 or any(
         s != 1 and s != want for s, want in zip(reversed(t.shape), reversed(target)))
     if bad:
-        raise ValueError(f"{name} of shape {_shape(t)} does not broadcast to "
+        raise ValueError(f"{name} of shape {shape_of(t)} does not broadcast to "
                          f"(..., heads, L, S) = {target}; give per-batch masks as (B, 1, L, S)")
     while t.dim() < 3:
         t = t.unsqueeze(0)
@@ -132,7 +99,7 @@ def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool, grid: Grid,
         return "torch"
     if _only_dense_leaves(mask) or L * S <= SMALL_GRID:
         return "torch"
-    if hasattr(mask, "residue_classes"):  # dilated: sliding windows on strided views
+    if mask.residue_classes() is not None:  # dilated: sliding windows on strided views
         return "chunked"
     if allowed_fraction(mask, L, S, grid=grid) <= SPARSE_FRACTION:
         return "chunked"
@@ -191,7 +158,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out (..., Hq, L, Dv), followed by the weights and lse when asked, as a tuple.
         A query row that may attend to nothing gets zeros.
     """
-    _check_qkv(query, key, value)
+    check_qkv(query, key, value)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in BACKENDS:
@@ -224,7 +191,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             add = TensorBias(_to_4d(attn_mask, "attn_mask", batch, Hq, L, S), may_mask=True)
         else:
             raise TypeError(f"attn_mask must be bool (True = may attend) or float (added to "
-                            f"the scores), got {attn_mask.dtype} of shape {_shape(attn_mask)}")
+                            f"the scores), got {attn_mask.dtype} of shape {shape_of(attn_mask)}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
     elif attn_mask is not None:
@@ -256,7 +223,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             raise TypeError(f"sinks must be a float tensor of shape ({Hq},), got "
                             f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
         if sinks.shape != (Hq,):
-            raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), got {_shape(sinks)}")
+            raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), got {shape_of(sinks)}")
 
     # ---- pick the backend
     needs_chunked = (softcap is not None or sinks is not None or return_weights or return_lse)

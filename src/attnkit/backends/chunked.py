@@ -32,7 +32,9 @@ from torch import Tensor
 
 from . import _fused
 from ..bias import Bias
-from ..masks import EMPTY, FULL, PARTIAL, Grid, Mask, _as_4d
+from ..dtypes import compute_dtype, stat_dtype
+from ..masks import EMPTY, FULL, PARTIAL, Grid, Mask
+from ..masks.grid import as_4d
 
 __all__ = ["chunked_attention", "chunked_attention_backward", "plan_tiles", "Tile", "Segment",
            "Gathered"]
@@ -125,7 +127,7 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     q_hi = torch.tensor([t.r1 for t in tiles], device=dev).view(-1, 1)
     k_lo = torch.tensor(kb[:-1], device=dev).view(1, -1)
     k_hi = torch.tensor(kb[1:], device=dev).view(1, -1)
-    st = _as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
+    st = as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
     st = st.expand(*st.shape[:2], nq, nk)
     # per head: reduce over the batch (FULL only if full for every batch element)
     lo_h, hi_h = st.amin(0), st.amax(0)
@@ -230,10 +232,6 @@ class _Config:
 
 
 # ------------------------------------------------------------------ tile helpers
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
 
 def _index(n: int | None, device, dim: int) -> Tensor:
     shape = [1, 1, 1, 1]
@@ -436,7 +434,7 @@ def _unfold(x: Tensor, q_heads: int) -> Tensor:
 def _scores(qt: Tensor, ks: Tensor, cfg: _Config):
     """Scaled (and soft-capped) scores (B, Hq, nq, nk) in the compute dtype, plus
     x = s / softcap, from which the backward forms softcap's derivative."""
-    cdt = _compute_dtype(qt.dtype)
+    cdt = compute_dtype(qt.dtype)
     s = torch.matmul(_fold(qt.to(cdt), ks.shape[1]), ks.to(cdt).transpose(-1, -2))
     s = _unfold(s, qt.shape[1]) * cfg.scale
     x = None
@@ -470,10 +468,6 @@ def _like_query(q: Tensor, dv: int) -> Tensor:
     if H > 1 and L > 1 and q.stride(1) < q.stride(2):
         return q.new_empty(B, L, H, dv).transpose(1, 2)
     return q.new_empty(B, H, L, dv)
-
-
-def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _signature(cfg: _Config, tile: Tile, seg):
@@ -704,7 +698,7 @@ def _forward(q, k, v, sinks, cfg: _Config, params):
     stat = torch.float64
     shift = torch.empty(B, Hq, L, dtype=stat, device=q.device)
     rel = torch.empty(B, Hq, L, dtype=stat, device=q.device)
-    acc_dtype = _compute_dtype(q.dtype)
+    acc_dtype = compute_dtype(q.dtype)
     sink = None if sinks is None else sinks.to(stat).view(1, Hq, 1)
     kv = _KV(k, v, Hq)
     fused_dtype = q.dtype
@@ -837,7 +831,7 @@ def _backward(dout, dlse, q, k, v, out, shift, rel, sinks, cfg: _Config, params)
     """Gradients from the saved output and statistics (lse = shift + rel), tile by tile,
     each tile with the kernel that computed it (``cfg.modes``; None: fused if usable)."""
     B, Hq, L, _ = q.shape
-    acc = _compute_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     need = [p.requires_grad for p in params]
     fused_ok = _use_fused(cfg, q, k, v, any(need))
     modes = cfg.modes or [FUSED if fused_ok else EAGER] * len(cfg.tiles)
@@ -875,7 +869,7 @@ def _backward(dout, dlse, q, k, v, out, shift, rel, sinks, cfg: _Config, params)
             if mode == FUSED:
                 add, _ = _additive(cfg, tile, seg, params, q.dtype)
                 gq, gk, gv = _fused_backward(dot, qt, ks, vs, out[:, :, r],
-                                             lse_b[:, :, r].to(_stat_dtype(q.dtype)), add,
+                                             lse_b[:, :, r].to(stat_dtype(q.dtype)), add,
                                              cfg.scale)
                 dq[:, :, r] += gq
                 kv.add_grad(dk, dv, seg, gk, gv)
@@ -967,7 +961,7 @@ class _ChunkedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, shift, rel, sinks, *params)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
-        return out, (shift + rel).to(_stat_dtype(q.dtype))
+        return out, (shift + rel).to(stat_dtype(q.dtype))
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -986,7 +980,7 @@ def _weights(q, k, sinks, cfg: _Config, params) -> Tensor:
     the size of its scores; differentiable through ordinary autograd."""
     B, Hq, L, _ = q.shape
     S = k.shape[2]
-    acc = _compute_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     # one spare column: where a gathered segment's empty slots land
     s_all = torch.full((B, Hq, L, S + 1), NEG_INF, dtype=acc, device=q.device)
     keep_all = None
@@ -1062,15 +1056,15 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     B, Hq, L, _ = query.shape
     S = key.shape[2]
     if grid is None:
-        grid = Grid(L, S, query.device, dtype=_compute_dtype(query.dtype))
-    split = getattr(mask, "residue_classes", None)
+        grid = Grid(L, S, query.device, dtype=compute_dtype(query.dtype))
+    split = None if mask is None else mask.residue_classes()
     if (split is not None and bias is None and sinks is None and not return_weights
             and softcap is None and block_q is None and block_k is None and grid.affine):
-        done = _by_residue_class(query, key, value, split(), scale=scale,
+        done = _by_residue_class(query, key, value, split, scale=scale,
                                  dropout_p=dropout_p, kernel=kernel)
         if done is not None:
             return done
-    natural = mask.block_size if mask is not None else None
+    natural = mask.tile_hint if mask is not None else None
     if natural is not None and not 16 <= natural <= 512:
         natural = None
     if block_k is None:
@@ -1082,14 +1076,15 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
         # only place key cuts, and query tiles stay about BLOCK_Q rows, where the kernel's
         # GEMMs run near peak
         block_q = BLOCK_Q if natural is None else (
-            natural if natural >= 64 or mask.relative else natural * -(-BLOCK_Q // natural))
+            natural if natural >= 64 or mask.translation_invariant else natural * -(-BLOCK_Q // natural))
     tiles = plan_tiles(mask, grid, block_q, block_k,
                        merge_full_and_partial=bias is not None)
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     relative = ((mask is not None or bias is not None) and grid.affine
-                and (mask is None or mask.relative) and (bias is None or bias.relative))
+                and (mask is None or mask.translation_invariant)
+                and (bias is None or bias.translation_invariant))
     cfg = _Config(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed, kernel,
                   {} if relative else None, {} if relative else None)
     params = tuple(bias.params) if bias is not None else ()
@@ -1132,7 +1127,7 @@ def _by_residue_class(query, key, value, classes, **kw):
                 return None
         plans.append((heads, kv_heads, d, inner))
     out = _like_query(query, value.shape[-1])
-    lse = torch.empty(B, Hq, L, dtype=_stat_dtype(query.dtype), device=query.device)
+    lse = torch.empty(B, Hq, L, dtype=stat_dtype(query.dtype), device=query.device)
     off = S - L
     for heads, kv_heads, d, inner in plans:
         hs, ks = _head_index(heads, query.device), _head_index(kv_heads, query.device)
@@ -1163,7 +1158,7 @@ def chunked_attention_backward(dout: Tensor, query: Tensor, key: Tensor, value: 
     Summing the results over blocks gives the gradients of the whole attention; ring
     attention uses it for the K/V blocks that travel around the ring.
     """
-    grid = Grid(query.shape[2], key.shape[2], query.device, dtype=_compute_dtype(query.dtype))
+    grid = Grid(query.shape[2], key.shape[2], query.device, dtype=compute_dtype(query.dtype))
     bk = block_k or BLOCK_K
     tiles = plan_tiles(mask, grid, block_q or BLOCK_Q, bk)
     cfg = _Config(grid, tiles, mask, None, float(scale), None, 0.0, 0, kernel)

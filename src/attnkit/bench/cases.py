@@ -26,7 +26,8 @@ import torch
 
 from .. import masks as M
 from ..bias import alibi
-from ..masks import EMPTY, FULL, Grid, _as_4d
+from ..masks import EMPTY, FULL, Grid
+from ..masks.grid import as_4d
 from . import peers
 
 __all__ = ["Setup", "Variant", "Case", "CASES", "count_allowed", "missing_requirement",
@@ -139,7 +140,7 @@ def count_allowed(mask: M.Mask | None, L: int, S: int, batch: int, heads: int,
     if type(mask) is M.PaddingMask:
         return int(mask.lengths.clamp(0, S).sum()) * (batch // mask.batch_size) * heads * L
     if block is None:  # a block-sparse mask's own blocks are never partial
-        bs = mask.block_size
+        bs = mask.tile_hint
         block = bs if bs and 16 <= bs <= 512 else 128
     grid = Grid(L, S)
     off = grid.q_offset
@@ -151,7 +152,7 @@ def count_allowed(mask: M.Mask | None, L: int, S: int, batch: int, heads: int,
     q_hi = torch.tensor(qb[1:]).view(-1, 1)
     k_lo = torch.tensor(kb[:-1]).view(1, -1)
     k_hi = torch.tensor(kb[1:]).view(1, -1)
-    st = _as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
+    st = as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
     bm = mask.batch_size or 1
     hm = mask.num_heads or 1
     st = st.expand(bm, hm, len(qb) - 1, len(kb) - 1)
@@ -159,7 +160,7 @@ def count_allowed(mask: M.Mask | None, L: int, S: int, batch: int, heads: int,
     total = int(((st == FULL).long() * area).sum())
     partial = ((st != FULL) & (st != EMPTY))
     for i, j in partial.any(0).any(0).nonzero().tolist():
-        t = _as_4d(mask.tile(grid, qb[i], qb[i + 1], kb[j], kb[j + 1]))
+        t = as_4d(mask.tile(grid, qb[i], qb[i + 1], kb[j], kb[j + 1]))
         t = t.expand(bm, hm, qb[i + 1] - qb[i], kb[j + 1] - kb[j])
         total += int((t.sum((-1, -2)) * partial[:, :, i, j]).sum())
     return total * (batch // bm) * (heads // hm)

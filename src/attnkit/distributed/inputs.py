@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..functional import _check_qkv
+from ..checks import check_qkv
 from .group import Ring, agree_on_shapes
 from .sharding import LAYOUTS, check_layout
 
@@ -51,7 +51,7 @@ def prepare(what: str, ring: Ring, query, key, value, *, is_causal, scale,
                             "key_padding_mask given", "is_causal", "layout"], 0)
     error = None
     try:
-        _check_qkv(query, key, value)
+        check_qkv(query, key, value)
         check_layout(layout)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..backends.chunked import chunked_attention_backward
+from ..dtypes import stat_dtype
 from ..masks import KeyPaddingMask, causal
 from .blocks import Call, block_attention, causal_calls, merge_into
 from .group import Ring, exchange, ring_of, wait_all
@@ -156,9 +157,6 @@ def _acc_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # ----------------------------------------------------------------------------- forward
 
@@ -172,7 +170,7 @@ def _ring_forward(q, k, v, keep, plan: _Plan, *, communicate: bool = True,
     W = ring.world
     B, Hq, L, _ = q.shape
     out = q.new_zeros(B, Hq, L, v.shape[-1], dtype=_acc_dtype(q.dtype))
-    lse = torch.full((B, Hq, L), NEG_INF, dtype=_stat_dtype(q.dtype), device=q.device)
+    lse = torch.full((B, Hq, L), NEG_INF, dtype=stat_dtype(q.dtype), device=q.device)
     slots, mine = _message_slots(plan, k, v, keep), 0     # mine: the slot in use
     for t in range(W * len(plan.pieces)):
         j, hop = divmod(t, W)                 # round j: piece j; hop: how far it came

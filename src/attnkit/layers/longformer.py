@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import scaled_dot_product_attention
-from ..masks import EMPTY, PARTIAL, DilatedMask, Grid, Mask, SlidingWindowMask, _as_4d, _states
+from ..masks import EMPTY, PARTIAL, DilatedMask, Grid, Mask, SlidingWindowMask
+from ..masks.grid import as_4d, states_of
 
 __all__ = ["LongformerAttention", "LongformerMask"]
 
@@ -43,7 +44,7 @@ def _flag_states(flags: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     csum = nn.functional.pad(flags.long().cumsum(1), (1, 0))  # (B, n + 1)
     lo, hi = lo.clamp(0, n).view(-1), hi.clamp(0, n).view(-1)
     count = csum[:, hi] - csum[:, lo]
-    st = _states(count == (hi - lo), count == 0)
+    st = states_of(count == (hi - lo), count == 0)
     return st.view(flags.shape[0], 1, 1, -1)
 
 
@@ -89,7 +90,7 @@ class LongformerMask(Mask):
             # would cut the band off-centre (measured: 768 keys per 128-row tile instead
             # of 640). Key blocks as fine as G's largest power-of-two divisor keep the
             # engine's FULL/PARTIAL split tight.
-            self.block_size = max(16, min(128, self.num_globals & -self.num_globals))
+            self.tile_hint = max(16, min(128, self.num_globals & -self.num_globals))
 
     def validate(self, grid: Grid) -> None:
         if not grid.affine:
@@ -128,7 +129,7 @@ class LongformerMask(Mask):
         if win is None:
             if len(self._windows) > 64:
                 self._windows.clear()
-            win = self._windows[key] = _as_4d(self.window.tile(grid, r0 - G, r1 - G, k0, k1))
+            win = self._windows[key] = as_4d(self.window.tile(grid, r0 - G, r1 - G, k0, k1))
         if self.local_keys is None:
             return win
         return win & self.local_keys[:, None, None, k0:k1]
@@ -139,7 +140,7 @@ class LongformerMask(Mask):
         not depend on the queries."""
         if k0 >= self.num_tokens:
             return ("slots", k0, k1, r1 - r0)
-        if k1 > self.num_tokens or not self.window.relative:
+        if k1 > self.num_tokens or not self.window.translation_invariant:
             return None
         if self.local_keys is not None and not bool(self.local_keys[:, k0:k1].all()):
             return None
@@ -151,7 +152,7 @@ class LongformerMask(Mask):
         tok_hi = k_hi.clamp(max=L)
         has_tok = tok_hi > k_lo
         # token part: the window (in token positions) and the per-batch key flags
-        tok = _as_4d(self.window.position_states(grid, q_lo - G, q_hi - G, k_lo,
+        tok = as_4d(self.window.position_states(grid, q_lo - G, q_hi - G, k_lo,
                                               torch.maximum(tok_hi, k_lo + 1)))
         if self.local_keys is not None:
             tok = torch.minimum(tok, _flag_states(self.local_keys, k_lo, tok_hi))

@@ -20,14 +20,10 @@ from ..bias import Bias
 from ..cache import KVCache
 from ..functional import scaled_dot_product_attention
 from ..masks import KeyPaddingMask, Mask
+from ..checks import positive_int
 
 __all__ = ["MultiHeadAttention"]
 
-
-def _positive_int(name, x):
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be a positive int, got {x!r}")
-    return x
 
 
 class MultiHeadAttention(nn.Module):
@@ -49,13 +45,13 @@ class MultiHeadAttention(nn.Module):
                  kdim: int | None = None, vdim: int | None = None, bias: bool = True,
                  dropout: float = 0.0, positional=None, device=None, dtype=None):
         super().__init__()
-        _positive_int("embed_dim", embed_dim)
-        _positive_int("num_heads", num_heads)
+        positive_int("embed_dim", embed_dim)
+        positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
                              f"({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _positive_int("num_kv_heads", num_kv_heads)
+        positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads "
                              f"({num_kv_heads})")
@@ -63,8 +59,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.kdim = embed_dim if kdim is None else _positive_int("kdim", kdim)
-        self.vdim = embed_dim if vdim is None else _positive_int("vdim", vdim)
+        self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else positive_int("vdim", vdim)
         self.dropout = float(dropout)
         kv_width = num_kv_heads * self.head_dim
         f = dict(device=device, dtype=dtype)

@@ -28,14 +28,10 @@ from torch import Tensor, nn
 from ..functional import scaled_dot_product_attention
 from ..masks import TensorMask, causal, sliding_window
 from ..positional.relative import TransformerXLPositionTerm, relative_sinusoidal_encoding
+from ..checks import positive_int
 
 __all__ = ["TransformerXLAttention"]
 
-
-def _positive_int(name, x):
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be a positive int, got {x!r}")
-    return x
 
 
 class TransformerXLAttention(nn.Module):
@@ -58,9 +54,9 @@ class TransformerXLAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, dropout: float = 0.0,
                  device=None, dtype=None):
         super().__init__()
-        _positive_int("d_model", d_model)
-        _positive_int("num_heads", num_heads)
-        _positive_int("head_dim", head_dim)
+        positive_int("d_model", d_model)
+        positive_int("num_heads", num_heads)
+        positive_int("head_dim", head_dim)
         if d_model % 2:
             raise ValueError(f"d_model must be even (sinusoidal [sin | cos] encoding), "
                              f"got {d_model}")

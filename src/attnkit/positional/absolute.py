@@ -15,13 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_int
+
 __all__ = ["sinusoidal_encoding", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding"]
 
-
-def _positive_int(name: str, x) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be a positive int, got {x!r}")
-    return x
 
 
 def _positions(positions, name: str = "positions") -> Tensor:
@@ -46,7 +43,7 @@ def sinusoidal_encoding(positions, dim: int, *, base: float = 10000.0, interleav
     The angle ``pos * base^(-2i/dim)`` is computed in float64 and the result cast to
     ``dtype`` (default: float32, or the positions' dtype when they are float).
     """
-    _positive_int("dim", dim)
+    positive_int("dim", dim)
     if dim % 2:
         raise ValueError(f"dim must be even (sin and cos pairs), got {dim}")
     pos = _positions(positions)
@@ -69,7 +66,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = True):
         super().__init__()
-        _positive_int("dim", dim)
+        positive_int("dim", dim)
         if dim % 2:
             raise ValueError(f"dim must be even (sin and cos pairs), got {dim}")
         self.dim, self.base, self.interleaved = dim, float(base), bool(interleaved)
@@ -89,8 +86,8 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def __init__(self, num_positions: int, dim: int, device=None, dtype=None):
         super().__init__()
-        _positive_int("num_positions", num_positions)
-        _positive_int("dim", dim)
+        positive_int("num_positions", num_positions)
+        positive_int("dim", dim)
         self.num_positions, self.dim = num_positions, dim
         self.embedding = nn.Embedding(num_positions, dim, device=device, dtype=dtype)
 

@@ -72,7 +72,7 @@ class T5Bias(Bias):
 
     ``params = (embedding.weight,)``: gradients reach the table tile by tile.
     """
-    relative = True  # a function of k - p within one call: equal tiles are built once
+    translation_invariant = True  # a function of k - p within one call: equal tiles are built once
 
     def __init__(self, module: "T5RelativeBias", q_len: int, k_len: int, offset: int | None):
         self.module = module

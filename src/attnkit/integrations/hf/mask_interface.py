@@ -82,7 +82,8 @@ class Shifted(Mask):
     def __init__(self, inner: Mask, delta: int):
         self.inner, self.delta = inner, int(delta)
         self.batch_size, self.num_heads = inner.batch_size, inner.num_heads
-        self.block_size = inner.block_size
+        self.tile_hint = inner.tile_hint
+        self.translation_invariant = inner.translation_invariant  # a constant shift keeps it
 
     def validate(self, grid):
         self.inner.validate(grid)
@@ -188,7 +189,7 @@ def _and_all(parts: list):
     out = None
     for p in parts:
         if isinstance(p, _Remapped):
-            if not has_documents or not (p.inner is None or p.inner.relative):
+            if not has_documents or not (p.inner is None or p.inner.translation_invariant):
                 return UNKNOWN
             p = p.inner
         if p is None:
