@@ -10,7 +10,8 @@ import torch
 
 from attnkit import masks as M
 from attnkit.cli import main
-from attnkit.viz import MASK_KINDS, _panels, parse_mask_spec
+from attnkit.viz import MASK_KINDS, parse_mask_spec
+from attnkit.viz.plot import _panels
 
 L = 32
 i = torch.arange(L).view(-1, 1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnkit import tour
-from attnkit.tour_text import EN, TEXT, ZH
+from attnkit.tour import EN, TEXT, ZH
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -21,8 +21,8 @@ OUTPUT = HERE / "attnkit-sans-cjk-sc.otf"
 FAMILY = "attnkit Sans CJK SC"
 DEFAULT_SOURCES = ["/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
                    "/usr/share/fonts/opentype/noto/NotoSansCJKsc-Regular.otf"]
-#: modules whose text may end up in a picture
-TEXT_MODULES = ["tour_text.py", "tour.py", "viz.py"]
+#: modules whose text may end up in a picture (globs under the package folder)
+TEXT_MODULES = ["tour/*.py", "viz/*.py"]
 
 BASE = ("".join(chr(c) for c in range(0x20, 0x7F))            # ASCII
         + "".join(chr(c) for c in range(0xA0, 0x100))         # Latin-1
@@ -39,8 +39,9 @@ LEFT_OUT = set("·×÷±∂√∞≤≥≈≠∑∏∈‖…—–→←↑↓")
 def needed_characters() -> str:
     """Every non-ASCII character of the text modules, plus BASE, minus LEFT_OUT."""
     chars = set(BASE)
-    for name in TEXT_MODULES:
-        chars |= {c for c in (PACKAGE / name).read_text(encoding="utf-8") if ord(c) > 0x7F}
+    for pattern in TEXT_MODULES:
+        for path in sorted(PACKAGE.glob(pattern)):
+            chars |= {c for c in path.read_text(encoding="utf-8") if ord(c) > 0x7F}
     return "".join(sorted(chars - LEFT_OUT))
 
 

@@ -1,0 +1,217 @@
+"""Mask specs for ``attnkit plot``: parse text such as ``"sliding_window:left=4|global"``
+into a mask object (see :func:`parse_mask_spec`)::
+
+    SPEC := TERM ('|' TERM)*          '&' binds tighter than '|', as in Python;
+    TERM := ATOM ('&' ATOM)*          parentheses group: (causal|global)&sliding_window
+    ATOM := NAME[:key=value,...] | '(' SPEC ')'
+
+Values are integers; a list of integers is written with ``+`` (``indices=0+31``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from .. import masks as M
+
+
+def _default_window(L: int) -> int:
+    return max(1, L // 16)
+
+
+def _ints(value) -> list[int]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _one(value, key: str, name: str) -> int:
+    if isinstance(value, list):
+        raise ValueError(f"{key} takes one integer, got {'+'.join(map(str, value))}")
+    return value
+
+
+def _make_causal(p, L):
+    return M.causal()
+
+
+def _make_padding(p, L):
+    return M.padding(_ints(p.get("lengths", L - L // 4)))
+
+
+def _make_sliding_window(p, L):
+    left = _one(p.get("left", _default_window(L)), "left", "sliding_window")
+    return M.sliding_window(left, _one(p.get("right", left), "right", "sliding_window"))
+
+
+def _make_dilated(p, L):
+    left = _one(p.get("left", _default_window(L)), "left", "dilated")
+    right = _one(p.get("right", left), "right", "dilated")
+    d = p.get("dilation", 2)
+    return M.dilated(left, right, d if isinstance(d, list) else int(d))
+
+
+def _make_global(p, L):
+    return M.global_tokens(_ints(p.get("indices", 0)))
+
+
+def _make_bigbird(p, L):
+    one = lambda k, default: _one(p.get(k, default), k, "bigbird")  # noqa: E731
+    heads = p.get("heads")
+    return M.bigbird(one("block_size", max(1, L // 16)), one("window", 3), one("global", 2),
+                     one("random", 3), one("seed", 0),
+                     None if heads is None else _one(heads, "heads", "bigbird"))
+
+
+def _make_document(p, L):
+    sizes = _ints(p.get("sizes", [L // 4, L // 2]))
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"sizes must be >= 1, got {'+'.join(map(str, sizes))}")
+    if sum(sizes) > L:
+        raise ValueError(f"sizes add up to {sum(sizes)}, more than the length {L}")
+    if sum(sizes) < L:
+        sizes = sizes + [L - sum(sizes)]  # the rest is one more document
+    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return M.document(ids)
+
+
+#: NAME -> (constructor from (params, length), accepted keys, help text)
+MASK_KINDS: dict[str, tuple[Callable, tuple[str, ...], str]] = {
+    "causal": (_make_causal, (), "query i sees keys 0..i"),
+    "padding": (_make_padding, ("lengths",),
+                "lengths=N+N+...: keys >= lengths[b] are padding (default 3/4 of the "
+                "length); several lengths = a batch, one panel each"),
+    "sliding_window": (_make_sliding_window, ("left", "right"),
+                       "left=, right=: keys i-left..i+right (default left=length/16, "
+                       "right=left)"),
+    "dilated": (_make_dilated, ("left", "right", "dilation"),
+                "left=, right=, dilation=: keys i+t*dilation, t in [-left, right] "
+                "(default length/16, length/16, 2); dilation=1+2+4 gives one per head"),
+    "global": (_make_global, ("indices",),
+               "indices=0+31: those tokens see and are seen by all (default 0)"),
+    "bigbird": (_make_bigbird, ("block_size", "window", "global", "random", "seed", "heads"),
+                "block_size= (default length/16), window=3, global=2, random=3, seed=0, "
+                "heads= (one random draw per head)"),
+    "document": (_make_document, ("sizes",),
+                 "sizes=16+32: packed documents of those lengths, the rest one more "
+                 "(default length/4, length/2, rest)"),
+}
+
+_TOKEN = re.compile(r"\s*(?:([()&|])|([^()&|\s]+))")
+
+
+def _tokens(spec: str) -> list[str]:
+    """Split a spec into '(', ')', '&', '|' and atoms, dropping spaces."""
+    out, pos = [], 0
+    spec = spec.strip()
+    while pos < len(spec):
+        m = _TOKEN.match(spec, pos)
+        if m is None or m.end() == pos:
+            break
+        out.append(m.group(1) or m.group(2))
+        pos = m.end()
+        while pos < len(spec) and spec[pos].isspace():
+            pos += 1
+    return out
+
+
+def _atom(text: str, length: int, spec: str) -> M.Mask:
+    """Build the mask of one ``NAME[:key=value,...]`` atom."""
+    name, _, rest = text.partition(":")
+    if name not in MASK_KINDS:
+        raise ValueError(f"unknown mask {name!r} in {spec!r}; choose from "
+                         f"{', '.join(MASK_KINDS)}")
+    make, keys, _ = MASK_KINDS[name]
+    params: dict[str, int | list[int]] = {}
+    if rest:
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key or not value:
+                raise ValueError(f"{name}: expected key=value, got {item!r} in {spec!r}")
+            if key not in keys:
+                allowed = ", ".join(keys) if keys else "no parameters"
+                raise ValueError(f"{name}: unknown parameter {key!r} in {spec!r} "
+                                 f"(takes {allowed})")
+            if key in params:
+                raise ValueError(f"{name}: {key} given twice in {spec!r}")
+            try:
+                nums = [int(v) for v in value.split("+")]
+            except ValueError:
+                raise ValueError(f"{name}: {key} must be an integer or integers joined "
+                                 f"with + (like 0+31), got {value!r}") from None
+            params[key] = nums if len(nums) > 1 else nums[0]
+    elif text.endswith(":"):
+        raise ValueError(f"{name}: nothing after ':' in {spec!r}")
+    try:
+        return make(params, length)
+    except (ValueError, TypeError) as e:
+        where = f"{spec!r}" if text == spec else f"{text!r} in MASK spec {spec!r}"
+        raise ValueError(f"{where}: {e}") from None
+
+
+def parse_mask_spec(spec: str, length: int = 64) -> M.Mask:
+    """Turn ``"sliding_window:left=4|global:indices=0+31"`` into a mask object.
+
+    Grammar (``&`` binds tighter than ``|``; parentheses group)::
+
+        SPEC := TERM ('|' TERM)* ;  TERM := ATOM ('&' ATOM)* ;
+        ATOM := NAME[:key=value,...] | '(' SPEC ')'
+
+    ``length`` sets the defaults that scale with it (window sizes, block size, padding
+    and document lengths). Raises ValueError with a one-line message on a bad spec.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("empty MASK spec; expected NAME[:key=value,...] with NAME one of "
+                         + ", ".join(MASK_KINDS))
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"--length must be a positive integer, got {length!r}")
+    toks = _tokens(spec)
+    pos = 0
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def expr():
+        m = term()
+        while peek() == "|":
+            take()
+            m = m | term()
+        return m
+
+    def term():
+        m = atom()
+        while peek() == "&":
+            take()
+            m = m & atom()
+        return m
+
+    def atom():
+        tok = peek()
+        if tok is None:
+            raise ValueError(f"MASK spec {spec!r} ends where a mask name was expected")
+        if tok in "&|)":
+            raise ValueError(f"unexpected {tok!r} in MASK spec {spec!r}; expected a mask "
+                             f"name or '('")
+        take()
+        if tok == "(":
+            m = expr()
+            if peek() != ")":
+                raise ValueError(f"unbalanced parentheses in MASK spec {spec!r}")
+            take()
+            return m
+        return _atom(tok, length, spec)
+
+    mask = expr()
+    if pos != len(toks):
+        if toks[pos] == ")":
+            raise ValueError(f"unbalanced parentheses in MASK spec {spec!r}")
+        raise ValueError(f"unexpected {toks[pos]!r} in MASK spec {spec!r}; join masks "
+                         f"with & or |")
+    return mask
+
