@@ -11,8 +11,9 @@ import torch
 import attnkit
 from attnkit import masks
 from attnkit.masks import KeyPaddingMask as KeyMask
-from attnkit.layers.bigbird import (BigBirdAttention, BlockBias, hf_block_counts,
-                                    hf_random_plan)
+from attnkit.integrations.hf.bigbird import AttnkitBigBirdBlockSparseAttention, layer_from_hf
+from attnkit.layers.bigbird import BigBirdAttention, BlockBias
+from attnkit.layers.bigbird_plan import hf_block_counts, hf_random_plan
 from transformers import BigBirdConfig
 from transformers.models.big_bird.modeling_big_bird import (BigBirdBlockSparseAttention,
                                                             BigBirdModel, BigBirdSelfAttention)
@@ -51,7 +52,7 @@ def run_hf(hf, x, attention_mask):
 def test_equals_huggingface_block_sparse(L, bs, r, training):
     cfg = hf_config(block_size=bs, r=r, max_len=max(L, 512))
     hf = hf_sparse(cfg, training=training)
-    ours = BigBirdAttention.from_hf(hf)
+    ours = layer_from_hf(hf)
     assert ours.training == training and ours.is_sparse(L)
     x = torch.randn(2, L, 32)
     am = torch.ones(2, L)
@@ -71,7 +72,7 @@ def test_eval_duplicates_must_count_twice():
     """Without the log(count) bias (block 0 once per row) the output differs from HF's."""
     cfg = hf_config(block_size=8, r=2)
     hf = hf_sparse(cfg)
-    ours = BigBirdAttention.from_hf(hf).eval()
+    ours = layer_from_hf(hf).eval()
     x = torch.randn(1, 128, 32)
     want = run_hf(hf, x, torch.ones(1, 128))
     mask, bias = ours.pattern_for(128)
@@ -100,7 +101,7 @@ def test_length_not_a_multiple_of_the_block_equals_huggingface_padded():
     """BigBirdModel pads to a multiple of the block; a partial last block is the same."""
     cfg = hf_config(block_size=8, r=2)
     hf = hf_sparse(cfg)
-    ours = BigBirdAttention.from_hf(hf).eval()
+    ours = layer_from_hf(hf).eval()
     L, Lp = 101, 104
     x = torch.randn(2, L, 32)
     xp = torch.cat([x, torch.zeros(2, Lp - L, 32)], 1)
@@ -263,7 +264,7 @@ def test_block_sparse_attention_any_counts_equals_reference(seed, monkeypatch):
     close(got, want, tol=1e-10)
 
 
-def test_forward_hf_stands_in_for_huggingface_layers_inside_bigbird_model():
+def test_hf_adapter_stands_in_for_huggingface_layers_inside_bigbird_model():
     cfg = BigBirdConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
                         intermediate_size=64, vocab_size=100, max_position_embeddings=512,
                         block_size=8, num_random_blocks=2, attention_type="block_sparse",
@@ -275,6 +276,7 @@ def test_forward_hf_stands_in_for_huggingface_layers_inside_bigbird_model():
     with torch.no_grad():
         want = model(ids, attention_mask=am).last_hidden_state
         for layer in model.encoder.layer:
-            layer.attention.self.forward = BigBirdAttention.from_hf(layer.attention.self).forward_hf
+            ours = AttnkitBigBirdBlockSparseAttention.from_hf(layer.attention.self)
+            layer.attention.self.forward = ours.forward
         got = model(ids, attention_mask=am).last_hidden_state
     close(got[am.bool()], want[am.bool()])

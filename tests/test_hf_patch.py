@@ -26,6 +26,9 @@ import attnkit.integrations.hf as ak_hf  # noqa: E402
 from conftest import HF_TOL, assert_equal_where_real, padded_ids  # noqa: E402
 # the module (the package's `patch` attribute is the function)
 ak_patch = importlib.import_module("attnkit.integrations.hf.patch")
+from attnkit.integrations.hf import bigbird as akhf_bigbird  # noqa: E402
+from attnkit.integrations.hf import longformer as akhf_longformer  # noqa: E402
+from attnkit.integrations.hf import t5 as akhf_t5  # noqa: E402
 from attnkit.layers import bigbird as ak_bigbird  # noqa: E402
 from attnkit.positional.t5 import T5Bias, T5RelativeBias  # noqa: E402
 
@@ -185,7 +188,7 @@ def t5_pair():
 
 def test_t5_modules_are_replaced_and_the_bias_table_is_shared(t5_pair):
     _, model = t5_pair
-    attention = [m for m in model.modules() if isinstance(m, ak_patch.AttnkitT5Attention)]
+    attention = [m for m in model.modules() if isinstance(m, akhf_t5.AttnkitT5Attention)]
     assert len(attention) == 2 + 2 + 2  # encoder self, decoder self, cross
     assert not any(isinstance(m, hf_t5.T5Attention) for m in model.modules())
     first = model.encoder.block[0].layer[0].SelfAttention
@@ -207,7 +210,7 @@ def test_t5_outputs_equal_unpatched(t5_pair, side, no_hf_attention, monkeypatch)
     inputs = dict(input_ids=ids, attention_mask=keep, decoder_input_ids=dec,
                   decoder_attention_mask=dec_keep, output_attentions=True)
     seen = []
-    real = ak_patch.attention_forward
+    real = akhf_t5.attention_forward
 
     def spy(module, query, key, value, mask, **kwargs):
         seen.append((module, kwargs["position_bias"], kwargs["scaling"], mask))
@@ -215,7 +218,7 @@ def test_t5_outputs_equal_unpatched(t5_pair, side, no_hf_attention, monkeypatch)
 
     with torch.no_grad():
         want = reference(**inputs)
-        monkeypatch.setattr(ak_patch, "attention_forward", spy)
+        monkeypatch.setattr(akhf_t5, "attention_forward", spy)
         with no_hf_attention:
             got = model(**inputs)
     assert_equal_where_real(want.encoder_last_hidden_state, got.encoder_last_hidden_state, keep)
@@ -338,7 +341,7 @@ def test_t5_follows_dtype_conversions_and_mt5_is_supported():
         transformers.MT5Config(**t5_config().to_dict()), attn_implementation="eager").eval()
     mt5_reference = copy.deepcopy(mt5)
     ak_hf.patch(mt5)
-    assert sum(isinstance(m, ak_patch.AttnkitT5Attention) for m in mt5.modules()) == 2
+    assert sum(isinstance(m, akhf_t5.AttnkitT5Attention) for m in mt5.modules()) == 2
     with torch.no_grad():
         want = mt5_reference(input_ids=ids, attention_mask=keep).last_hidden_state
         got = mt5(input_ids=ids, attention_mask=keep).last_hidden_state
@@ -350,7 +353,7 @@ def test_t5_follows_dtype_conversions_and_mt5_is_supported():
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_longformer_with_global_tokens_and_padding_equals_unpatched(side, no_hf_attention):
     reference, model = pair("longformer")
-    assert all(isinstance(layer.attention.self, ak_patch.AttnkitLongformerSelfAttention)
+    assert all(isinstance(layer.attention.self, akhf_longformer.AttnkitLongformerSelfAttention)
                for layer in model.encoder.layer)
     ids, keep = padded(3, 37, side, real=(29, 20))  # 37: the model pads to 48
     is_global = torch.zeros(3, 37, dtype=torch.long)
@@ -411,7 +414,7 @@ def test_bigbird_block_sparse_and_its_full_fallback_equal_unpatched(side, sparse
     # long: block-sparse, really (sparse layout, eval plan: block 0 in every random slot)
     compare(ids, keep)
     assert model.attention_type == "block_sparse"
-    assert all(isinstance(layer.attention.self, ak_patch.AttnkitBigBirdBlockSparseAttention)
+    assert all(isinstance(layer.attention.self, akhf_bigbird.AttnkitBigBirdBlockSparseAttention)
                for layer in model.encoder.layer)
     assert len(sparse_calls) == 2
     for counts in sparse_calls:
@@ -424,7 +427,7 @@ def test_bigbird_block_sparse_and_its_full_fallback_equal_unpatched(side, sparse
     ids_short, keep_short = padded(2, 40, side, real=(33, None))
     compare(ids_short, keep_short)
     assert model.attention_type == "original_full" and not sparse_calls
-    assert all(isinstance(layer.attention.self, ak_patch.AttnkitBigBirdSelfAttention)
+    assert all(isinstance(layer.attention.self, akhf_bigbird.AttnkitBigBirdSelfAttention)
                for layer in model.encoder.layer)
     # transformers stays on full attention for later long inputs; so does the patch
     compare(ids, keep)
@@ -435,7 +438,7 @@ def test_bigbird_block_sparse_and_its_full_fallback_equal_unpatched(side, sparse
     compare(ids, keep)
     assert len(sparse_calls) == 2
     layer = model.encoder.layer[0].attention.self
-    assert isinstance(layer, ak_patch.AttnkitBigBirdBlockSparseAttention)
+    assert isinstance(layer, akhf_bigbird.AttnkitBigBirdBlockSparseAttention)
     assert layer.query is model.encoder.layer[0].attention.self.query
     assert list(model.state_dict()) == list(reference.state_dict())
 
@@ -471,7 +474,25 @@ def test_patched_bigbird_survives_pickling():
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded.encoder.layer[0].attention) is ak_patch.BigBirdAttentionSwitch
+    assert type(loaded.encoder.layer[0].attention) is akhf_bigbird.BigBirdAttentionSwitch
+    # models pickled when the classes lived in patch.py still find them there
+    assert ak_patch.BigBirdAttentionSwitch is akhf_bigbird.BigBirdAttentionSwitch
+    assert ak_patch.AttnkitT5Attention is akhf_t5.AttnkitT5Attention
     ids, _ = padded(1, 100, "right")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_layers_hold_no_transformers_code():
+    """Everything that knows transformers' modules lives in integrations.hf: the layers
+    import nothing of it and keep no adapters to its call conventions."""
+    import pathlib
+    import re
+
+    import attnkit.layers
+    root = pathlib.Path(attnkit.layers.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(from|import)\s+transformers\b", text, re.MULTILINE), path
+    for cls in (attnkit.layers.LongformerAttention, attnkit.layers.BigBirdAttention):
+        assert not any(hasattr(cls, name) for name in ("from_hf", "forward_hf")), cls

@@ -8,7 +8,8 @@ import torch
 
 import attnkit
 from attnkit import masks
-from attnkit.layers.longformer import LongformerAttention, LongformerMask, _global_slots
+from attnkit.integrations.hf.longformer import AttnkitLongformerSelfAttention, layer_from_hf
+from attnkit.layers.longformer import LongformerAttention, LongformerMask, global_slots
 
 from transformers import LongformerConfig
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
@@ -47,7 +48,8 @@ def run_hf(hf, x, am):
 @pytest.mark.parametrize("with_globals", [True, False])
 def test_equals_huggingface_with_globals_and_padding(window, with_globals):
     hf = hf_layer(window=window)
-    ours = LongformerAttention.from_hf(hf).eval()
+    ours = layer_from_hf(hf).eval()
+    adapter = AttnkitLongformerSelfAttention.from_hf(hf).eval()  # transformers' signature
     B, L = 3, 4 * window
     x = torch.randn(B, L, 32)
     pad = torch.zeros(B, L, dtype=torch.bool)
@@ -61,7 +63,7 @@ def test_equals_huggingface_with_globals_and_padding(window, with_globals):
     want = run_hf(hf, x, hf_mask(pad, glob))
     with torch.no_grad():
         got = ours(x, key_padding_mask=pad, global_attention_mask=glob)
-        got_hf_api = ours.forward_hf(x, attention_mask=hf_mask(pad, glob))[0]
+        got_hf_api = adapter(x, attention_mask=hf_mask(pad, glob))[0]
     keep = ~pad
     close(got[keep], want[keep])
     close(got_hf_api, got, tol=0)
@@ -71,7 +73,7 @@ def test_equals_huggingface_with_globals_and_padding(window, with_globals):
 def test_equals_huggingface_padded_to_window_when_length_is_not_a_multiple():
     """LongformerModel pads to a multiple of the window; the layer needs no padding."""
     hf = hf_layer(window=8)
-    ours = LongformerAttention.from_hf(hf).eval()
+    ours = layer_from_hf(hf).eval()
     L, Lp = 21, 24
     x = torch.randn(2, L, 32)
     glob = torch.zeros(2, L, dtype=torch.bool)
@@ -193,7 +195,7 @@ def test_mask_materialize_block_states_and_engine_agree(case):
 
 def test_global_slots_order_and_counts():
     glob = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    index, slots = _global_slots(glob)
+    index, slots = global_slots(glob)
     assert index.shape == (3, 3)
     assert index[0].tolist() == [1, 3, 4] and index[1, 0] == 4
     assert slots.tolist() == [[True] * 3, [True, False, False], [False] * 3]
@@ -263,7 +265,7 @@ def test_long_band_many_tiles_equals_reference_backend():
         close(layer(x, pad), ref(x, pad), tol=1e-10)
 
 
-def test_forward_hf_stands_in_for_huggingface_layers_inside_longformer_model():
+def test_hf_adapter_stands_in_for_huggingface_layers_inside_longformer_model():
     from transformers import LongformerModel
     cfg = LongformerConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
                            attention_window=[8, 4], intermediate_size=64, vocab_size=100,
@@ -277,8 +279,8 @@ def test_forward_hf_stands_in_for_huggingface_layers_inside_longformer_model():
     with torch.no_grad():
         want = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
         for layer in model.encoder.layer:
-            ours = LongformerAttention.from_hf(layer.attention.self)
-            layer.attention.self.forward = ours.forward_hf
+            ours = AttnkitLongformerSelfAttention.from_hf(layer.attention.self)
+            layer.attention.self.forward = ours.forward
         got = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
     close(got[am.bool()], want[am.bool()])
 

@@ -4,6 +4,9 @@
 * :class:`TransformerXLAttention` - relative attention with segment-level memory;
 * :class:`LongformerAttention` - sliding window + global tokens (Longformer);
 * :class:`BigBirdAttention` - block-sparse window + global + random blocks (BigBird).
+
+Nothing here imports transformers: adapters to its modules (building these layers from
+them, their call conventions) live in :mod:`attnkit.integrations.hf`.
 """
 
 from .bigbird import BigBirdAttention

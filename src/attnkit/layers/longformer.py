@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from ..functional import scaled_dot_product_attention
 from ..masks import EMPTY, PARTIAL, DilatedMask, Grid, Mask, SlidingWindowMask
 from ..masks.grid import as_4d, states_of
+from .common import bool_mask, check_dropout, check_heads, check_hidden
 
-__all__ = ["LongformerAttention", "LongformerMask"]
+__all__ = ["LongformerAttention", "LongformerMask", "global_slots"]
 
 
 def _flag_states(flags: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -87,9 +88,9 @@ class LongformerMask(Mask):
         self._windows = {}  # window tiles by (offset, rows, keys, device), see tile()
         if self.num_globals % 128:
             # Query positions are offset by G (bottom-right alignment), so 128-key blocks
-            # would cut the band off-centre (measured: 768 keys per 128-row tile instead
-            # of 640). Key blocks as fine as G's largest power-of-two divisor keep the
-            # engine's FULL/PARTIAL split tight.
+            # would cut the band off-centre: a 128-row tile would touch one key block more
+            # than its band spans. Key blocks as fine as G's largest power-of-two divisor
+            # keep the engine's FULL/PARTIAL split tight.
             self.tile_hint = max(16, min(128, self.num_globals & -self.num_globals))
 
     def validate(self, grid: Grid) -> None:
@@ -170,28 +171,6 @@ class LongformerMask(Mask):
                 f"globals={self.num_globals})")
 
 
-def _check_hidden(x, embed_dim: int) -> tuple[int, int, int]:
-    """(B, L, E) of a layer's ``hidden_states``, or a TypeError/ValueError naming it."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != embed_dim:
-        raise ValueError(f"hidden_states must be (batch, length, {embed_dim}), got "
-                         f"{tuple(x.shape)}")
-    return tuple(x.shape)
-
-
-def _bool_mask(name: str, m, B: int, L: int) -> Tensor | None:
-    if m is None:
-        return None
-    if not isinstance(m, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(m).__name__}")
-    if m.shape != (B, L):
-        raise ValueError(f"{name} must be (batch, length) = ({B}, {L}), got {tuple(m.shape)}")
-    if m.is_floating_point():
-        raise TypeError(f"{name} must be bool or integer (0/1), got {m.dtype}")
-    return m.bool()
-
-
 class LongformerAttention(nn.Module):
     """Longformer self-attention with HuggingFace's parameter names.
 
@@ -216,23 +195,15 @@ class LongformerAttention(nn.Module):
                  dilation=None, bias: bool = True, dropout: float = 0.0,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        for name, x in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-                raise ValueError(f"{name} must be a positive int, got {x!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
-                             f"({num_heads})")
+        head_dim = check_heads(embed_dim, num_heads)
         if (isinstance(attention_window, bool) or not isinstance(attention_window, int)
                 or attention_window < 2 or attention_window % 2):
             raise ValueError(f"attention_window must be a positive even int (both sides), "
                              f"got {attention_window!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
+        self.dropout = check_dropout(dropout)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.attention_window = attention_window
         self.one_sided_attn_window_size = attention_window // 2
-        self.dropout = float(dropout)
         self.backend = backend
         w = self.one_sided_attn_window_size
         if dilation is None:
@@ -272,9 +243,9 @@ class LongformerAttention(nn.Module):
         L need not be a multiple of the window.
         """
         x = hidden_states
-        B, L, E = _check_hidden(x, self.embed_dim)
-        pad = _bool_mask("key_padding_mask", key_padding_mask, B, L)
-        is_global = _bool_mask("global_attention_mask", global_attention_mask, B, L)
+        B, L, E = check_hidden(x, self.embed_dim)
+        pad = bool_mask("key_padding_mask", key_padding_mask, B, L)
+        is_global = bool_mask("global_attention_mask", global_attention_mask, B, L)
         if pad is not None and not pad.any():
             pad = None
         if is_global is not None and pad is not None:
@@ -292,7 +263,7 @@ class LongformerAttention(nn.Module):
         else:
             # keys [the L tokens | the G global tokens]: project the tokens and, appended,
             # the global tokens' hidden states again (one copy of x, not of K and V)
-            index, slots = _global_slots(is_global)
+            index, slots = global_slots(is_global)
             x_all = torch.cat([x, x.gather(1, index.unsqueeze(-1).expand(-1, -1, E))], 1)
             k_all, v_all = self._heads(self.key(x_all)), self._heads(self.value(x_all))
             local_keys = ~is_global if local_keys is None else local_keys & ~is_global
@@ -339,9 +310,9 @@ class LongformerAttention(nn.Module):
         states X themselves, shared by all heads like multi-query attention; the value
         projection is applied to the G x E result. Cost 2 * H * G * L * E multiply-adds
         instead of 2 * L * E^2 for projecting K_g and V_g: cheaper while G * (H - 1) < E
-        (4x at H = 8, G = 16, E = 512). ``rowsum(P)`` is 1, 0 for a row that sees
-        nothing, and varies under dropout: it comes out of the same call as an extra
-        value column of ones.
+        (4x fewer multiply-adds at H = 8, G = 16, E = 512). ``rowsum(P)`` is 1, 0 for a
+        row that sees nothing, and varies under dropout: it comes out of the same call as
+        an extra value column of ones.
         """
         B, H, G, d = q.shape
         E = x.shape[-1]
@@ -364,39 +335,8 @@ class LongformerAttention(nn.Module):
             rows = rows + weight * b_v.view(1, H, 1, d)
         return rows
 
-    # ------------------------------------------------------------------ HuggingFace
 
-    @classmethod
-    def from_hf(cls, module: nn.Module) -> "LongformerAttention":
-        """A layer holding a copy of a transformers ``LongformerSelfAttention``'s weights."""
-        if not all(hasattr(module, n) for n in ("query_global", "one_sided_attn_window_size")):
-            raise TypeError(f"from_hf takes a transformers LongformerSelfAttention, got "
-                            f"{type(module).__name__}")
-        ref = module.query.weight
-        layer = cls(module.embed_dim, module.num_heads, 2 * module.one_sided_attn_window_size,
-                    bias=module.query.bias is not None, dropout=float(module.dropout),
-                    device=ref.device, dtype=ref.dtype)
-        layer.load_state_dict(module.state_dict())
-        layer.train(module.training)
-        return layer
-
-    def forward_hf(self, hidden_states, attention_mask=None, is_index_masked=None,
-                   is_index_global_attn=None, is_global_attn=None, output_attentions=False):
-        """``LongformerSelfAttention.forward``'s signature and return value ``(out,)``, so
-        this layer can stand in for it inside a transformers model. ``attention_mask``
-        (B, L) is the layer-level mask: < 0 padding, 0 local, > 0 global."""
-        if output_attentions:
-            raise NotImplementedError("LongformerAttention does not return HuggingFace's "
-                                      "banded attention probabilities (output_attentions)")
-        pad = is_index_masked
-        glob = is_index_global_attn
-        if attention_mask is not None:
-            pad = attention_mask < 0 if pad is None else pad
-            glob = attention_mask > 0 if glob is None else glob
-        return (self(hidden_states, key_padding_mask=pad, global_attention_mask=glob),)
-
-
-def _global_slots(is_global: Tensor) -> tuple[Tensor, Tensor]:
+def global_slots(is_global: Tensor) -> tuple[Tensor, Tensor]:
     """Positions of each batch element's global tokens, in order, padded to the largest
     count G: ``index`` (B, G) long and ``slots`` (B, G) bool (False: no token there;
     its index then points at some non-global token and is never attended)."""

@@ -51,11 +51,11 @@ def register() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# patch(model) (issue 5, part 2): replaces, in place, the attention modules the interface
-# cannot reach or cannot make linear in memory - T5 (relative bias computed tile by tile,
-# shared across layers), Longformer (local + global) and BigBird (block-sparse, and its
-# full-attention fallback) - with attnkit modules holding the same weights under the same
-# state_dict keys. See patch.py.
+# patch(model) replaces, in place, the attention modules the interface cannot reach or
+# cannot make linear in memory - T5 (relative bias computed tile by tile, shared across
+# layers), Longformer (local + global) and BigBird (block-sparse, and its full-attention
+# fallback) - with attnkit modules holding the same weights under the same state_dict
+# keys. patch.py finds them; t5.py, longformer.py and bigbird.py replace them.
 # --------------------------------------------------------------------------------------
 from .patch import SUPPORTED, patch  # noqa: E402
 
