@@ -3,6 +3,7 @@
     python benchmarks/run_full.py                      # everything, ~15-20 min on 2 cores
     python benchmarks/run_full.py --cases sliding_window,bigbird
     python benchmarks/run_full.py --with-ring          # also benchmarks/ring_bench.py
+    python benchmarks/run_full.py --quick --out /tmp/bench   # the smoke sizes
 
 It is ``attnkit bench`` (same cases, same measurement) with the outputs kept in
 ``benchmarks/results/``: ``full.json`` (every figure and the machine), ``full.png``
@@ -46,7 +47,8 @@ class _Tee(io.TextIOBase):
 
 
 def ring_figures(out: dict, quick: bool) -> None:
-    """Issue 8's ring benchmark (its own processes, 4 gloo ranks), added under "ring"."""
+    """The ring benchmark (its own processes, 4 gloo ranks), added under "ring", and its
+    targets beside the others'."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ring.json")
         cmd = [sys.executable, os.path.join(HERE, "ring_bench.py"), "--json", path]
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results"),
                    help="folder for full.json, full.png, full.txt, full.md")
     p.add_argument("--with-ring", action="store_true",
-                   help="also run benchmarks/ring_bench.py (issue 8) and add its figures")
+                   help="also run benchmarks/ring_bench.py and add its figures and targets")
     p.add_argument("--quick", action="store_true", help="the --quick sizes (a smoke run)")
     a = p.parse_args(argv)
     cases = None

@@ -19,9 +19,12 @@ import torch
 
 import attnkit.masks as M
 from attnkit.bench import cases as bench_cases
-from attnkit.bench.cases import CASES, count_allowed
-from attnkit.bench.measurement import Allocator, PeakRSS, Sample, interleave, warm_up
+from attnkit.bench.cases import CASES
+from attnkit.bench.measurement import (Allocator, PeakRSS, Sample, interleave, peak_live_bytes,
+                                       warm_up)
+from attnkit.bench.spec import Variant, count_allowed, missing_optional
 from attnkit.bench.targets import Target, evaluate
+from attnkit.bench.worker import load_cases
 
 MiB = 1 << 20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,14 +77,13 @@ def test_quick_json_has_every_case_with_sane_figures(quick_run):
     peak = report["gemm_peak_gflops"]
     for case in CASES:
         entry = by_name[case.name]
-        if entry.get("skipped"):  # a feature not built yet: said so, with the reason
-            assert "not available" in entry["skipped"] or "not installed" in entry["skipped"]
-            continue
+        assert not entry.get("skipped"), f"{case.name}: {entry.get('skipped')}"
         rows = entry["results"]
         assert rows, case.name
         mine = [r for r in rows if r["role"] == "attnkit"]
+        # only an optional package that is not installed may keep attnkit from a case
         assert any(r["status"] == "ok" for r in mine) or all(
-            "not available" in r["note"] for r in mine), case.name
+            r.get("missing_package") for r in mine), case.name
         assert any(r["status"] == "ok" and r["role"] == "peer" for r in rows), case.name
         ok_peers = {r["variant"] for r in rows if r["status"] == "ok" and r["role"] == "peer"}
         for r in rows:
@@ -90,6 +92,7 @@ def test_quick_json_has_every_case_with_sane_figures(quick_run):
             if r["status"] == "skipped":
                 assert r["note"], where
                 continue
+            assert 0 <= r["cpu_min_s"] <= r["cpu_median_s"], where
             assert 0 < r["min_s"] <= r["median_s"], where
             assert r["repeats"] >= 2 and len(r["times_s"]) == r["repeats"], where
             assert r["setup_bytes"] >= 0 and r["peak_bytes"] >= 0, where
@@ -138,6 +141,79 @@ def test_bad_plot_path_is_a_one_line_error_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and ".png" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- scripts
+
+SCRIPT = '''"""A tiny focused benchmark.
+
+    python tiny_bench.py --quick
+"""
+from attnkit.bench import script
+from attnkit.bench.builders import plain_setup
+from attnkit.bench.cases import CHUNKED, SDPA_CAUSAL
+from attnkit.bench.spec import Case
+from attnkit.bench.targets import Target
+
+CASES = (Case("tiny", "causal, n=64", plain_setup(causal=True), causal=True, lengths=(64,),
+              quick_lengths=(64,), variants=(CHUNKED, SDPA_CAUSAL)),)
+TARGETS = (Target(0, "tiny", 64, "attnkit chunked", "growth_mib", 1 << 20),)
+LOADED = True
+
+if __name__ == "__main__":
+    raise SystemExit(script.main(__file__, CASES, TARGETS, doc=__doc__, cpu_time=True))
+'''
+
+
+def test_a_script_is_a_case_list_run_by_the_shared_worker(tmp_path):
+    path = tmp_path / "tiny_bench.py"
+    path.write_text(SCRIPT)
+    json_path = tmp_path / "tiny.json"
+    proc = subprocess.run([sys.executable, str(path), "--quick", "--repeats", "2", "--profile",
+                           "--json", str(json_path)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== tiny:" in proc.stdout and "cpu " in proc.stdout
+    assert "== profile: tiny n=64 attnkit chunked" in proc.stdout
+    report = json.loads(json_path.read_text())
+    rows = report["cases"][0]["results"]
+    assert {r["variant"] for r in rows} == {"attnkit chunked", "torch sdpa"}
+    assert all(r["status"] == "ok" and r["repeats"] == 2 for r in rows)
+    assert [t["status"] for t in report["targets"]] == ["met"]
+    assert report["command"].endswith("tiny_bench.py --quick --repeats 2 --profile --json "
+                                      + str(json_path))
+    bad = subprocess.run([sys.executable, str(path), "--quick", "--cases", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown cases: nope" in bad.stderr
+
+
+def test_worker_loads_a_script_without_running_its_main(tmp_path):
+    path = tmp_path / "other_bench.py"
+    path.write_text(SCRIPT)
+    cases = load_cases(f"{path}:CASES")  # its main would parse pytest's argv and exit
+    assert [c.name for c in cases] == ["tiny"]
+    assert [c.name for c in load_cases("attnkit.bench.cases:CASES")] == [c.name for c in CASES]
+
+
+def test_only_optional_third_party_packages_may_be_gated():
+    build = bench_cases.AUTO.build
+    with pytest.raises(ValueError, match="not an optional package"):
+        Variant("x", "attnkit", build, needs=("attnkit.layers:LongformerAttention",))
+    with pytest.raises(ValueError, match="not an optional package"):
+        Variant("x", "peer", build, needs=("numpy",))
+    assert Variant("x", "peer", build, needs=("transformers",)).needs == ("transformers",)
+    for case in CASES:
+        for v in case.variants:
+            assert all(not n.startswith("attnkit") for n in case.needs + v.needs), v.label
+    note = missing_optional(("torch.nn.attention.flex_attention:no_such_function",))
+    assert note and "FlexAttention" in note
+
+
+def test_variant_lengths_apply_per_mode():
+    v = Variant("x", "attnkit", bench_cases.AUTO.build, lengths=(1024,), quick_lengths=(64,))
+    assert v.runs_at(1024, quick=False) and not v.runs_at(64, quick=False)
+    assert v.runs_at(64, quick=True) and not v.runs_at(1024, quick=True)
+    assert not Variant("x", "peer", v.build, quick=False).runs_at(64, quick=True)
 
 
 # ----------------------------------------------------------------------------- counting
@@ -222,6 +298,25 @@ def test_warm_up_calls_once_before_the_memory_measured_call():
     s = warm_up(fn)
     assert len(calls) == 2 and s.times == []  # timed later, under the steady allocator
     assert s.peak_bytes >= 60 * MiB
+
+
+def test_interleave_with_a_timer_and_exact_repeats_records_cpu_time_too():
+    seen = []
+
+    def timer(call):
+        seen.append(call)
+        call()
+        return 5.0  # what a collective timer might report
+    a = Sample(lambda: sum(range(10000)))
+    interleave([a], budget_s=0.0, min_repeats=3, max_repeats=3, timer=timer)
+    assert a.times == [5.0] * 3 and len(a.cpu_times) == 3 and len(seen) == 3
+
+
+def test_peak_live_bytes_sees_a_transient_tensor():
+    def fn():
+        x = torch.ones(16 * MiB // 4)
+        del x
+    assert 15 * MiB <= peak_live_bytes(fn) < 64 * MiB
 
 
 def test_memory_call_counts_buffers_a_warm_heap_would_hide():

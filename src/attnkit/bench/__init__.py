@@ -9,6 +9,9 @@ process per case in a full run, one for all cases with ``--quick`` (process star
 would otherwise eat the two minutes). It then adds the derived figures (useful GFLOP/s,
 share of the GEMM peak, speedups over each peer, the issues' targets), prints the table
 and writes the JSON and the plot. Methods: ``benchmarks/README.md``.
+
+The focused scripts in ``benchmarks/`` run their own case lists through the same
+:func:`run` (a :class:`~attnkit.bench.spec.Suite`; command line: :mod:`attnkit.bench.script`).
 """
 
 from __future__ import annotations
@@ -21,20 +24,25 @@ import tempfile
 import threading
 import time
 
-from .cases import CASES, D, FULL_LENGTHS, Case, missing_requirement
+from .cases import CASES, SOURCE
 from .measurement import (WORKER_ENV, WORKER_ENV_DEFAULTS, PeakRSS, describe_machine,
                           worker_env)
-from .report import Progress, format_table, format_targets, outcome, write_json
+from .report import (Progress, format_profiles, format_table, format_targets, outcome,
+                     write_json)
+from .spec import D, FULL_LENGTHS, Case, Suite, missing_optional
 from .targets import TARGETS, evaluate
 
-__all__ = ["run", "SETTINGS"]
+__all__ = ["run", "SETTINGS", "SUITE", "Suite", "settings"]
+
+#: what ``attnkit bench`` measures
+SUITE = Suite("attnkit bench", CASES, TARGETS, SOURCE)
 
 GiB = 1 << 30
 
 #: time and memory budgets: calls estimated beyond them are skipped with a note
 SETTINGS = {
     # --quick is a smoke test: one thread, so that a machine busy with other work does
-    # not turn every small op into a wait for the second core (seen: 150 ms instead of 7)
+    # not turn every small op into a wait for the second core
     "quick": {"budget_s": 0.1, "min_repeats": 2, "max_repeats": 5, "max_call_s": 0.6,
               "max_bytes": 1.5 * GiB, "worker_timeout_s": 240, "threads": 1},
     "full": {"budget_s": 1.2, "min_repeats": 3, "max_repeats": 15, "max_call_s": 4.0,
@@ -42,28 +50,42 @@ SETTINGS = {
 }
 
 
+def settings(mode: str, threads: int | None = None, repeats: int | None = None) -> dict:
+    """The budgets of a mode ("quick" or "full"), with ``threads`` torch threads per
+    worker and exactly ``repeats`` timed calls per implementation when given."""
+    cfg = dict(SETTINGS[mode])
+    if threads:
+        cfg["threads"] = threads
+    if repeats:
+        cfg.update(min_repeats=repeats, max_repeats=repeats)
+    return cfg
+
+
 def _estimate(case: Case, variant, n: int, gemm_peak: float) -> tuple[float, float]:
     """(seconds per call, extra bytes) a variant is expected to need at length n."""
+    per_entry = case.batch * case.heads * case.head_dim * case.layers * (
+        3 if case.kind == "train" else 1)
     if variant.work == "dense":
-        flops = 4 * case.batch * case.heads * n * n * D * (3 if case.kind == "train" else 1)
+        flops = 4 * per_entry * n * n
     elif variant.work == "causal":
-        flops = 2 * case.batch * case.heads * n * n * D * (3 if case.kind == "train" else 1)
+        flops = 2 * per_entry * n * n
     else:
         flops = case.useful_flops(n)
     seconds = flops / (0.6 * gemm_peak * 1e9) * (case.steps if case.kind == "decode" else 1)
     return seconds, variant.mem(n)
 
 
-def plan_runs(mode: str, gemm_peak: float, cases=CASES) -> tuple[list, list, dict]:
+def plan_runs(mode: str, gemm_peak: float, cases=CASES, targets=TARGETS,
+              cfg: dict | None = None) -> tuple[list, list, dict]:
     """(jobs for the workers, rows skipped up front, case notes).
 
     A job is {"case": name, "lengths": [[n, [variant labels]], ...]}."""
-    cfg = SETTINGS[mode]
+    cfg = cfg or SETTINGS[mode]
     # rows a target is about are run whatever their estimated time (not their memory)
-    wanted = {(t.case, t.n, label) for t in TARGETS for label in (t.variant, t.peer)}
+    wanted = {(t.case, t.n, label) for t in targets for label in (t.variant, t.peer)}
     jobs, skipped, case_notes = [], [], {}
     for case in cases:
-        why = missing_requirement(case.needs, heavy=False)
+        why = missing_optional(case.needs, import_transformers=False)
         if why:
             case_notes[case.name] = why
             continue
@@ -73,13 +95,14 @@ def plan_runs(mode: str, gemm_peak: float, cases=CASES) -> tuple[list, list, dic
         for n in lengths:
             labels = []
             for v in case.variants:
-                if mode == "quick" and (not v.quick or (v.compiled and n != max(lengths))):
+                if not v.runs_at(n, quick=mode == "quick"):
                     continue
-                if mode == "full" and v.lengths is not None and n not in v.lengths:
+                if mode == "quick" and v.compiled and n != max(lengths):
                     continue
                 if v.label in dropped and (case.name, n, v.label) not in wanted:
                     continue
-                note = missing_requirement(v.needs, heavy=False)
+                note = missing_optional(v.needs, import_transformers=False)
+                missing = note is not None
                 if note is None and v.max_length is not None and n > v.max_length:
                     note = f"run up to n={v.max_length} only (time)"
                     dropped.add(v.label)
@@ -95,7 +118,8 @@ def plan_runs(mode: str, gemm_peak: float, cases=CASES) -> tuple[list, list, dic
                         dropped.add(v.label)
                 if note:
                     skipped.append({"case": case.name, "n": n, "variant": v.label,
-                                    "role": v.role, "status": "skipped", "note": note})
+                                    "role": v.role, "status": "skipped", "note": note,
+                                    **({"missing_package": True} if missing else {})})
                 else:
                     labels.append(v.label)
             if labels:
@@ -125,10 +149,12 @@ def _gemm_peak(cfg: dict, repeats: int) -> tuple[float, int]:
     raise OSError(f"the GEMM peak measurement failed: {proc.stderr.strip()[-300:]}")
 
 
-def _run_worker(jobs: list, cfg: dict, progress: Progress, on_result) -> None:
+def _run_worker(jobs: list, cfg: dict, progress: Progress, on_result, source: str = SOURCE,
+                profile: bool = False, on_profile=None) -> None:
     """One worker process for these jobs; results streamed back line by line."""
     env = _env()
-    plan = {"jobs": jobs, "budget": cfg, "threads": cfg["threads"]}
+    plan = {"jobs": jobs, "budget": cfg, "threads": cfg["threads"], "source": source,
+            "profile": profile}
     pending = {(j["case"], n, label) for j in jobs for n, labels in j["lengths"]
                for label in labels}
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -150,6 +176,8 @@ def _run_worker(jobs: list, cfg: dict, progress: Progress, on_result) -> None:
                 elif event["type"] == "result":
                     pending.discard((event["case"], event["n"], event["variant"]))
                     on_result(event)
+                elif event["type"] == "profile" and on_profile is not None:
+                    on_profile(event)
             proc.wait()
         except KeyboardInterrupt:
             proc.kill()
@@ -187,20 +215,32 @@ def _derive(rows: list, cases: dict, gemm_peak: float) -> None:
                 row["speedup_vs"] = {p["variant"]: p["median_s"] / row["median_s"] for p in peers}
                 # the same from the least disturbed calls, for runs on a busy machine
                 row["speedup_vs_min"] = {p["variant"]: p["min_s"] / row["min_s"] for p in peers}
+                # and in CPU (process) time, which other processes disturb less
+                row["speedup_vs_cpu"] = {p["variant"]: p["cpu_median_s"] / row["cpu_median_s"]
+                                         for p in peers if row.get("cpu_median_s")}
 
 
 def run(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,
-        cases=None, stream=None) -> int:
-    """Run the benchmark, print the table; returns the exit code (0 unless nothing ran)."""
+        cases=None, stream=None, *, suite: Suite = SUITE, threads: int | None = None,
+        repeats: int | None = None, profile: bool = False, command: str | None = None) -> int:
+    """Run a suite (default: ``attnkit bench``'s), print the table; returns the exit code
+    (0 unless nothing ran). ``cases``: names to run (default: all of the suite's);
+    ``threads``, ``repeats``: see :func:`settings`; ``profile``: also print where
+    attnkit's time goes at each case's first length."""
     stream = stream or sys.stdout
     mode = "quick" if quick else "full"
-    cfg = SETTINGS[mode]
-    selected = CASES if cases is None else tuple(c for c in CASES if c.name in set(cases))
+    cfg = settings(mode, threads, repeats)
+    if cases is not None:
+        unknown = set(cases) - {c.name for c in suite.cases}
+        if unknown:
+            raise ValueError(f"unknown cases: {', '.join(sorted(unknown))}")
+    selected = suite.cases if cases is None else tuple(c for c in suite.cases
+                                                       if c.name in set(cases))
     if plot_path and not plot_path.lower().endswith(".png"):
         raise ValueError(f"--plot must name a .png file, got {plot_path!r}")
     t_start = time.time()
     machine = describe_machine()
-    print(f"attnkit bench ({mode}) on {machine['cpu_model']}, {machine['cores']} cores, "
+    print(f"{suite.name} ({mode}) on {machine['cpu_model']}, {machine['cores']} cores, "
           f"torch {machine['torch_version']}, load average {machine['load_average_at_start'][0]:.1f}",
           file=stream, flush=True)
     gemm_peak, machine["torch_threads"] = _gemm_peak(cfg, repeats=1 if quick else 3)
@@ -208,10 +248,11 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     print(f"float32 GEMM peak (torch.mm 4096x4096, {machine['torch_threads']} threads): "
           f"{gemm_peak:.0f} GFLOP/s", file=stream, flush=True)
 
-    jobs, rows, case_notes = plan_runs(mode, gemm_peak, selected)
+    jobs, rows, case_notes = plan_runs(mode, gemm_peak, selected, suite.targets, cfg)
     total = sum(len(labels) for j in jobs for _, labels in j["lengths"])
     progress = Progress(total)
     roles = {(c.name, v.label): v.role for c in selected for v in c.variants}
+    profiles: list = []
 
     def on_result(event):
         event.pop("type", None)
@@ -219,10 +260,13 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         rows.append(event)
         progress.finish(f"{event['case']} n={event['n']} {event['variant']}", outcome(event))
 
+    def on_profile(event):
+        profiles.append({k: event[k] for k in ("case", "n", "variant", "table")})
+
     groups = [jobs] if quick else [[j] for j in jobs]
     for group in groups:
         if group:
-            _run_worker(group, cfg, progress, on_result)
+            _run_worker(group, cfg, progress, on_result, suite.source, profile, on_profile)
     progress.close()
 
     by_name = {c.name: c for c in selected}
@@ -240,12 +284,13 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report = {
         "mode": mode,
-        "command": "attnkit bench" + (" --quick" if quick else ""),
+        "command": command or (suite.name + (" --quick" if quick else "")),
         "machine": machine,
         "gemm_peak_gflops": gemm_peak,
         "gemm_measurements_gflops": gemm_runs,
-        "settings": {"heads": 8, "head_dim": D, "dtype": "float32", "lengths": list(FULL_LENGTHS),
-                     **cfg, "memory_method": PeakRSS.method,
+        "settings": {"heads": 8, "head_dim": D, "dtype": "float32",
+                     "lengths": list(FULL_LENGTHS), **cfg, "memory_method": PeakRSS.method,
+                     "cpu_time": suite.cpu_time,
                      "useful_gflops": "4 * B * H * allowed score entries * head_dim / median "
                                       "time (x3 for forward+backward)"},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
@@ -254,7 +299,8 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     }
     for c in selected:
         entry = {"name": c.name, "title": c.title, "kind": c.kind, "batch": c.batch,
-                 "heads": c.heads, "head_dim": D, "note": c.note,
+                 "heads": c.heads, "head_dim": c.head_dim, "layers": c.layers,
+                 "note": c.note,
                  "lengths": list(c.quick_lengths if quick else c.lengths),
                  "implementations": {v.label: v.role for v in c.variants},
                  "results": [r for r in rows if r["case"] == c.name]}
@@ -262,11 +308,16 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
             entry["skipped"] = case_notes[c.name]
         report["cases"].append(entry)
     index = {(r["case"], r["n"], r["variant"]): r for r in rows}
-    report["targets"] = [evaluate(t, index) for t in TARGETS if t.case in by_name]
+    labels = {(c.name, v.label) for c in selected for v in c.variants}
+    report["targets"] = [evaluate(t, index) for t in suite.targets
+                         if (t.case, t.variant) in labels]
+    report["profiles"] = profiles
     report["duration_s"] = time.time() - t_start
 
     print(format_table(report), file=stream)
     print(format_targets(report), file=stream)
+    if profiles:
+        print(format_profiles(report), file=stream)
     print(f"\n{sum(r['status'] == 'ok' for r in rows)} measurements, "
           f"{sum(r['status'] == 'skipped' for r in rows)} skipped, "
           f"{sum(r['status'] == 'failed' for r in rows)} failed in "

@@ -1,20 +1,24 @@
 """How figures are measured: wall time, peak memory, the machine's GEMM peak.
 
 Time: one warm-up call, then repeats until a time budget is spent (at least
-``min_repeats``); the median and the minimum are reported. The minimum is the least
-disturbed run (other processes share the cores), the median what a user typically sees.
-The implementations of one case at one length are timed *interleaved*, one call each
-per round, so that a burst of load from another process hits them all alike.
+``min_repeats``; exactly that many when ``min_repeats == max_repeats``); the median and
+the minimum are reported, and the CPU (process) time of each call beside its wall time.
+The minimum is the least disturbed run (other processes share the cores), the median
+what a user typically sees. The implementations of one case at one length are timed
+*interleaved*, one call each per round, so that a burst of load from another process
+hits them all alike.
 
 Memory: the growth of the process's resident set (RSS) during one call, read from
 ``/proc/self/status``. Before the call the kernel's high-water mark is reset to the
 current RSS (``echo 5 > /proc/self/clear_refs``); after it, ``VmHWM - VmRSS_before`` is
 the peak extra memory the call needed, whatever allocated it (torch, numpy, Python).
-Workers run with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so
-every sizeable buffer is its own mapping, returned to the system when freed: a later
-call cannot hide its peak inside memory an earlier one left in the heap.
-Where ``clear_refs`` cannot be written, ``ru_maxrss`` of a fresh process is the fallback
-(then only the first, largest measurement of a process is exact; the report says so).
+That call runs under :meth:`Allocator.memory`: every sizeable buffer is its own mapping,
+returned to the system when freed, so a later call cannot hide its peak inside memory an
+earlier one left in the heap. Where ``clear_refs`` cannot be written, ``ru_maxrss`` of a
+fresh process is the fallback (then only the first, largest measurement of a process is
+exact; the report says so). :func:`peak_live_bytes` gives the peak of live tensor bytes
+instead (torch.profiler's allocation events), the CPU counterpart of
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -33,16 +37,17 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Sample", "warm_up", "interleave", "timed", "PeakRSS", "rss_bytes",
-           "gemm_peak_gflops", "describe_machine", "WORKER_ENV", "worker_env"]
+__all__ = ["Sample", "warm_up", "interleave", "timed", "PeakRSS", "Allocator", "rss_bytes",
+           "peak_live_bytes", "profile_table", "gemm_peak_gflops", "describe_machine",
+           "WORKER_ENV", "WORKER_ENV_DEFAULTS", "worker_env"]
 
 #: environment for worker processes (the allocator is set per phase: see Allocator)
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
               "TOKENIZERS_PARALLELISM": "false"}
 #: set for workers unless the caller set them: OpenMP threads that wait for work sleep
 #: instead of spinning. With other processes on the cores, spinning threads steal the
-#: time slices of the threads they wait for; seen here with another load of ~10 on 2
-#: cores: a tiled attention call took 13-20 s spinning and 0.9-1.1 s sleeping.
+#: time slices of the threads they wait for, which slows code made of many short
+#: parallel regions (a tiled engine) far more than one large kernel.
 WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -172,8 +177,9 @@ class Sample:
     """One implementation under measurement: its call and the figures so far."""
     call: Callable
     first_call_s: float = 0.0      # the warm-up call (compilation included, if any)
-    peak_bytes: int = 0            # peak RSS growth during the first timed call
+    peak_bytes: int = 0            # peak RSS growth during the memory-measured call
     times: list = field(default_factory=list)
+    cpu_times: list = field(default_factory=list)   # process CPU seconds of each timed call
 
     @property
     def median(self) -> float:
@@ -193,6 +199,8 @@ def warm_up(call) -> Sample:
 
 def _needs_more(sample: Sample, budget_s: float, min_repeats: int, max_repeats: int) -> bool:
     n, spent = len(sample.times), sum(sample.times)
+    if min_repeats == max_repeats:  # a fixed number of calls
+        return n < max_repeats
     if n >= max_repeats:
         return False
     if n < 2:
@@ -203,18 +211,47 @@ def _needs_more(sample: Sample, budget_s: float, min_repeats: int, max_repeats: 
 
 
 def interleave(samples, *, budget_s: float, min_repeats: int = 3,
-               max_repeats: int = 15) -> None:
+               max_repeats: int = 15, timer: Callable = timed) -> None:
     """Time the samples round-robin, one call each per round, until every one has at
     least ``min_repeats`` calls and ``budget_s`` seconds of them (at most
-    ``max_repeats``; calls so slow that two take ``3 * budget_s`` stop at two). Load
-    from other processes then falls on all implementations alike, so the ratios between
-    them stay fair on a shared machine."""
+    ``max_repeats``; calls so slow that two take ``3 * budget_s`` stop at two; exactly
+    ``max_repeats`` when it equals ``min_repeats``). Load from other processes then falls
+    on all implementations alike, so the ratios between them stay fair on a shared
+    machine. ``timer(call)`` returns the seconds of one call (default :func:`timed`; a
+    benchmark over several processes passes one that reports the slowest rank)."""
     while True:
         active = [s for s in samples if _needs_more(s, budget_s, min_repeats, max_repeats)]
         if not active:
             return
         for s in active:
-            s.times.append(timed(s.call))
+            cpu = time.process_time()
+            s.times.append(timer(s.call))
+            s.cpu_times.append(time.process_time() - cpu)
+
+
+def peak_live_bytes(call) -> int:
+    """Peak of live tensor bytes during one call of ``call``, from torch.profiler's
+    allocation and free events (tensors only: not the allocator's retention, not Python
+    objects)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        timed(call)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def profile_table(call, rows: int = 12) -> str:
+    """Where one call of ``call`` spends its time: torch.profiler's operators by self CPU
+    time, the top ``rows``."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed(call)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def gemm_peak_gflops(n: int = 4096, repeats: int = 3) -> float:

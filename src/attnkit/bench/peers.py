@@ -29,8 +29,10 @@ from ..functional import scaled_dot_product_attention
 from ..masks import Grid
 
 __all__ = ["torch_sdpa", "torch_sdpa_masked", "torch_sdpa_biased", "torch_sdpa_repeat_kv",
-           "flex", "reference", "torch_sdpa_train", "reference_train", "torch_cat_decode",
-           "torch_cat_window_decode", "hf_longformer", "hf_bigbird", "hf_t5", "hf_mistral"]
+           "flex", "preload_flex", "reference", "torch_sdpa_train", "reference_train",
+           "train_step", "torch_cat_decode", "torch_cat_window_decode", "hf_longformer",
+           "hf_bigbird", "hf_t5", "hf_mistral", "hf_model", "submodule", "longformer_config",
+           "longformer_call_args", "bigbird_config", "bigbird_call_args", "t5_config"]
 
 
 def _gqa(s) -> bool:
@@ -108,11 +110,13 @@ def torch_sdpa_repeat_kv(s):
 
 def torch_sdpa_train(s):
     """One forward + backward through torch SDPA."""
-    return _train_step(s, lambda q, k, v: F.scaled_dot_product_attention(
+    return train_step(s, lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, is_causal=s.is_causal, enable_gqa=_gqa(s)))
 
 
-def _train_step(s, forward):
+def train_step(s, forward):
+    """A call running ``forward(q, k, v)`` on leaf copies of the setup's inputs and
+    backpropagating a fixed random gradient (gradients dropped after each call)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (s.q, s.k, s.v))
     grad = torch.randn_like(s.q)
 
@@ -136,7 +140,7 @@ def reference(s):
 
 
 def reference_train(s):
-    return _train_step(s, lambda q, k, v: scaled_dot_product_attention(
+    return train_step(s, lambda q, k, v: scaled_dot_product_attention(
         q, k, v, attn_mask=s.mask, is_causal=s.is_causal, backend="reference"))
 
 
@@ -236,6 +240,46 @@ def _hf_config(name: str, **kw):
     return getattr(transformers, name)(**kw)
 
 
+def submodule(model, path: str):
+    """``model``'s submodule at a dotted path (numbers index module lists)."""
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def hf_model(model_class: str, config_class: str, config: dict, implementation: str,
+             module_path: str | None = None, call_args: dict | None = None):
+    """A transformers model from ``config_class(**config)`` under ``attn_implementation``
+    ("eager", "sdpa", or "attnkit" after ``attnkit.integrations.hf.register()``), random
+    weights from seed 0, eval mode. The call runs the whole model on the setup's token
+    ids, or, with ``module_path``, that module on the setup's hidden states (with
+    ``call_args``)."""
+    def build(s):
+        import transformers
+        if implementation == "attnkit":
+            from ..integrations import hf as attnkit_hf
+            attnkit_hf.register()
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config_class)(**config)
+        model = getattr(transformers, model_class)._from_config(
+            cfg, attn_implementation=implementation).eval()
+        if module_path is None:
+            ids = s.extra["ids"]
+
+            def call():
+                with torch.no_grad():
+                    return model(input_ids=ids)
+            return call
+        module, hidden, kwargs = submodule(model, module_path), s.extra["hidden"], call_args or {}
+
+        def call():
+            with torch.no_grad():
+                return module(hidden, **kwargs)
+        return call
+    build.__name__ = f"hf_{model_class}_{implementation}"
+    return build
+
+
 def longformer_config(s):
     x = s.extra
     return _hf_config("LongformerConfig", hidden_size=x["d_model"],
@@ -324,11 +368,9 @@ def hf_t5_module(s, implementation: str):
 
 def t5_config(s, implementation: str = "eager"):
     x = s.extra
-    cfg = _hf_config("T5Config", d_model=x["d_model"], d_kv=x["d_model"] // x["heads"],
-                     num_heads=x["heads"], num_layers=1, dropout_rate=0.0,
-                     initializer_factor=1.0)
-    cfg._attn_implementation = implementation
-    return cfg
+    return _hf_config("T5Config", d_model=x["d_model"], d_kv=x["d_model"] // x["heads"],
+                      num_heads=x["heads"], num_layers=1, dropout_rate=0.0,
+                      initializer_factor=1.0, attn_implementation=implementation)
 
 
 def hf_t5(implementation: str):
@@ -362,8 +404,7 @@ def hf_mistral(implementation: str):
                          head_dim=x["d_model"] // x["heads"], sliding_window=x["window"],
                          num_hidden_layers=1, intermediate_size=4 * x["d_model"],
                          max_position_embeddings=max(s.n, 4096), attention_dropout=0.0,
-                         initializer_range=0.2)
-        cfg._attn_implementation = implementation
+                         initializer_range=0.2, attn_implementation=implementation)
         torch.manual_seed(0)
         module = MistralAttention(cfg, layer_idx=0).eval()
         hidden = x["hidden"]

@@ -9,7 +9,8 @@ import time
 
 from .targets import format_value
 
-__all__ = ["Progress", "format_table", "format_targets", "write_json"]
+__all__ = ["Progress", "format_table", "format_targets", "format_profiles", "format_markdown",
+           "outcome", "write_json"]
 
 MiB = 1 << 20
 #: a row whose median exceeds its min by this factor is flagged: load came and went
@@ -74,11 +75,14 @@ def _speedups(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _notes(row: dict, marks: list) -> str:
+def _notes(row: dict, marks: list, cpu_time: bool = False) -> str:
     notes = []
     if row["status"] != "ok":
         notes.append(f"{row['status']}: {row.get('note', '')}")
     else:
+        if cpu_time and row.get("cpu_median_s") is not None:
+            cpu = ", ".join(f"{peer} {x:.2f}x" for peer, x in row.get("speedup_vs_cpu", {}).items())
+            notes.append(f"cpu {_ms(row['cpu_median_s'])} ms" + (f" ({cpu})" if cpu else ""))
         if row.get("compile_s") is not None:
             notes.append(f"compile {row['compile_s']:.1f}s excluded")
         if row.get("cache_bytes_per_token") is not None:
@@ -108,6 +112,7 @@ def format_table(report: dict) -> str:
             marks.setdefault((t["case"], t["n"], t["variant"]), []).append(
                 f"{word} #{t['issue']}: {t['text'].replace(t['variant'] + ' ', '', 1)}"
                 f" ({format_value(t)})")
+    cpu_time = report.get("settings", {}).get("cpu_time", False)
     lines = []
     for case in report["cases"]:
         unit = "per token" if case["kind"] == "decode" else (
@@ -116,8 +121,9 @@ def format_table(report: dict) -> str:
                  if r.get("load_average") is not None]
         busy = f", load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
         lines.append("")
+        layers = f", {case['layers']} layers" if case.get("layers", 1) > 1 else ""
         lines.append(f"== {case['name']}: {case['title']}  (B={case['batch']}, H={case['heads']}, "
-                     f"D={case['head_dim']}, float32, {unit}{busy})")
+                     f"D={case['head_dim']}{layers}, float32, {unit}{busy})")
         if case.get("skipped"):
             lines.append(f"   skipped: {case['skipped']}")
             continue
@@ -134,7 +140,8 @@ def format_table(report: dict) -> str:
                 f"{n}  {row['variant']:<17}{_ms(row.get('median_s')):>10}"
                 f"{_ms(row.get('min_s')):>9}{gf:>9}{share:>7}{mem:>9}  "
                 f"{_speedups(row):<40}  "
-                f"{_notes(row, marks.get((case['name'], row['n'], row['variant']), []))}".rstrip())
+                f"{_notes(row, marks.get((case['name'], row['n'], row['variant']), []), cpu_time)}"
+                .rstrip())
     return "\n".join(lines)
 
 
@@ -144,6 +151,14 @@ def format_targets(report: dict) -> str:
         status = {"met": "met   ", "missed": "MISSED", "n/a": "n/a   "}[t["status"]]
         why = f" ({t['why']})" if t["status"] == "n/a" else f": {format_value(t)}"
         lines.append(f"  {status} #{t['issue']} {t['case']} n={t['n']}: {t['text']}{why}")
+    return "\n".join(lines)
+
+
+def format_profiles(report: dict) -> str:
+    """Where attnkit's time went (torch.profiler, top operators), per profiled row."""
+    lines = []
+    for p in report.get("profiles", []):
+        lines += ["", f"== profile: {p['case']} n={p['n']} {p['variant']}", p["table"].rstrip()]
     return "\n".join(lines)
 
 
@@ -170,8 +185,8 @@ def format_markdown(report: dict, lengths: tuple | None = None) -> str:
         for row in case["results"]:
             if row["role"] != "attnkit" or (lengths and row["n"] not in lengths):
                 continue
-            if row["status"] == "skipped" and "not available" in row.get("note", ""):
-                continue  # a feature not built yet: the targets below say n/a
+            if row["status"] == "skipped" and row.get("missing_package"):
+                continue  # an optional package not installed: the targets below say n/a
             if row["status"] != "ok":
                 lines.append(f"| {case['name']} | {row['n']} | {row['variant']} | "
                              f"{row['status']}: {row.get('note', '')} | | | | |")

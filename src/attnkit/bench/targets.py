@@ -3,22 +3,22 @@
 Times are medians; memory targets about "peak memory growth" use the growth during one
 call (``peak_bytes``), comparisons between implementations use setup + call
 (``mem_bytes``: a precomputed dense mask or bias counts against the one that needs it).
-A target whose rows were not measured in this run (``--quick``, a skipped variant, a
-feature not built yet) is "n/a", never "met".
+A target whose rows were not measured in this run (``--quick``, a skipped variant, an
+optional package not installed) is "n/a", never "met".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Target", "TARGETS", "evaluate"]
+__all__ = ["Target", "TARGETS", "evaluate", "format_value"]
 
 MiB = 1 << 20
 
 
 @dataclass(frozen=True)
 class Target:
-    issue: int
+    issue: int              # the tracker number that set it, printed as "#n"
     case: str
     n: int
     variant: str            # the attnkit row the target is about
@@ -45,19 +45,19 @@ def _t(issue, case, n, variant, kind, threshold, peer=None):
 
 
 TARGETS: tuple[Target, ...] = (
-    # issue 2: the core
+    # the core engine
     _t(2, "dense", 2048, "attnkit", "within", 1.05, "torch sdpa"),
     _t(2, "dense", 4096, "attnkit", "within", 1.05, "torch sdpa"),
     _t(2, "dense", 4096, "attnkit chunked", "within", 1.6, "torch sdpa"),
     _t(2, "dense", 4096, "attnkit chunked", "gflops", 90),
     _t(2, "causal", 16384, "attnkit chunked", "growth_mib", 600),
     _t(2, "causal_train", 8192, "attnkit chunked", "growth_mib", 400),
-    # issue 3: positional biases through the chunked engine
+    # positional biases through the chunked engine
     _t(3, "alibi", 8192, "attnkit", "growth_mib", 400),
     _t(3, "alibi", 8192, "attnkit", "within", 1.5, "sdpa+bias"),
     _t(3, "t5", 8192, "attnkit", "growth_mib", 400),
     _t(3, "t5", 8192, "attnkit", "within", 1.5, "sdpa+bias"),
-    # issue 4: long sequences
+    # long sequences
     _t(4, "sliding_window", 8192, "attnkit", "speedup", 8, "sdpa+mask"),
     _t(4, "sliding_window", 16384, "attnkit", "speedup", 1.3, "flex"),
     _t(4, "sliding_window", 16384, "attnkit", "gflops", 100),
@@ -70,7 +70,7 @@ TARGETS: tuple[Target, ...] = (
     _t(4, "bigbird_layer", 16384, "attnkit layer", "mem_linear", 2.6),
     _t(4, "bigbird_layer", 32768, "attnkit layer", "mem_linear", 2.6),
     _t(4, "bigbird_layer", 32768, "attnkit layer", "mem_mib", 1536),
-    # issue 5: HF interop, attention module against attention module
+    # HF interop, attention module against attention module
     _t(5, "longformer_layer", 4096, "attnkit patched", "speedup", 4, "hf Longformer"),
     _t(5, "longformer_layer", 4096, "attnkit patched", "mem_below", 0, "hf Longformer"),
     _t(5, "bigbird_layer", 4096, "attnkit patched", "speedup", 3, "hf BigBird"),

@@ -11,12 +11,18 @@ calls are timed with glibc's steady-state thresholds:
 interleaved, one call each per round, so that load from other processes falls on all of
 them alike; one whose setup holds more than 512 MiB is timed right away on its own and
 freed before the next is built.
+
+The plan names where the cases come from (``source``: ``"module:attribute"``, or
+``"/path/to/script.py:attribute"`` for a script in ``benchmarks/``), so the same worker
+measures ``attnkit bench`` and every focused benchmark. With ``profile`` set, each
+attnkit implementation is also run once under torch.profiler at the case's first length.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -26,8 +32,10 @@ import traceback
 
 import torch
 
-from .cases import case_by_name, missing_requirement
-from .measurement import Allocator, Sample, gemm_peak_gflops, interleave, rss_bytes, warm_up
+from .cases import SOURCE, case_by_name
+from .measurement import (Allocator, Sample, gemm_peak_gflops, interleave, profile_table,
+                          rss_bytes, warm_up)
+from .spec import missing_optional
 
 
 def _emit(channel, **event):
@@ -61,13 +69,32 @@ def prepare(variant, setup) -> tuple[Sample, dict]:
     return sample, {"setup_s": setup_s, "setup_bytes": setup_bytes}
 
 
+def load_cases(source: str) -> tuple:
+    """The cases a plan's ``source`` names: ``"package.module:attribute"`` or
+    ``"/path/to/file.py:attribute"`` (loaded under its own module name; a script's
+    ``if __name__ == "__main__"`` part does not run)."""
+    where, _, attribute = source.rpartition(":")
+    if where.endswith(".py"):
+        name = "attnkit_bench_" + os.path.splitext(os.path.basename(where))[0]
+        spec = importlib.util.spec_from_file_location(name, where)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return tuple(getattr(module, attribute))
+
+
 def figures(case, n: int, variant, sample: Sample, info: dict) -> dict:
     per = case.steps if case.kind == "decode" else 1  # decoding: time per token
     times = [t / per for t in sample.times]
+    cpu = [t / per for t in sample.cpu_times]
     result = {
         "times_s": times,
         "median_s": statistics.median(times),
         "min_s": min(times),
+        "cpu_median_s": statistics.median(cpu),
+        "cpu_min_s": min(cpu),
         "repeats": len(times),
         "first_call_s": sample.first_call_s,
         **info,
@@ -100,9 +127,20 @@ def preload(variant) -> None:
             getattr(mod, function)()
 
 
-def measure_length(case, n: int, variants, budget: dict, emit) -> None:
+def _profile(variant, sample: Sample, emit) -> None:
+    if variant.role != "attnkit":
+        return
+    try:
+        table = profile_table(sample.call)
+    except Exception as e:  # noqa: BLE001 - the figures stand; the profile says why not
+        table = f"profile failed: {_error_note(e)}"
+    emit(type="profile", variant=variant.label, table=table)
+
+
+def measure_length(case, n: int, variants, budget: dict, emit, profile: bool = False) -> None:
     """Every variant of one case at one length: each prepared in turn, then timed
-    interleaved with the others (those whose setup is small enough to keep around)."""
+    interleaved with the others (those whose setup is small enough to keep around);
+    with ``profile``, attnkit's variants are then profiled once each."""
     timing = dict(budget_s=budget["budget_s"], min_repeats=budget["min_repeats"],
                   max_repeats=budget["max_repeats"])
     try:
@@ -114,9 +152,9 @@ def measure_length(case, n: int, variants, budget: dict, emit) -> None:
     kept = []
     for v in variants:
         emit(type="start", variant=v.label)
-        missing = missing_requirement(v.needs)
+        missing = missing_optional(v.needs)
         if missing:
-            emit(variant=v.label, status="skipped", note=missing)
+            emit(variant=v.label, status="skipped", note=missing, missing_package=True)
             continue
         try:
             preload(v)
@@ -124,6 +162,8 @@ def measure_length(case, n: int, variants, budget: dict, emit) -> None:
             if info["setup_bytes"] > INTERLEAVE_MAX_SETUP_BYTES:
                 interleave([sample], **timing)
                 emit(variant=v.label, status="ok", **figures(case, n, v, sample, info))
+                if profile:
+                    _profile(v, sample, emit)
             else:
                 kept.append((v, sample, info))
         except Exception as e:  # noqa: BLE001
@@ -133,6 +173,8 @@ def measure_length(case, n: int, variants, budget: dict, emit) -> None:
         interleave([sample for _, sample, _ in kept], **timing)
         for v, sample, info in kept:
             emit(variant=v.label, status="ok", **figures(case, n, v, sample, info))
+        for v, sample, _ in kept if profile else ():
+            _profile(v, sample, emit)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc(file=sys.stderr)
         for v, _, _ in kept:
@@ -141,8 +183,10 @@ def measure_length(case, n: int, variants, budget: dict, emit) -> None:
 
 def run_plan(plan: dict, channel) -> None:
     torch.manual_seed(0)
+    cases = load_cases(plan.get("source", SOURCE))
     for job in plan["jobs"]:  # one case, its lengths ascending, the variants at each
-        case = case_by_name(job["case"])
+        case = case_by_name(job["case"], cases)
+        first = job["lengths"][0][0] if job["lengths"] else None
         for n, labels in job["lengths"]:
             variants = [v for v in case.variants if v.label in labels]
 
@@ -150,7 +194,8 @@ def run_plan(plan: dict, channel) -> None:
 
             def emit(type="result", **event):  # each row says how busy the machine was
                 _emit(channel, type=type, case=case.name, n=n, load_average=load, **event)
-            measure_length(case, n, variants, plan["budget"], emit)
+            measure_length(case, n, variants, plan["budget"], emit,
+                           profile=bool(plan.get("profile")) and n == first)
             gc.unfreeze()  # what the setup and its variants left in cycles can go now
             gc.collect()
 
