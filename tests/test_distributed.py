@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 import attnkit
 from attnkit.distributed import (gather_sequence, ring_attention, shard_positions,
                                  shard_sequence, ulysses_attention, unshard_sequence)
-from attnkit.distributed import ring as ring_mod
 from attnkit.distributed.blocks import causal_calls, merge_into
+from attnkit.distributed.group import wait_all
+from attnkit.distributed.ring import RingForward, RingPlan
 from attnkit.masks import KeyPaddingMask
 from attnkit.distributed.sharding import Interval, shard_intervals
 from attnkit.masks import Grid
@@ -250,13 +251,19 @@ def _check(fn, rank, world, q, k, v, dout, *, is_causal, layout, padding=None, t
                                    msg=f"d{name}: {what}")
 
 
+def _ring(q_rows, kv_piece):
+    fn = functools.partial(ring_attention, q_rows=q_rows, kv_piece=kv_piece)
+    fn.__name__ = f"ring_attention(q_rows={q_rows}, kv_piece={kv_piece})"
+    return fn
+
+
 def _equivalence_job(rank, world):
     # small ring pieces and query blocks, so several pieces and calls per shard are used
-    ring_mod.KV_PIECE, ring_mod.Q_ROWS = 5, 7
+    small = _ring(7, 5)
     N = 12 * world
     for Hkv in (2, 1):                                       # GQA and MQA, Hq = 4
         q, k, v, dout, padding = _inputs(2, 4, Hkv, N, 8, seed=Hkv)
-        for fn, layout, causal in itertools.product((ring_attention, ulysses_attention),
+        for fn, layout, causal in itertools.product((small, ulysses_attention),
                                                     ("contiguous", "zigzag"), (False, True)):
             _check(fn, rank, world, q, k, v, dout, is_causal=causal, layout=layout)
             if Hkv == 2:
@@ -265,12 +272,12 @@ def _equivalence_job(rank, world):
     # extra batch dims and a value head dim different from the query's
     q, k, _, dout, padding = _inputs(3, 2, 2, N, 8, seed=5, batch=(3, 1))
     v = torch.randn(3, 1, 2, N, 6, dtype=torch.float64)
-    _check(ring_attention, rank, world, q, k, v, dout[..., :6], is_causal=True,
+    _check(small, rank, world, q, k, v, dout[..., :6], is_causal=True,
            layout="zigzag", padding=padding)
     # float32, longer pieces
-    ring_mod.KV_PIECE, ring_mod.Q_ROWS = 16, 32
+    longer = _ring(32, 16)
     q, k, v, dout, padding = _inputs(1, 2, 1, 80 * world, 8, seed=7, dtype=torch.float32)
-    _check(ring_attention, rank, world, q, k, v, dout, is_causal=True, layout="zigzag",
+    _check(longer, rank, world, q, k, v, dout, is_causal=True, layout="zigzag",
            padding=padding, tol=2e-5)
     # gather_sequence puts the shards back together
     full = gather_sequence(shard_sequence(q, rank, world, layout="zigzag"), layout="zigzag")
@@ -279,11 +286,40 @@ def _equivalence_job(rank, world):
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         group, sub_rank = groups[rank // 2], rank % 2
         q, k, v, dout, padding = _inputs(2, 4, 2, 24, 8, seed=11 + rank // 2)
-        for fn in (ring_attention, ulysses_attention):
+        for fn in (longer, ulysses_attention):
             attention = functools.partial(fn, group=group)
             attention.__name__ = fn.__name__
             _check(attention, sub_rank, 2, q, k, v, dout, is_causal=True, layout="zigzag",
                    padding=padding)
+
+
+def _steps_job(rank, world):
+    """RingForward's steps, run as the forward does or without overlap, give the forward's
+    output; without messages every step computes on the rank's own piece."""
+    q, k, v = _inputs(1, 2, 2, 16, 8, seed=3 + rank)[:3]
+    plan = RingPlan.build(16, 16, layout="zigzag", is_causal=True, q_rows=3, kv_piece=5)
+    assert plan.steps == world * len(plan.pieces) and len(plan.pieces) == 4
+    want, want_lse = RingForward(q, k, v, None, plan).run()
+    serial = RingForward(q, k, v, None, plan)
+    for t in range(plan.steps):
+        serial.load(t)
+        wait_all(serial.pass_on(t))
+        serial.compute(t)
+        serial.advance(t)
+    out, lse = serial.result()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    ref = ring_attention(q, k, v, is_causal=True, layout="zigzag", q_rows=3, kv_piece=5)
+    torch.testing.assert_close(want, ref, atol=0, rtol=0)
+    local = RingForward(q, k, v, None, plan)
+    for t in range(plan.steps):                  # no messages: no collective, no hang
+        local.load(t)
+        local.compute(t)
+    assert local.result()[0].isfinite().all()
+
+
+def test_ring_forward_steps_compose_into_the_forward():
+    run_ranks(_steps_job, 2)
 
 
 def _errors_job(rank, world):
@@ -306,6 +342,13 @@ def _errors_job(rank, world):
         ring_attention(q, q[:, :, :4], q[:, :, :4], is_causal=True)
     with pytest.raises(ValueError, match="even"):
         ring_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], layout="zigzag")
+    # piece sizes: checked on every rank, and they must agree (messages have their size)
+    with pytest.raises(ValueError, match="kv_piece must be at least 1"):
+        ring_attention(q, q, q, kv_piece=0)
+    with pytest.raises(ValueError, match=r"kv_piece per rank \[4, 6\]"):
+        ring_attention(q, q, q, kv_piece=4 if rank == 0 else 6)
+    with pytest.raises(TypeError, match="q_rows must be an int"):
+        RingPlan.build(6, 6, q_rows=2.5)
     # after all of that the group is still in step
     t = torch.ones(1)
     dist.all_reduce(t)

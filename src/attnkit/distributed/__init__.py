@@ -3,6 +3,9 @@ CPU, NCCL on GPU; launch with ``torchrun``).
 
 * :func:`ring_attention`: K/V blocks travel around the ring of ranks, overlapped with
   the computation on the current block; memory O(N / world) per rank, forward and backward.
+  :class:`~.ring.RingPlan` and :class:`~.ring.RingForward` (in ``attnkit.distributed.ring``)
+  expose one rank's forward step by step, so its messages and computations can be run
+  and timed apart.
 * :func:`ulysses_attention`: all-to-all sequence parallelism (heads scattered, sequence
   gathered), when the heads divide among the ranks.
 * :func:`shard_sequence`, :func:`unshard_sequence`, :func:`shard_positions`,

@@ -18,7 +18,7 @@ from ..checks import check_qkv
 from .group import Ring, agree_on_shapes
 from .sharding import LAYOUTS, check_layout
 
-__all__ = ["Shards", "prepare"]
+__all__ = ["Shards", "prepare", "check_sizes"]
 
 
 @dataclass
@@ -43,14 +43,27 @@ def _check_scale(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
 
+def check_sizes(sizes: dict) -> None:
+    """Every value (name -> size) must be an int >= 1."""
+    for name, x in sizes.items():
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+        if x < 1:
+            raise ValueError(f"{name} must be at least 1, got {x}")
+
+
 def prepare(what: str, ring: Ring, query, key, value, *, is_causal, scale,
-            key_padding_mask, layout) -> Shards:
-    """Validate this rank's shards, agree on shapes with the group, fold batch dims."""
+            key_padding_mask, layout, sizes: dict | None = None) -> Shards:
+    """Validate this rank's shards, agree on shapes with the group, fold batch dims.
+    ``sizes`` (name -> int >= 1, e.g. piece sizes) are checked and must agree too."""
+    sizes = sizes or {}
     fields = dict.fromkeys(["query length", "key length", "batch size", "query heads",
                             "key/value heads", "head_dim", "value head_dim",
-                            "key_padding_mask given", "is_causal", "layout"], 0)
+                            "key_padding_mask given", "is_causal", "layout", *sizes], 0)
     error = None
     try:
+        check_sizes(sizes)
+        fields.update(sizes)
         check_qkv(query, key, value)
         check_layout(layout)
         if not isinstance(is_causal, bool):

@@ -9,28 +9,36 @@ Forward, on rank r of W, for each K/V block that arrives:
 and the next block is already on its way (isend/irecv posted before the computation,
 waited after it), so communication hides behind compute.
 
-Streaming. Each rank's K/V shard is cut into P pieces of at most ``KV_PIECE`` keys, and
-the ring runs P rounds: in round j piece j of every shard travels W - 1 hops. Only two
-pieces are in flight per rank (the one being used and the one arriving), and engine calls
-cover at most ``Q_ROWS`` query rows, so beyond its own Q, K, V and output a rank holds
-O(piece + Q_ROWS) memory, not another shard.
+Streaming. Each rank's K/V shard is cut into P pieces of at most ``kv_piece`` keys
+(default :data:`KV_PIECE`), and the ring runs P rounds: in round j piece j of every
+shard travels W - 1 hops. Only two pieces are in flight per rank (the one being used and
+the one arriving), and engine calls cover at most ``q_rows`` query rows (default
+:data:`Q_ROWS`), so beyond its own Q, K, V and output a rank holds O(piece + q_rows)
+memory, not another shard.
 
-Backward (a custom autograd Function): the K/V pieces go around the ring again, and with
-each piece travels the accumulator of its dK/dV; after a full circle the accumulator is
-back at its owner. Each block's gradient is recomputed from the saved global output O and
-log-sum-exp: with the block's own (O_b, lse_b) and w_b = exp(lse_b - lse), the chain rule
-through the merge gives
+Backward (a custom autograd Function; collective like the forward): the K/V pieces go
+around the ring again in the same order, and with each piece travels the accumulator of
+its dK/dV, to which every rank adds its queries' share; after a full circle the
+accumulator is back at its owner. Besides the inputs, the forward keeps only the *global*
+output O and log-sum-exp of this rank's query rows: each block's gradients come from them
+through the engine's split backward
+(:func:`attnkit.backends.chunked.chunked_attention_backward`, FlashAttention's):
 
-    dL/dO_b = w_b dO,    dL/dlse_b = w_b (rowsum(dO * O_b) - rowsum(dO * O))
+    P_b = exp(scale * Q K_b^T + mask - lse)          the block's share of the softmax
+    dS_b = P_b * (dO V_b^T - rowsum(dO * O))
+    dQ += scale * dS_b K_b,   dK_b = scale * dS_b^T Q,   dV_b = P_b^T dO
 
-which the core engine's backward turns into dQ, dK_b, dV_b. Memory stays O(N / W). (The
-recomputation costs one more forward per block, and a gradient through lse keeps the
-engine on its eager kernel: on CPU the ring backward takes ~2.5x the single-process
-chunked backward for the same blocks. An engine entry point "backward of a block given
-the global O and lse", as FlashAttention's kernels have, would remove both.)
+so a block costs one recomputation of its scores, no forward of its own; summed over
+the blocks these are the gradients of the whole attention. Memory stays O(N / W): the
+two K/V messages of the forward, and three dK/dV messages (the one arriving, the one
+being filled, the one in flight).
 
 Causal attention skips blocks entirely in the future; with ``layout="zigzag"``
 (see :mod:`.sharding`) every rank does the same amount of causal work.
+
+Public pieces: :func:`ring_attention`; :class:`RingPlan` (who computes what) and
+:class:`RingForward` (one rank's forward, step by step: the ring's messages and its
+block computations can be run, and timed, apart).
 """
 
 from __future__ import annotations
@@ -42,19 +50,20 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..backends.chunked import chunked_attention_backward
-from ..dtypes import stat_dtype
+from ..dtypes import compute_dtype, stat_dtype
 from ..masks import KeyPaddingMask, causal
 from .blocks import Call, block_attention, causal_calls, merge_into
 from .group import Ring, exchange, ring_of, wait_all
-from .inputs import prepare
-from .sharding import Interval, shard_intervals
+from .inputs import check_sizes, prepare
+from .sharding import Interval, check_layout, shard_intervals
 
-__all__ = ["ring_attention", "Q_ROWS", "KV_PIECE"]
+__all__ = ["ring_attention", "RingPlan", "RingForward", "Q_ROWS", "KV_PIECE"]
 
-#: query rows per engine call (bounds the per-call output and gradient temporaries)
+#: default query rows per engine call (bounds the per-call output and gradient
+#: temporaries)
 Q_ROWS = 512
-#: keys per ring message (bounds the K/V pieces in flight on each rank, and the engine's
-#: tile temporaries); measured on CPU: 512-key pieces cost ~5% over one engine call
+#: default keys per ring message (bounds the K/V pieces in flight on each rank, and the
+#: engine's tile temporaries; smaller pieces mean more, shorter engine calls)
 KV_PIECE = 512
 
 NEG_INF = float("-inf")
@@ -69,29 +78,48 @@ def _split(iv: Interval, size: int) -> list[Interval]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class RingPlan:
     """Who computes what: this rank's query intervals, and the K/V pieces of every shard.
 
-    ``pieces[j]`` is the j-th piece of a K/V shard as ``(Interval(local index, offset in
-    its shard interval, length), index of that shard interval)``: the same local cut on
-    every rank, so a piece's global positions follow from its origin rank.
+    ``q_rows``: this rank's query intervals, at most ``q_rows`` rows each (the query
+    rows of one engine call). ``pieces[j]`` is the j-th piece of a K/V shard as
+    ``(Interval(local index, offset in its shard interval, length), index of that shard
+    interval)``: the same local cut on every rank, so a piece's global positions follow
+    from its origin rank. Build it with :meth:`build`.
     """
     ring: Ring
     layout: str
     is_causal: bool
     scale: float | None
-    q_rows: tuple        # this rank's query intervals, at most Q_ROWS rows each
+    q_rows: tuple        # this rank's query intervals
     kv_len: int
     pieces: tuple        # (Interval with start = offset inside its shard interval, chunk)
 
     @staticmethod
-    def build(ring, layout, is_causal, scale, q_len, kv_len):
+    def build(q_len: int, kv_len: int, *, group=None, layout: str = "contiguous",
+              is_causal: bool = False, scale: float | None = None, q_rows: int = Q_ROWS,
+              kv_piece: int = KV_PIECE) -> RingPlan:
+        """The plan of this rank of ``group`` for shards of ``q_len`` queries and
+        ``kv_len`` keys (the arguments as for :func:`ring_attention`; every rank of the
+        group must pass the same). Needs an initialised process group."""
+        check_layout(layout)
+        check_sizes({"q_rows": q_rows, "kv_piece": kv_piece})
+        ring = ring_of(group)
         own_q = shard_intervals(q_len, ring.rank, ring.world, layout)
-        rows = tuple(p for iv in own_q for p in _split(iv, Q_ROWS))
+        rows = tuple(p for iv in own_q for p in _split(iv, q_rows))
         chunks = shard_intervals(kv_len, 0, ring.world, layout)
         pieces = tuple((p, ci) for ci, iv in enumerate(chunks)
-                       for p in _split(Interval(iv.local, 0, iv.length), KV_PIECE))
-        return _Plan(ring, layout, is_causal, scale, rows, kv_len, pieces)
+                       for p in _split(Interval(iv.local, 0, iv.length), kv_piece))
+        return RingPlan(ring, layout, is_causal, scale, rows, kv_len, pieces)
+
+    @property
+    def steps(self) -> int:
+        """Steps of one pass around the ring: every piece of every shard on this rank."""
+        return self.ring.world * len(self.pieces)
+
+    def step(self, t: int) -> tuple[int, int]:
+        """(piece j, hop) of step t: piece j of the shard of the rank ``hop`` places back."""
+        return divmod(t, self.ring.world)
 
     def keys_of(self, origin: int, j: int) -> Interval:
         """Global positions of piece j of rank ``origin``'s shard (local index 0: the
@@ -101,6 +129,7 @@ class _Plan:
         return Interval(0, chunk.start + piece.start, piece.length)
 
     def calls(self, origin: int, j: int) -> list[Call]:
+        """The engine calls of this rank's queries against piece j of ``origin``'s shard."""
         keys = self.keys_of(origin, j)
         return [c for q in self.q_rows for c in causal_calls(q, keys, self.is_causal)]
 
@@ -153,49 +182,85 @@ def _unpack(buf: Tensor, k: Tensor, v: Tensor, has_keep: bool, m: int):
     return kb, vb, keep
 
 
-def _acc_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+class RingForward:
+    """The forward pass of ring attention on one rank, one step at a time.
 
+    ``q`` (B, Hq, L, D), ``k`` (B, Hkv, S, D), ``v`` (B, Hkv, S, Dv) are this rank's
+    shards, ``keep`` (B, S) bool (True = may attend) or None, ``plan`` their
+    :class:`RingPlan`. Step t (of ``plan.steps``) handles piece j of the shard of the rank
+    ``hop`` places back, ``(j, hop) = plan.step(t)``. :meth:`run` is the forward pass:
 
+        for t in range(plan.steps):
+            load(t); works = pass_on(t); compute(t); wait_all(works); advance(t)
 
-# ----------------------------------------------------------------------------- forward
+    The steps are public so that the parts can be run apart, e.g. to time them: without
+    :meth:`pass_on` and :meth:`advance` every step computes on this rank's own piece (the
+    same computations, no messages); without :meth:`compute`, only the messages travel.
+    Every rank of the group must run the same sequence of :meth:`pass_on` calls.
+    """
 
-def _ring_forward(q, k, v, keep, plan: _Plan, *, communicate: bool = True,
-                  overlap: bool = True, compute: bool = True):
-    """(out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L)) of this rank's queries over the
-    whole sequence. For the benchmark: ``communicate=False`` computes the very same
-    blocks with a local stand-in for every received piece, ``overlap=False`` waits for
-    each message before computing, ``compute=False`` only passes the messages."""
-    ring = plan.ring
-    W = ring.world
-    B, Hq, L, _ = q.shape
-    out = q.new_zeros(B, Hq, L, v.shape[-1], dtype=_acc_dtype(q.dtype))
-    lse = torch.full((B, Hq, L), NEG_INF, dtype=stat_dtype(q.dtype), device=q.device)
-    slots, mine = _message_slots(plan, k, v, keep), 0     # mine: the slot in use
-    for t in range(W * len(plan.pieces)):
-        j, hop = divmod(t, W)                 # round j: piece j; hop: how far it came
-        piece = plan.pieces[j][0]
-        size = _message_numel(k, v, keep is not None, piece.length)
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, plan: RingPlan):
+        self.q, self.k, self.v, self.keep, self.plan = q, k, v, keep, plan
+        B, Hq, L, _ = q.shape
+        self.out = q.new_zeros(B, Hq, L, v.shape[-1], dtype=compute_dtype(q.dtype))
+        self.lse = torch.full((B, Hq, L), NEG_INF, dtype=stat_dtype(q.dtype), device=q.device)
+        self._slots, self._mine = _message_slots(plan, k, v, keep), 0   # mine: slot in hand
+
+    def _message(self, t: int, slot: int) -> Tensor:
+        piece = self.plan.pieces[self.plan.step(t)[0]][0]
+        size = _message_numel(self.k, self.v, self.keep is not None, piece.length)
+        return self._slots[slot][:size]
+
+    def load(self, t: int) -> None:
+        """At the first hop of a round, put this rank's own piece of the round in hand
+        (later hops compute on what :meth:`advance` put there)."""
+        j, hop = self.plan.step(t)
         if hop == 0:
-            _pack(slots[mine], k, v, keep, piece)
-        cur, works = slots[mine][:size], []
-        if hop < W - 1 and communicate:       # forward it, and receive the next one
-            works = exchange(ring, sends=[cur], recvs=[slots[1 - mine][:size]], tag=KV_TAG)
-            if not overlap:
-                wait_all(works)
-                works = []                    # gloo: a P2P work must be waited once only
-        kb, vb, keep_b = _unpack(cur, k, v, keep is not None, piece.length)
-        for c in plan.calls((ring.rank - hop) % W, j) if compute else ():
+            _pack(self._slots[self._mine], self.k, self.v, self.keep, self.plan.pieces[j][0])
+
+    def pass_on(self, t: int) -> list:
+        """Start sending the piece in hand to the next rank and receiving the next step's
+        piece from the previous one (nothing at the last hop of a round); returns the
+        works, to be waited for once each (:func:`~.group.wait_all`) before :meth:`advance`."""
+        if self.plan.step(t)[1] == self.plan.ring.world - 1:
+            return []
+        return exchange(self.plan.ring, sends=[self._message(t, self._mine)],
+                        recvs=[self._message(t, 1 - self._mine)], tag=KV_TAG)
+
+    def compute(self, t: int) -> None:
+        """Step t's engine calls on the piece in hand, merged into the output."""
+        j, hop = self.plan.step(t)
+        piece = self.plan.pieces[j][0]
+        kb, vb, keep_b = _unpack(self._message(t, self._mine), self.k, self.v,
+                                 self.keep is not None, piece.length)
+        q, out, lse = self.q, self.out, self.lse
+        for c in self.plan.calls((self.plan.ring.rank - hop) % self.plan.ring.world, j):
             o, l = block_attention(q[:, :, c.q0:c.q1], kb[:, :, c.k0:c.k1],
                                    vb[:, :, c.k0:c.k1],
                                    None if keep_b is None else keep_b[:, c.k0:c.k1],
-                                   c.causal, plan.scale)
+                                   c.causal, self.plan.scale)
             merge_into(out[:, :, c.q0:c.q1], lse[:, :, c.q0:c.q1], o, l)
             del o, l                          # before the next call allocates its own
-        wait_all(works)
-        if hop < W - 1 and communicate:
-            mine = 1 - mine
-    return out.to(q.dtype), lse
+
+    def advance(self, t: int) -> None:
+        """The piece received by :meth:`pass_on` (t) becomes the piece in hand."""
+        if self.plan.step(t)[1] < self.plan.ring.world - 1:
+            self._mine = 1 - self._mine
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """(out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L)) of the steps so far."""
+        return self.out.to(self.q.dtype), self.lse
+
+    def run(self) -> tuple[Tensor, Tensor]:
+        """All steps, each piece's messages overlapped with its computation: (out, lse)
+        of this rank's queries over the whole sequence."""
+        for t in range(self.plan.steps):
+            self.load(t)
+            works = self.pass_on(t)
+            self.compute(t)
+            wait_all(works)                   # gloo: a P2P work must be waited once only
+            self.advance(t)
+        return self.result()
 
 
 # ----------------------------------------------------------------------------- backward
@@ -210,10 +275,10 @@ def _block_grads(q, k, v, keep, call: Call, scale, dout, out, lse):
                                       scale=q.shape[-1] ** -0.5 if scale is None else scale)
 
 
-def _ring_backward(dout, q, k, v, keep, out, lse, plan: _Plan):
+def _ring_backward(dout, q, k, v, keep, out, lse, plan: RingPlan):
     ring = plan.ring
     W = ring.world
-    acc = _acc_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     B, Hkv = k.shape[:2]
     D, Dv = k.shape[-1], v.shape[-1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -291,7 +356,7 @@ def _ring_backward(dout, q, k, v, keep, out, lse, plan: _Plan):
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep, plan):
-        out, lse = _ring_forward(q, k, v, keep, plan)
+        out, lse = RingForward(q, k, v, keep, plan).run()
         ctx.save_for_backward(q, k, v, keep, out, lse)
         ctx.plan = plan
         return out
@@ -307,7 +372,8 @@ class _RingAttention(torch.autograd.Function):
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, group=None,
                    is_causal: bool = False, scale: float | None = None,
                    key_padding_mask: Tensor | None = None,
-                   layout: str = "contiguous") -> Tensor:
+                   layout: str = "contiguous", q_rows: int = Q_ROWS,
+                   kv_piece: int = KV_PIECE) -> Tensor:
     r"""Attention over a sequence split across the ranks of ``group``.
 
     Every rank passes its shard and gets back its shard of
@@ -330,16 +396,22 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, group=None,
         layout: "contiguous" (rank r holds the r-th of W equal slices) or "zigzag" (rank
             r holds slices r and 2W-1-r of 2W: equal causal work on every rank); see
             :func:`attnkit.distributed.shard_sequence`.
+        q_rows: query rows per engine call (default :data:`Q_ROWS`): bounds the
+            temporaries of each call, forward and backward.
+        kv_piece: keys per ring message (default :data:`KV_PIECE`): bounds the K/V (and,
+            backward, dK/dV) in flight on each rank. Every rank must pass the same.
 
     Returns:
         (..., Hq, L, Dv): this rank's shard of the output, in the same layout.
 
     Raises ``ValueError`` on every rank when the shards differ between ranks (unequal
-    lengths, heads, head dims) or when any rank's inputs are invalid.
+    lengths, heads, head dims, piece sizes) or when any rank's inputs are invalid.
     """
     ring = ring_of(group)
     s = prepare("ring_attention", ring, query, key, value, is_causal=is_causal, scale=scale,
-                key_padding_mask=key_padding_mask, layout=layout)
-    plan = _Plan.build(ring, layout, is_causal, scale, s.q.shape[2], s.k.shape[2])
+                key_padding_mask=key_padding_mask, layout=layout,
+                sizes={"q_rows": q_rows, "kv_piece": kv_piece})
+    plan = RingPlan.build(s.q.shape[2], s.k.shape[2], group=group, layout=layout,
+                          is_causal=is_causal, scale=scale, q_rows=q_rows, kv_piece=kv_piece)
     out = _RingAttention.apply(s.q, s.k, s.v, s.keep, plan)
     return out.reshape(*s.batch, *out.shape[1:])
