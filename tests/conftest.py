@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from attnkit.backends import _fused
+from attnkit.backends.chunked import fused as _fused
 
 
 # ------------------------------------------------------------------ the `hf` marker

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import attnkit
 from attnkit import bias as biases, masks
 from attnkit.backends import chunked_attention
-from attnkit.backends.chunked import Gathered, _width, plan_tiles
+from attnkit.backends.chunked import Gathered, plan_tiles
 from attnkit.masks import Grid
 from conftest import qkv
 
@@ -374,7 +374,7 @@ def allowed_work(mask, L, S):
 def test_cost_follows_the_allowed_blocks(mask):
     n = 4096
     tiles = plan_tiles(mask, Grid(n, n), 128, 64)
-    computed = sum((t.r1 - t.r0) * _width(s) for t in tiles for s in t.segments)
+    computed = sum((t.r1 - t.r0) * s.width for t in tiles for s in t.segments)
     allowed = allowed_work(mask, n, n)
     assert allowed <= computed < 1.6 * allowed + 2 * 128 * n, (computed / allowed)
     assert computed < 0.35 * n * n
@@ -384,14 +384,14 @@ def test_cost_follows_the_allowed_blocks(mask):
 def score_entries(monkeypatch):
     """A list that receives, per kernel call of the chunked engine, the number of score
     entries it computes (batch x heads x rows x keys)."""
-    from attnkit.backends import chunked
+    from attnkit.backends.chunked import forward as engine_forward
     computed = []
-    segment_forward = chunked._segment_forward
+    segment_forward = engine_forward.segment_forward
 
     def counting(cfg, ti, si, qt, ks, *rest):
         computed.append(qt.shape[0] * qt.shape[1] * qt.shape[2] * ks.shape[2])
         return segment_forward(cfg, ti, si, qt, ks, *rest)
-    monkeypatch.setattr(chunked, "_segment_forward", counting)
+    monkeypatch.setattr(engine_forward, "segment_forward", counting)
     return computed
 
 
@@ -468,7 +468,7 @@ def test_equal_tiles_run_as_one_batched_call(case, monkeypatch):
     """Tiles whose additive tiles are equal (a band away from the edges, Longformer's
     window away from global tokens and padding) go to the fused kernel together, as
     strided views; the result equals the reference and the one-call-per-tile loop."""
-    from attnkit.backends import chunked, _fused
+    from attnkit.backends.chunked import fused as _fused, plan as engine_plan
     bias = None
     Hq, Hkv, L, S = 4, 4, 300, 300
     mask = masks.sliding_window(20, 7)
@@ -486,7 +486,7 @@ def test_equal_tiles_run_as_one_batched_call(case, monkeypatch):
                                     block_k=16)[::2]
     out, lse = run()
     batched = len(calls)
-    monkeypatch.setattr(chunked, "MIN_BATCH_TILES", 10 ** 9)
+    monkeypatch.setattr(engine_plan, "MIN_BATCH_TILES", 10 ** 9)
     calls.clear()
     loop_out, loop_lse = run()
     assert max(calls) == 2                   # the loop: one tile (batch of 2) per call
@@ -506,7 +506,7 @@ def test_per_head_patterns_cost_per_head_not_their_union():
     mask = masks.bigbird(64, seed=0, num_heads=heads)
     tiles = plan_tiles(mask, Grid(n, n), 64, 64)
     assert any(isinstance(s, Gathered) for t in tiles for s in t.segments)
-    computed = sum((t.r1 - t.r0) * _width(s) for t in tiles for s in t.segments)
+    computed = sum((t.r1 - t.r0) * s.width for t in tiles for s in t.segments)
     dense = mask.materialize(n)                       # (1, H, n, n)
     busiest = dense.sum((-1, -2)).max().item()        # allowed entries of the busiest head
     union = dense.any(1).sum().item()
@@ -648,10 +648,10 @@ def test_auto_weighs_sparsity_before_drawing_a_mask(monkeypatch):
 def test_translation_invariant_tiles_are_built_once(kernel, monkeypatch):
     """Causal/window masks and ALiBi depend only on k - p: equal tiles are reused, and the
     results (values and gradients, learnable slopes included) stay exact."""
-    from attnkit.backends import chunked
+    from attnkit.backends.chunked.additive import AdditiveTiles
     built = []
-    real = chunked._build_additive
-    monkeypatch.setattr(chunked, "_build_additive", lambda *a: built.append(1) or real(*a))
+    real = AdditiveTiles.build
+    monkeypatch.setattr(AdditiveTiles, "build", lambda *a: built.append(1) or real(*a))
     q, k, v = qkv(B=1, Hq=2, Hkv=1, L=24, S=24, D=2, dtype=torch.float64, requires_grad=True)
     slopes = torch.rand(2, dtype=torch.float64, requires_grad=True)
     mask = masks.sliding_window(3, 1)

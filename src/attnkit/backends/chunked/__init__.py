@@ -1,0 +1,15 @@
+"""The tiled engine (``backend="chunked"``), split by job:
+
+* :mod:`.plan`      pure tiling: which key blocks each query tile needs (Segment, Gathered)
+* :mod:`.additive`  the mask-and-bias term of each tile, one owner for its caches
+* :mod:`.kernels`   fused (torch's CPU flash kernel, :mod:`.fused`) and eager kernels
+* :mod:`.merge`     merging a tile's parts over disjoint key sets
+* :mod:`.forward`, :mod:`.backward`   the autograd loops
+* :mod:`.attention` the entry points
+"""
+
+from .attention import chunked_attention, chunked_attention_backward
+from .plan import BLOCK_K, BLOCK_Q, MERGE_KEYS, Gathered, Segment, Tile, plan_tiles
+
+__all__ = ["chunked_attention", "chunked_attention_backward", "plan_tiles", "Tile", "Segment",
+           "Gathered", "BLOCK_Q", "BLOCK_K", "MERGE_KEYS"]

@@ -1,0 +1,209 @@
+"""Tiled online-softmax attention, the entry points: never materialises the L x S
+score matrix, in the forward or the backward.
+
+:func:`chunked_attention` plans the tiles (:mod:`.plan`), runs the forward
+(:mod:`.forward`) and the recomputing backward (:mod:`.backward`) as one autograd
+function, and recomputes the weights when asked. Memory is O(tile) beyond Q, K, V, the
+output and the row statistics; time follows the key blocks the mask allows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...bias import Bias
+from ...dtypes import compute_dtype, stat_dtype
+from ...masks import Grid, Mask
+from .additive import NEG_INF, AdditiveTiles
+from .backward import backward as backward_pass
+from .forward import forward as forward_pass
+from .kernels import Call, KeyValues, dropout_keep, like_query, scores
+from .plan import BLOCK_K, BLOCK_Q, plan_tiles
+
+__all__ = ["chunked_attention", "chunked_attention_backward", "weights"]
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, cfg, *params):
+        out, shift, rel = forward_pass(q, k, v, sinks, cfg, params)
+        ctx.save_for_backward(q, k, v, out, shift, rel, sinks, *params)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return out, (shift + rel).to(stat_dtype(q.dtype))
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, shift, rel, sinks, *params = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dsinks, dparams = backward_pass(dout, dlse, q, k, v, out, shift, rel, sinks,
+                                                ctx.cfg, params)
+        return (dq, dk, dv, dsinks, None, *dparams)
+
+
+def weights(q, k, sinks, cfg: Call, params) -> Tensor:
+    """The attention weights (B, Hq, L, S) after dropout: the scores recomputed tile by
+    tile into one (B, Hq, L, S) tensor and normalised by one softmax over each whole row
+    (with the sink in its denominator), so a row's weights sum to 1 to rounding whatever
+    the size of its scores; differentiable through ordinary autograd."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    acc = compute_dtype(q.dtype)
+    # one spare column: where a gathered segment's empty slots land
+    s_all = torch.full((B, Hq, L, S + 1), NEG_INF, dtype=acc, device=q.device)
+    keep_all = None
+    if cfg.dropout_p > 0:
+        keep_all = torch.zeros(B, Hq, L, S + 1, dtype=acc, device=q.device)
+    keys = KeyValues(k, k, Hq)
+    for ti, tile in enumerate(cfg.tiles):
+        r = slice(tile.r0, tile.r1)
+        for si, seg in enumerate(tile.segments):
+            s, _ = scores(q[:, :, r], seg.read(keys)[0], cfg)
+            add, _ = cfg.additive.get(tile, seg, params, acc)
+            if add is not None:
+                s = s + add
+            s = s.expand(B, Hq, *s.shape[2:])
+            keep = None
+            if keep_all is not None:
+                keep = (dropout_keep(cfg, ti, si, s.shape, s.device) / (1 - cfg.dropout_p)).to(acc)
+            s_all[:, :, r] = seg.place(s_all[:, :, r], s)
+            if keep is not None:
+                keep_all[:, :, r] = seg.place(keep_all[:, :, r], keep)
+    s_all = s_all[..., :S]
+    if sinks is not None:
+        s_all = torch.cat([s_all, sinks.to(acc).view(1, Hq, 1, 1).expand(B, Hq, L, 1)], -1)
+    dead = (s_all == NEG_INF).all(-1, keepdim=True)
+    w = torch.softmax(s_all.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)[..., :S]
+    if keep_all is not None:
+        w = w * keep_all[..., :S]
+    return w.to(q.dtype)
+
+
+def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | None = None,
+                      bias: Bias | None = None, scale: float, softcap: float | None = None,
+                      sinks: Tensor | None = None, dropout_p: float = 0.0,
+                      return_weights: bool = False, block_q: int | None = None,
+                      block_k: int | None = None, grid: Grid | None = None):
+    """Tiled attention on (B, Hq, L, D) query and (B, Hkv, S, D) key/value.
+
+    Returns ``(out, weights_or_None, lse)`` with out (B, Hq, L, Dv) and lse (B, Hq, L)
+    (-inf for rows that see nothing; those rows output zeros). ``grid`` carries the
+    query positions and the bias dtype (default: bottom-right, the input's accumulation
+    type).
+
+    A mask that splits by residue class (``residue_classes()``: a dilated window) runs as
+    one inner-mask problem per class on strided views, unless a bias, sinks, softcap,
+    weights or explicit block sizes ask for the single plan over the whole grid.
+    """
+    B, Hq, L, _ = query.shape
+    S = key.shape[2]
+    if grid is None:
+        grid = Grid(L, S, query.device, dtype=compute_dtype(query.dtype))
+    split = None if mask is None else mask.residue_classes()
+    if (split is not None and bias is None and sinks is None and not return_weights
+            and softcap is None and block_q is None and block_k is None and grid.affine):
+        done = _by_residue_class(query, key, value, split, scale=scale,
+                                 dropout_p=dropout_p)
+        if done is not None:
+            return done
+    natural = mask.tile_hint if mask is not None else None
+    if natural is not None and not 16 <= natural <= 512:
+        natural = None
+    if block_k is None:
+        block_k = natural or BLOCK_K
+    if block_q is None:
+        # a mask's own blocks of 64+ rows are the tiles (BigBird's 64: one query block per
+        # tile, its gathered keys exactly that block's), and so are a narrow band's (its
+        # equal tiles run batched); other finer hints (Longformer's 16-wide global slots)
+        # only place key cuts, and query tiles stay about BLOCK_Q rows, where the kernel's
+        # GEMMs run near peak
+        block_q = BLOCK_Q if natural is None else (
+            natural if natural >= 64 or mask.translation_invariant
+            else natural * -(-BLOCK_Q // natural))
+    tiles = plan_tiles(mask, grid, block_q, block_k,
+                       merge_full_and_partial=bias is not None)
+    seed = 0
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
+               AdditiveTiles(grid, tiles, mask, bias))
+    params = tuple(bias.params) if bias is not None else ()
+    out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
+    w = weights(query, key, sinks, cfg, params) if return_weights else None
+    return out, w, lse
+
+
+def _head_index(heads: list[int] | None, device):
+    """Index of a group of heads along dim 1: a slice (views, no copies) when they are
+    contiguous, else an index tensor."""
+    if heads is None:
+        return slice(None)
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        return slice(heads[0], heads[-1] + 1)
+    return torch.tensor(heads, device=device)
+
+
+def _by_residue_class(query, key, value, classes, **kw):
+    """Attention under a mask that splits by residue class (``mask.residue_classes()``,
+    e.g. a dilated window): for each group of heads with period d and each residue r,
+
+        out[rows p = r (mod d)] = attention(Q[rows p = r], K[keys k = r], V[keys k = r],
+                                            inner mask)
+
+    on strided views (no copies when a group's heads are contiguous). Query row i sits at
+    position p = i + (S - L); with that bottom-right alignment the last query and key of
+    each class share a position, so the inner mask's own alignment holds in every class.
+    Returns None when key/value heads are shared across groups (GQA with per-head
+    periods that split a group): the caller runs the general path."""
+    B, Hq, L, _ = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    per = Hq // Hkv
+    plans = []
+    for heads, d, inner in classes:
+        kv_heads = None
+        if heads is not None:
+            kv_heads = sorted({h // per for h in heads})
+            if [h for k in kv_heads for h in range(k * per, (k + 1) * per)] != heads:
+                return None
+        plans.append((heads, kv_heads, d, inner))
+    out = like_query(query, value.shape[-1])
+    lse = torch.empty(B, Hq, L, dtype=stat_dtype(query.dtype), device=query.device)
+    off = S - L
+    for heads, kv_heads, d, inner in plans:
+        hs, ks = _head_index(heads, query.device), _head_index(kv_heads, query.device)
+        q, k, v = query[:, hs], key[:, ks], value[:, ks]
+        for r in range(d):
+            i0 = (r - off) % d
+            if i0 >= L:
+                continue
+            o, _, l = chunked_attention(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d],
+                                        mask=inner, **kw)
+            out[:, hs, i0::d] = o
+            lse[:, hs, i0::d] = l
+    return out, None, lse
+
+
+def chunked_attention_backward(dout: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                               out: Tensor, lse: Tensor, *, mask: Mask | None = None,
+                               scale: float, block_q: int | None = None,
+                               block_k: int | None = None):
+    """Gradients (dq, dk, dv) of attention over one block of keys, given the output ``out``
+    (B, Hq, L, Dv) and log-sum-exp ``lse`` (B, Hq, L) of attention over a larger key set
+    that contains the block (FlashAttention's split backward):
+
+        P  = exp(scale * Q K^T + mask - lse)        (this block's share of the softmax)
+        dS = P * (dO V^T - rowsum(dO * out))
+        dQ = scale * dS K,  dK = scale * dS^T Q,  dV = P^T dO
+
+    Summing the results over blocks gives the gradients of the whole attention; ring
+    attention uses it for the K/V blocks that travel around the ring.
+    """
+    grid = Grid(query.shape[2], key.shape[2], query.device, dtype=compute_dtype(query.dtype))
+    bk = block_k or BLOCK_K
+    tiles = plan_tiles(mask, grid, block_q or BLOCK_Q, bk)
+    cfg = Call(grid, tiles, mask, None, float(scale), None, 0.0, 0,
+               AdditiveTiles(grid, tiles, mask, None))
+    dq, dk, dv, _, _ = backward_pass(dout, None, query, key, value, out, None, lse, None, cfg, ())
+    return dq, dk, dv

@@ -1,0 +1,209 @@
+"""The kernels that compute one segment, and the per-call record they read.
+
+* ``fused``: torch's fused CPU flash kernel (:mod:`.fused`, the one switch
+  ``fused.enabled``), when the segment needs nothing it cannot do;
+* ``eager``: a few matmuls, the general case: softcap, dropout, learned biases, value
+  head dim != query head dim, and any device.
+
+Grouped-query heads are folded into extra rows of their key/value head (:func:`fold`),
+so K and V are never copied per query head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...bias import Bias
+from ...dtypes import HALF, compute_dtype
+from ...masks import Grid, Mask
+from . import fused
+from .additive import NEG_INF, AdditiveTiles
+
+__all__ = ["Call", "KeyValues", "Part", "fold", "unfold", "scores", "dropout_keep", "use_fused",
+           "like_query", "segment_forward", "probabilities", "fused_backward"]
+
+
+@dataclass
+class Call:
+    """What one attention call's tiles are computed with."""
+    grid: Grid
+    tiles: list
+    mask: Mask | None
+    bias: Bias | None
+    scale: float
+    softcap: float | None
+    dropout_p: float
+    seed: int
+    additive: AdditiveTiles
+    #: per tile, the kernel the forward used (FUSED, EAGER, EXACT); the backward follows
+    modes: list | None = None
+
+
+class KeyValues:
+    """K and V as segments read them: slices for contiguous keys, gathers (and the
+    matching scatter-add of gradients) for gathered ones."""
+
+    def __init__(self, k: Tensor, v: Tensor, q_heads: int):
+        self.k, self.v, self.q_heads = k, v, q_heads
+        self._flat = None
+
+    def _flat_kv(self):
+        if self._flat is None:
+            B, H, S, _ = self.k.shape
+            self._flat = (self.k.contiguous().view(B, H * S, -1),
+                          self.v.contiguous().view(B, H * S, -1))
+        return self._flat
+
+    def _flat_index(self, index: Tensor) -> Tensor:
+        """Per query head h: index into the (B, Hkv * S) rows of kv head h // groups."""
+        Hkv, S = self.k.shape[1], self.k.shape[2]
+        kv_head = torch.arange(self.q_heads, device=index.device) // (self.q_heads // Hkv)
+        return (kv_head.view(-1, 1) * S + index.clamp(min=0)).flatten()
+
+    def slice(self, k0: int, k1: int):
+        return self.k[:, :, k0:k1], self.v[:, :, k0:k1]
+
+    def gather(self, index: Tensor):
+        n = index.shape[-1]
+        if index.shape[0] == 1:  # the same keys for every head: grouped heads still shared
+            idx = index[0].clamp(min=0)
+            return self.k.index_select(2, idx), self.v.index_select(2, idx)
+        kf, vf = self._flat_kv()
+        flat = self._flat_index(index)
+        B = kf.shape[0]
+        return (kf.index_select(1, flat).view(B, self.q_heads, n, -1),
+                vf.index_select(1, flat).view(B, self.q_heads, n, -1))
+
+    def add_to_slice(self, k0, k1, dk, dv, gk, gv) -> None:
+        """Add a segment's key and value gradients (``gv`` None: keys only)."""
+        dk[:, :, k0:k1] += gk
+        if gv is not None:
+            dv[:, :, k0:k1] += gv
+
+    def add_to_gathered(self, index, dk, dv, gk, gv) -> None:
+        pairs = [(dk, gk)] + ([] if gv is None else [(dv, gv)])
+        if index.shape[0] == 1:
+            idx = index[0].clamp(min=0)
+            for acc, g in pairs:
+                acc.index_add_(2, idx, g.to(acc.dtype))
+            return
+        B, Hkv, S, _ = dk.shape
+        flat = self._flat_index(index)
+        for acc, g in pairs:
+            acc.view(B, Hkv * S, -1).index_add_(1, flat, g.reshape(B, flat.numel(), -1).to(acc.dtype))
+
+
+def fold(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, Hq, n, d) -> (B, Hkv, G*n, d): a query group's heads become extra rows."""
+    B, H, n, d = x.shape
+    return x.reshape(B, kv_heads, (H // kv_heads) * n, d)
+
+
+def unfold(x: Tensor, q_heads: int) -> Tensor:
+    """(B, Hkv, G*n, d) -> (B, Hq, n, d)."""
+    B, _, gn, d = x.shape
+    return x.reshape(B, q_heads, gn * x.shape[1] // q_heads, d)
+
+
+def scores(qt: Tensor, ks: Tensor, cfg: Call):
+    """Scaled (and soft-capped) scores (B, Hq, nq, nk) in the compute dtype, plus
+    x = s / softcap, from which the backward forms softcap's derivative."""
+    cdt = compute_dtype(qt.dtype)
+    s = torch.matmul(fold(qt.to(cdt), ks.shape[1]), ks.to(cdt).transpose(-1, -2))
+    s = unfold(s, qt.shape[1]) * cfg.scale
+    x = None
+    if cfg.softcap is not None:
+        x = s / cfg.softcap
+        s = cfg.softcap * torch.tanh(x)
+    return s, x
+
+
+def dropout_keep(cfg: Call, ti: int, si: int, shape, device) -> Tensor:
+    """The dropout keep-mask of segment ``si`` of tile ``ti``: regenerated identically in
+    forward, backward and the weights pass from one seed drawn per call."""
+    g = torch.Generator(device=device)
+    g.manual_seed((cfg.seed * 1_000_003 + ti * 65_537 + si) % (2 ** 63))
+    return torch.rand(shape, generator=g, device=device) >= cfg.dropout_p
+
+
+def use_fused(cfg: Call, q, k, v, need_bias_grad: bool = False) -> bool:
+    if cfg.softcap is not None or cfg.dropout_p > 0 or need_bias_grad:
+        return False
+    if cfg.bias is not None and q.dtype in HALF:
+        return False  # a bias rounded to half precision would change the softmax
+    return fused.usable(q, k, v)
+
+
+def like_query(q: Tensor, dv: int) -> Tensor:
+    """An empty (B, H, L, dv) output in the query's memory layout: when q is a (B, L, H, D)
+    buffer seen as (B, H, L, D), as a layer's projection gives it, so is the output, and
+    the layer's transpose back to (B, L, H * dv) is a view rather than a copy."""
+    B, H, L, _ = q.shape
+    if H > 1 and L > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty(B, L, H, dv).transpose(1, 2)
+    return q.new_empty(B, H, L, dv)
+
+
+@dataclass
+class Part:
+    """One segment's contribution to a tile's rows. Fused kernel: ``out`` normalised over
+    the segment and its log-sum-exp ``rel`` (``shift`` None). Eager kernel: ``out`` the
+    unnormalised sum P V with P = exp(s - shift), ``shift`` each row's largest score and
+    ``denom`` the sum of P, so that the merge normalises once, as the textbook does. A
+    sink is a part with a logit (``shift``), ``denom`` 1 and no value."""
+    out: Tensor | None
+    shift: Tensor | None
+    rel: Tensor
+    denom: Tensor | None = None
+
+
+def segment_forward(cfg, ti, si, qt, ks, vs, add, alive, with_fused: bool) -> Part:
+    """One segment's :class:`Part`; rows that see no key: rel = -inf (denom 0)."""
+    if with_fused:
+        out, lse = fused.forward(qt, ks, vs, add, cfg.scale)
+        if alive is not None:  # the fused kernel reports lse = 0 for rows with no key
+            lse = lse.masked_fill(~alive, NEG_INF)
+        return Part(out, None, lse)
+    s, _ = scores(qt, ks, cfg)
+    if add is not None:
+        s = s + add
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == NEG_INF, 0.0, m)
+    p = torch.exp(s - m)
+    denom = p.sum(-1)
+    if cfg.dropout_p > 0:
+        p = p * dropout_keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
+    pv = unfold(torch.matmul(fold(p, vs.shape[1]), vs.to(p.dtype)), qt.shape[1])
+    return Part(pv, m.squeeze(-1), torch.log(denom), denom)
+
+
+def probabilities(cfg, qt, ks, add, shift_t, rel_t, acc):
+    """P = exp(s + add - shift) / exp(rel) for one segment, with the scores computed as the
+    forward's eager kernel computed them, and tanh(s / softcap) for softcap's derivative."""
+    s, t = scores(qt, ks, cfg)
+    if add is not None:
+        s = s + add
+    if shift_t is None:  # the fused kernel's statistics: lse alone
+        return torch.exp(s - rel_t.unsqueeze(-1).to(acc)), t
+    # exp(s - shift) / denom as the forward formed it (1/denom = exp(-rel) rounded once,
+    # from float64), not exp(s - shift - rel), whose argument rounds with |rel|
+    inv = torch.exp(-rel_t.unsqueeze(-1)).to(acc)
+    return torch.exp(s - shift_t.unsqueeze(-1).to(acc)) * inv, t
+
+
+def fused_backward(dot, qt, ks, vs, out_t, lse_t, add, scale):
+    """The fused kernel's (dq, dk, dv) of one segment. In half precision with grouped
+    key/value heads, the kernel would sum a group's gradients in the half dtype; it gets
+    the key/value heads repeated as views instead, and the group sums run in float32."""
+    Hq, Hkv = qt.shape[1], ks.shape[1]
+    if Hq == Hkv or qt.dtype not in HALF:
+        return fused.backward(dot, qt, ks, vs, out_t, lse_t, add, scale)
+    G = Hq // Hkv
+    expand = lambda x: x.unsqueeze(2).expand(x.shape[0], Hkv, G, *x.shape[2:]).reshape(
+        x.shape[0], Hq, *x.shape[2:])
+    gq, gk, gv = fused.backward(dot, qt, expand(ks), expand(vs), out_t, lse_t, add, scale)
+    fold = lambda g: g.float().view(g.shape[0], Hkv, G, *g.shape[2:]).sum(2)
+    return gq, fold(gk), fold(gv)
