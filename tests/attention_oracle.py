@@ -82,6 +82,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None,
     return matmul(w, v), w, lse
 
 
+def flash_gradients(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None,
+                    bias: Tensor | None = None, scale: float = 1.0,
+                    softcap: float | None = None, sinks: Tensor | None = None,
+                    dout: Tensor | None = None, dlse: Tensor | None = None) -> dict:
+    """(dq, dk, dv, dsinks) as a flash kernel must form them, every op in the inputs'
+    dtype: the softmax correction from the output *as stored* in that dtype,
+
+        delta = rowsum(dO * O) - dlse,   dS = P * (dP - delta),   dP = dO V^T
+
+    (FlashAttention's backward: a kernel that never keeps P cannot form rowsum(P * dP)
+    any other way). In half precision O's rounding then enters every dS; autograd's
+    softmax backward, the other order, forms the same sum from P and dP."""
+    out, w, lse = attention(q, k, v, allowed, bias, scale, softcap, sinks)
+    B, Hq, L = q.shape[:3]
+    groups = Hq // k.shape[1]
+    kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    dp = dout @ vr.transpose(-1, -2)
+    delta = (dout * out).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isfinite(lse), dlse, 0.0).unsqueeze(-1)
+    ds = w * (dp - delta)
+    if softcap is not None:
+        ds = ds * (1 - torch.tanh(scale * (q @ kr.transpose(-1, -2)) / softcap) ** 2)
+    fold = lambda x: x.reshape(B, k.shape[1], groups, *x.shape[2:]).sum(2)
+    grads = {"dq": scale * (ds @ kr), "dk": fold(scale * ds.transpose(-1, -2) @ q),
+             "dv": fold(w.transpose(-1, -2) @ dout)}
+    if sinks is not None:
+        p_sink = torch.exp(sinks.view(1, Hq, 1) - lse).masked_fill(~torch.isfinite(lse), 0.0)
+        grads["dsinks"] = -(p_sink * delta.squeeze(-1)).sum((0, 2))
+    return grads
+
+
 def t5_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
     """T5's bucket of a ``key - query`` offset (Raffel et al. 2020, as T5's code computes
     it): exact buckets for small distances, logarithmic ones up to ``max_distance``."""

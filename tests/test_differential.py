@@ -36,7 +36,8 @@ import attnkit
 from attnkit import bias as ak_bias
 from attnkit import masks as M
 from attnkit.positional import T5RelativeBias
-from attention_oracle import attention, fa_close, gradient_magnitudes, t5_bucket
+from attention_oracle import (attention, fa_close, flash_gradients, gradient_magnitudes,
+                              t5_bucket)
 
 FAST_EXAMPLES = 300
 LONG_EXAMPLES = int(os.environ.get("ATTNKIT_FUZZ_EXAMPLES", "10000"))
@@ -418,6 +419,19 @@ def _oracle(case, q, k, v, sinks, allowed, dense_bias, dtype, dout, dlse, **orde
     return result
 
 
+def _flash_peer(case, q, k, v, sinks, allowed, dense_bias, dout, dlse):
+    """Gradients of the dense formula in the test dtype, with the softmax correction
+    from the stored output (``attention_oracle.flash_gradients``)."""
+    B, dt = math.prod(case.batch), case.dtype
+    flat = lambda t: t.reshape(B, *t.shape[len(case.batch):]).to(dt)
+    scale = 1 / math.sqrt(case.D) if case.scale is None else case.scale
+    g = flash_gradients(flat(q), flat(k), flat(v), allowed,
+                        None if dense_bias is None else dense_bias.to(dt), scale, case.softcap,
+                        None if sinks is None else sinks.to(dt), flat(dout),
+                        flat(dlse) if case.return_lse else None)
+    return g
+
+
 def _ours(case, backend, q, k, v, sinks, kwargs, dout, dlse):
     B = math.prod(case.batch)
     flat = lambda t: t.reshape(B, *t.shape[len(case.batch):])
@@ -465,6 +479,8 @@ def check_case(case: Case):
         orders.append({})
     peers = [_oracle(case, q, k, v, sinks, allowed, dense_bias, case.dtype, dout, dlse, **o)
              for o in orders]
+    if case.grad:  # and the gradients in the order a flash kernel forms them
+        peers.append(_flash_peer(case, q, k, v, sinks, allowed, dense_bias, dout, dlse))
     failures = []
     for backend in BACKENDS:
         try:
@@ -477,7 +493,8 @@ def check_case(case: Case):
             want = ref.get(name)
             if want is None:
                 continue
-            same_math = [p[name].float() if name == "lse" else p[name] for p in peers]
+            same_math = [p[name].float() if name == "lse" else p[name] for p in peers
+                         if p.get(name) is not None]
             if got.shape != want.shape:
                 failures.append(f"{backend} {name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
                 continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...dtypes import compute_dtype, stat_dtype
+from ...dtypes import HALF, compute_dtype, stat_dtype
 from .additive import NEG_INF
 from .forward import EAGER, EXACT, FUSED
 from .kernels import (Call, KeyValues, dropout_keep, fold, fused_backward, probabilities,
@@ -89,7 +89,10 @@ def backward(dout, dlse, q, k, v, out, shift, rel, sinks, cfg: Call, params):
         mode = modes[ti] if (modes[ti] != FUSED or fused_ok) else EAGER
         if sink_grad and mode != FUSED:
             summed[r] = True
-        if mode == EXACT:
+        # in half precision the stored output carries the dtype's rounding, which
+        # rowsum(dO * O) would pass into every dS: eager tiles form the correction from
+        # P and dP in float32 instead (the two-pass backward of EXACT tiles)
+        if mode == EXACT or (mode == EAGER and q.dtype in HALF):
             exact_tile_backward(cfg, ti, tile, qt, dot, kv, params, need, dparams, shift,
                                  rel_b, dlse, dq, dk, dv, r, acc, sums)
             continue
