@@ -10,6 +10,7 @@ import sys
 import torch
 
 from .. import masks, scaled_dot_product_attention
+from ..bench.measurement import peak_live_bytes
 
 MEMORY_LENGTHS = [512, 1024, 2048, 4096]
 MEMORY_HEAD_DIM = 64
@@ -18,18 +19,8 @@ MEMORY_WINDOW = 128
 
 def peak_allocated(fn) -> int:
     """Peak bytes allocated by torch while ``fn()`` runs, above what was allocated
-    before: the running sum of torch.profiler's memory events (+ on every allocation,
-    - on every free), in time order."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    now = peak = 0
-    for _, nbytes in events:
-        now += nbytes
-        peak = max(peak, now)
-    return peak
+    before (torch.profiler's allocation and free events, in time order)."""
+    return peak_live_bytes(fn)
 
 
 def memory_child() -> None:

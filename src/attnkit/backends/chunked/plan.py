@@ -26,7 +26,7 @@ from ...masks.grid import as_4d
 __all__ = ["BLOCK_Q", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
            "Segment", "Gathered", "Tile", "Run", "plan_tiles", "batched_runs", "index_along"]
 
-#: default tile sizes (query rows, key columns); measured on 2 CPU cores, see benchmarks/
+#: default tile sizes (query rows, key columns), chosen with ``attnkit bench``
 BLOCK_Q = 128
 
 
