@@ -624,7 +624,7 @@ def test_flex_backend_lowers_masks_and_biases():
     b = biases.alibi(4)
     want = sdpa(q, k, v, mask, bias=b, softcap=3.0, backend="reference")
     close(sdpa(q, k, v, mask, bias=b, softcap=3.0, backend="flex"), want, tol=1e-4)
-    with pytest.raises(NotImplementedError, match="on CPU cannot honour return_lse"):
+    with pytest.raises(NotImplementedError, match=r"cannot honour return_lse \(on CPU\)"):
         sdpa(q, k, v, backend="flex", return_lse=True)
 
 
@@ -633,12 +633,10 @@ def test_auto_weighs_sparsity_before_drawing_a_mask(monkeypatch):
     tiled engine (whose cost follows the allowed tiles)."""
     from attnkit import functional
     chosen = []
-    real_choose = functional._choose_backend
-    monkeypatch.setattr(functional, "_choose_backend",
-                        lambda *a: chosen.append(real_choose(*a)) or chosen[-1])
     for L, mask in ((64, masks.sliding_window(8, 0)), (2048, masks.sliding_window(128, 0)),
                     (2048, masks.sliding_window(1500))):
         q, k, v = qkv(B=1, Hq=2, Hkv=1, L=L, S=L, D=8)
+        chosen.append(attnkit.explain(q, k, v, mask).backend)
         out = sdpa(q, k, v, mask)
         close(out, sdpa(q, k, v, mask, backend="reference"))
     assert chosen == ["torch", "chunked", "torch"]
@@ -665,3 +663,19 @@ def test_translation_invariant_tiles_are_built_once(kernel, monkeypatch):
     segments = sum(len(t.segments) for t in plan_tiles(mask, Grid(24, 24), 4, 4, True))
     assert len(built) <= 3 < segments  # first tile, interior tiles, last tile
     assert torch.autograd.gradcheck(f, (q, k, v, slopes))
+
+
+def test_explain_says_what_auto_chooses_and_why_the_others_cannot():
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, L=600, S=600, D=8)
+    choice = attnkit.explain(q, k, v, masks.sliding_window(16, 0), softcap=30.0)
+    assert choice.backend == "chunked"
+    assert choice.rejected == {"torch": ["softcap"]}
+    assert "torch: cannot run this call: softcap" in str(choice)
+    dilated = masks.dilated(128, 128, [1, 1, 2, 2, 4, 4, 8, 8])
+    q, k, v = qkv(B=1, Hq=8, Hkv=8, L=512, S=512, D=8)
+    assert attnkit.explain(q, k, v, dilated).backend == "chunked"  # strided windows
+    assert attnkit.explain(q, k, v, is_causal=True).backend == "torch"
+    named = attnkit.explain(q, k, v, backend="reference")
+    assert (named.backend, named.asked) == ("reference", "reference")
+    with pytest.raises(NotImplementedError, match="backend='torch' cannot honour sinks"):
+        attnkit.explain(q, k, v, sinks=torch.zeros(8), backend="torch")

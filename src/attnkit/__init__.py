@@ -7,10 +7,10 @@ fast, memory-lean implementation checked against it.
 
 from . import bias, layers, masks, positional
 from .cache import KVCache, SlidingWindowCache
-from .functional import scaled_dot_product_attention
+from .functional import explain, scaled_dot_product_attention
 from .layers import MultiHeadAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "MultiHeadAttention", "KVCache", "SlidingWindowCache",
+__all__ = ["scaled_dot_product_attention", "explain", "MultiHeadAttention", "KVCache", "SlidingWindowCache",
            "masks", "bias", "positional", "layers", "__version__"]

@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from .backends import BACKENDS, chunked_attention, reference_attention, torch_attention
-from .backends.torch_sdpa import saturated_rows
+from .backends.dispatch import Choice, Problem, allowed_fraction, choose
 from .bias import Bias, TensorBias
 from .checks import check_qkv, shape_of
-from .masks import (EMPTY, AndMask, CausalMask, Grid, Mask, OrMask, PaddingMask, TensorMask,
-                    causal as causal_mask)
+from .masks import Grid, Mask, TensorMask, causal as causal_mask
 
-__all__ = ["scaled_dot_product_attention"]
-
-#: the largest dense (mask) tensor ``auto`` builds to hand a mask object to torch SDPA
-DENSE_MASK_LIMIT = 1 << 24
-#: below this many score entries a dense mask is always cheap enough for torch SDPA
-SMALL_GRID = 1 << 18
-#: a mask object that lets through at most this share of the (128 x 128) tiles runs on the
-#: tiled engine, whose cost follows the tiles a mask allows (torch SDPA pays for all)
-SPARSE_FRACTION = 0.5
-_DENSITY_TILE = 128
-
+__all__ = ["scaled_dot_product_attention", "explain", "allowed_fraction"]
 
 def _to_4d(t: Tensor, name: str, batch: torch.Size, heads: int, L: int, S: int) -> Tensor:
     """Broadcast a mask/bias tensor right-aligned against (*batch, heads, L, S) and fold
@@ -71,93 +61,10 @@ def _number(name, x, *, positive=False):
     return x
 
 
-def _dense_size(mask: Mask | None, B: int, H: int, L: int, S: int) -> int:
-    """Number of entries torch SDPA would receive if this mask were materialised."""
-    if mask is None:
-        return 0
-    if isinstance(mask, PaddingMask):
-        return B * S
-    if isinstance(mask, TensorMask):
-        return mask.mask.numel()
-    if isinstance(mask, (AndMask, OrMask)):
-        return max(_dense_size(mask.a, B, H, L, S), _dense_size(mask.b, B, H, L, S),
-                   (B if mask.batch_size else 1) * L * S)
-    return (B if mask.batch_size else 1) * (H if mask.num_heads else 1) * L * S
-
-
-def _choose_backend(mask, bias, B, Hq, L, S, needs_chunked: bool, grid: Grid,
-                    needs_grad: bool = False) -> str:
-    """``auto``: torch SDPA when the inputs are dense or a cheap dense mask says it all,
-    the chunked engine when something would cost more dense than tiled."""
-    if needs_chunked or (bias is not None and not isinstance(bias, TensorBias)):
-        return "chunked"
-    if needs_grad and saturated_rows(bias):  # torch's fused backward cannot recompute
-        return "chunked"                     # those rows; the tiled engine can, lean
-    if mask is None or isinstance(mask, TensorMask):
-        return "torch"
-    if isinstance(mask, CausalMask) and L == S and bias is None:
-        return "torch"
-    if _only_dense_leaves(mask) or L * S <= SMALL_GRID:
-        return "torch"
-    if mask.residue_classes() is not None:  # dilated: sliding windows on strided views
-        return "chunked"
-    if allowed_fraction(mask, L, S, grid=grid) <= SPARSE_FRACTION:
-        return "chunked"
-    return "torch" if _dense_size(mask, B, Hq, L, S) <= DENSE_MASK_LIMIT else "chunked"
-
-
-def allowed_fraction(mask: Mask, L: int, S: int, tile: int = _DENSITY_TILE,
-                     grid: Grid | None = None) -> float:
-    """Share of the (tile x tile) blocks of the (L, S) score grid that ``mask`` does not
-    rule out (in any batch element or head), read from ``block_states`` without drawing
-    the mask."""
-    grid = Grid(L, S) if grid is None else grid
-    r = torch.arange(0, L, tile)
-    k = torch.arange(0, S, tile)
-    states = mask.block_states(grid, r.view(-1, 1), (r + tile).clamp(max=L).view(-1, 1),
-                               k.view(1, -1), (k + tile).clamp(max=S).view(1, -1))
-    states = states.reshape(-1, *states.shape[-2:]).amax(0)
-    return float((states != EMPTY).float().mean())
-
-
-def _only_dense_leaves(mask) -> bool:
-    if isinstance(mask, (AndMask, OrMask)):
-        return _only_dense_leaves(mask.a) and _only_dense_leaves(mask.b)
-    return isinstance(mask, (TensorMask, PaddingMask))
-
-
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
-                                 dropout_p: float = 0.0, is_causal: bool = False,
-                                 scale: float | None = None, *, bias=None,
-                                 softcap: float | None = None, sinks: Tensor | None = None,
-                                 return_weights: bool = False, return_lse: bool = False,
-                                 backend: str = "auto"):
-    r"""Attention ``softmax(scale * Q K^T + bias, masked) V``.
-
-    Args:
-        query: (..., Hq, L, D).
-        key: (..., Hkv, S, D), Hq % Hkv == 0; query head h reads kv head h // (Hq/Hkv)
-            (grouped-query attention; Hkv == 1 is multi-query) without copying K/V.
-        value: (..., Hkv, S, Dv).
-        attn_mask: a bool tensor (True = may attend), a float tensor (added to the
-            scores) broadcastable to (..., Hq, L, S), or an :mod:`attnkit.masks` object.
-        dropout_p: dropout on the weights.
-        is_causal: query row i at position p = i + (S - L) sees keys 0..p (bottom-right,
-            unlike torch's top-left when L != S); combines with ``attn_mask``.
-        scale: score scale, default 1/sqrt(D).
-        bias: a float tensor broadcastable to (..., Hq, L, S) or an :mod:`attnkit.bias`
-            object, added to the scores unscaled.
-        softcap: scores become ``softcap * tanh(s / softcap)`` before bias and mask.
-        sinks: (Hq,) per-head logits that join each row's softmax denominator.
-        return_weights: also return the weights (..., Hq, L, S) after dropout.
-        return_lse: also return the log-sum-exp of each row's scores (..., Hq, L),
-            -inf for rows that see nothing (with sinks: the full denominator's).
-        backend: "auto", "reference", "chunked", "torch" or "flex".
-
-    Returns:
-        out (..., Hq, L, Dv), followed by the weights and lse when asked, as a tuple.
-        A query row that may attend to nothing gets zeros.
-    """
+def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
+             sinks, return_weights, return_lse, backend) -> SimpleNamespace:
+    """Validate a call and reduce it to one Mask, one Bias, plain numbers and the
+    :class:`~attnkit.backends.dispatch.Problem` the backends are chosen for."""
     check_qkv(query, key, value)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -225,36 +132,67 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if sinks.shape != (Hq,):
             raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), got {shape_of(sinks)}")
 
-    # ---- pick the backend
-    needs_chunked = (softcap is not None or sinks is not None or return_weights or return_lse)
-    if backend == "auto":
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (query, key, value))
-        backend = _choose_backend(mask, add, B, Hq, L, S, needs_chunked, grid, needs_grad)
-    elif backend == "torch":
-        for name, given in (("softcap", softcap is not None), ("sinks", sinks is not None),
-                            ("return_weights", return_weights), ("return_lse", return_lse)):
-            if given:
-                raise NotImplementedError(f"backend='torch' cannot honour {name}; "
-                                          f"use backend='auto' or 'chunked'")
-    elif backend == "flex":
-        from .backends import flex
-        for name, given in (("dropout_p > 0", dropout_p > 0),
-                            ("return_weights", return_weights)):
-            if given:
-                raise NotImplementedError(f"backend='flex' cannot honour {name}; "
-                                          f"use backend='auto' or 'chunked'")
-        if not flex.available():
-            raise NotImplementedError("backend='flex' needs torch.nn.attention.flex_attention")
-        if query.device.type == "cpu":
-            cpu_limits = (("return_lse", return_lse), ("sinks", sinks is not None),
-                          ("inputs that require grad (no CPU backward in torch's FlexAttention)",
-                           torch.is_grad_enabled() and any(
-                               t.requires_grad for t in (query, key, value))))
-            for name, given in cpu_limits:
-                if given:
-                    raise NotImplementedError(f"backend='flex' on CPU cannot honour {name}; "
-                                              f"use backend='auto' or 'chunked'")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    problem = Problem(B, Hq, Hkv, L, S, D, Dv, query.dtype, query.device, mask, add, grid,
+                      dropout_p, softcap, sinks is not None, return_weights, return_lse,
+                      needs_grad)
+    return SimpleNamespace(batch=batch, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=D, Dv=Dv,
+                           dropout_p=dropout_p, scale=scale, softcap=softcap, mask=mask,
+                           add=add, grid=grid, problem=problem)
+
+
+def explain(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
+            dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, *,
+            bias=None, softcap: float | None = None, sinks: Tensor | None = None,
+            return_weights: bool = False, return_lse: bool = False,
+            backend: str = "auto") -> Choice:
+    """Which backend :func:`scaled_dot_product_attention` would run this call on, and why,
+    without running it: ``print(attnkit.explain(q, k, v, mask))``. The returned
+    :class:`~attnkit.backends.dispatch.Choice` has ``backend``, ``reason`` and, per
+    backend that cannot run the call, ``rejected[name]`` (its reasons)."""
+    c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
+                 sinks, return_weights, return_lse, backend)
+    return choose(c.problem, backend)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
+                                 dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None, *, bias=None,
+                                 softcap: float | None = None, sinks: Tensor | None = None,
+                                 return_weights: bool = False, return_lse: bool = False,
+                                 backend: str = "auto"):
+    r"""Attention ``softmax(scale * Q K^T + bias, masked) V``.
+
+    Args:
+        query: (..., Hq, L, D).
+        key: (..., Hkv, S, D), Hq % Hkv == 0; query head h reads kv head h // (Hq/Hkv)
+            (grouped-query attention; Hkv == 1 is multi-query) without copying K/V.
+        value: (..., Hkv, S, Dv).
+        attn_mask: a bool tensor (True = may attend), a float tensor (added to the
+            scores) broadcastable to (..., Hq, L, S), or an :mod:`attnkit.masks` object.
+        dropout_p: dropout on the weights.
+        is_causal: query row i at position p = i + (S - L) sees keys 0..p (bottom-right,
+            unlike torch's top-left when L != S); combines with ``attn_mask``.
+        scale: score scale, default 1/sqrt(D).
+        bias: a float tensor broadcastable to (..., Hq, L, S) or an :mod:`attnkit.bias`
+            object, added to the scores unscaled.
+        softcap: scores become ``softcap * tanh(s / softcap)`` before bias and mask.
+        sinks: (Hq,) per-head logits that join each row's softmax denominator.
+        return_weights: also return the weights (..., Hq, L, S) after dropout.
+        return_lse: also return the log-sum-exp of each row's scores (..., Hq, L),
+            -inf for rows that see nothing (with sinks: the full denominator's).
+        backend: "auto", "reference", "chunked", "torch" or "flex".
+
+    Returns:
+        out (..., Hq, L, Dv), followed by the weights and lse when asked, as a tuple.
+        A query row that may attend to nothing gets zeros.
+    """
+    c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
+                 sinks, return_weights, return_lse, backend)
+    backend = choose(c.problem, backend).backend
+    batch, B, Hq, Hkv, L, S, D, Dv = c.batch, c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.Dv
+    mask, add, grid, scale, softcap, dropout_p = (c.mask, c.add, c.grid, c.scale, c.softcap,
+                                                  c.dropout_p)
 
     # ---- run on (B, H, L, D)
     q = query.reshape(B, Hq, L, D)

@@ -82,3 +82,16 @@ def flex_attention_backend(query: Tensor, key: Tensor, value: Tensor, *,
         out = out * torch.exp(lse - new_l).unsqueeze(-1).to(out.dtype)
         lse = new_l
     return out, lse
+
+
+def not_supported_reasons(p) -> list[str]:
+    """FlexAttention has no dropout and returns no weights; on CPU torch compiles it for
+    inference only, without the log-sum-exp or sinks."""
+    if not available():
+        return ["anything: this torch has no torch.nn.attention.flex_attention"]
+    asked = [("dropout_p > 0", p.dropout_p > 0), ("return_weights", p.return_weights)]
+    if p.device.type == "cpu":
+        asked += [("return_lse (on CPU)", p.return_lse), ("sinks (on CPU)", p.sinks),
+                  ("inputs that require grad (on CPU: no backward in torch's "
+                   "FlexAttention)", p.needs_grad)]
+    return [name for name, given in asked if given]

@@ -89,3 +89,10 @@ def torch_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | N
     if alive is not None and not bool(alive.all()):
         out = out.masked_fill(~alive.unsqueeze(-1), 0.0)
     return out
+
+
+def not_supported_reasons(p) -> list[str]:
+    """torch SDPA has no softcap, no sinks, and returns neither weights nor lse."""
+    asked = (("softcap", p.softcap is not None), ("sinks", p.sinks),
+             ("return_weights", p.return_weights), ("return_lse", p.return_lse))
+    return [name for name, given in asked if given]
