@@ -253,3 +253,11 @@ def test_packed_documents_with_per_sequence_padding():
     want = (doc_q.view(-1, 1) == doc_k) & (torch.arange(7) < torch.tensor([7, 2, 5]).view(3, 1, 1, 1))
     assert torch.equal(allowed, want)
     _dense_check(mask, want, 5, 7, B=3)
+
+
+def test_document_blocks_reaching_past_their_ids_are_not_full():
+    # query positions past the id table match no key: a block holding one is not FULL
+    mask = masks.document(torch.tensor([1])) | masks.padding([0], query_lengths=[0])
+    allowed = torch.tensor([True, False]).view(1, 1, 2, 1)
+    assert torch.equal(mask.materialize(2, 1).view(1, 1, 2, 1), allowed)
+    _dense_check(mask, allowed, 2, 1, B=1)

@@ -128,7 +128,10 @@ def _document_states(q_ids: Tensor, k_ids: Tensor, q_lo, q_hi, k_lo, k_hi) -> Te
     lo_k, hi_k = _block_minmax(k_ids, k_lo.view(-1), k_hi.view(-1))
     lo_q, hi_q = lo_q[:, None, :, None], hi_q[:, None, :, None]
     lo_k, hi_k = lo_k[:, None, None, :], hi_k[:, None, None, :]
-    full = (lo_q == hi_q) & (lo_k == hi_k) & (lo_q == lo_k)
+    # a block reaching past its id table holds positions that match nothing: never FULL
+    inside_q = ((q_lo.view(-1) >= 0) & (q_hi.view(-1) <= q_ids.shape[-1]))[None, None, :, None]
+    inside_k = ((k_lo.view(-1) >= 0) & (k_hi.view(-1) <= k_ids.shape[-1]))[None, None, None, :]
+    full = (lo_q == hi_q) & (lo_k == hi_k) & (lo_q == lo_k) & inside_q & inside_k
     empty = (hi_q < lo_k) | (hi_k < lo_q)
     return states_of(full, empty)
 
