@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grid import EMPTY, FULL, PARTIAL, Grid, as_4d, batch_index, head_index, merge_dim
+from .grid import PARTIAL, Grid, as_4d, batch_index, head_index, merge_dim
 
 __all__ = ["Mask", "AndMask", "OrMask", "check_mask"]
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..checks import check_int
 from .base import Mask
-from .grid import pick, states_of
+from .grid import states_of
 
 __all__ = ["BlockSparseMask", "BigBirdMask", "bigbird_layout"]
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..checks import check_int, int_tensor
+from ..checks import check_int
 from .base import Mask
 from .grid import EMPTY, FULL, PARTIAL, interval_states, pick
 

@@ -13,7 +13,6 @@ dS = 0 exactly.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from ...dtypes import HALF, compute_dtype, stat_dtype
 from .additive import NEG_INF

@@ -13,6 +13,7 @@ Fused parts are normalised, with their log-sum-exp, merged by the log-sum-exp ru
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .additive import NEG_INF
 from .kernels import Part
