@@ -23,7 +23,7 @@ from attnkit.bench.cases import CASES
 from attnkit.bench.measurement import (Allocator, PeakRSS, Sample, interleave, peak_live_bytes,
                                        warm_up)
 from attnkit.bench.spec import Variant, count_allowed, missing_optional
-from attnkit.bench.targets import Target, evaluate
+from attnkit.bench.targets import Target, evaluate, format_value
 from attnkit.bench.worker import load_cases
 
 MiB = 1 << 20
@@ -367,3 +367,19 @@ def test_memory_targets_use_growth_and_linear_scaling():
     growth = Target(2, "c", 16384, "attnkit layer", "growth_mib", 600)
     assert evaluate(growth, rows)["status"] == "met"
     assert evaluate(growth, rows)["measured"] == pytest.approx(290)
+
+
+def test_within_best_compares_with_the_fastest_candidate_measured():
+    rows = _rows(**{})
+    for name, t in (("attnkit", 0.12), ("chunked", 0.10), ("torch", 0.2)):
+        rows[("dilated", 512, name)] = dict(status="ok", median_s=t)
+    best = Target(14, "dilated", 512, "attnkit", "within_best", 1.25, "reference|chunked|torch")
+    result = evaluate(best, rows)
+    assert (result["status"], result["best"]) == ("met", "chunked")
+    assert result["measured"] == pytest.approx(1.2)
+    assert "1.20x (chunked)" in format_value(result)
+    rows[("dilated", 512, "chunked")]["median_s"] = 0.09
+    assert evaluate(best, rows)["status"] == "missed"
+    for name in ("chunked", "torch"):
+        rows[("dilated", 512, name)]["status"] = "skipped"
+    assert evaluate(best, rows)["status"] == "n/a"

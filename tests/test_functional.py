@@ -420,6 +420,9 @@ def test_dilated_cost_follows_its_entries_not_its_span(dilation, score_entries):
     (1, 4, 2, 70, 70, [1, 3, 1, 3]),           # a kv group split across periods
     (1, 4, 4, 70, 40, [3, 1, 3, 2]),           # more queries than keys, scattered heads
     (1, 2, 2, 1, 61, 5),                       # one decoding step
+    (1, 8, 8, 64, 64, [1, 1, 2, 2, 4, 4, 8, 8]),  # classes divide evenly: run as one batch
+    (2, 4, 2, 48, 48, [1, 1, 3, 3]),           # ... with two batch entries and GQA
+    (1, 4, 4, 32, 48, [2, 2, 4, 4]),           # ... and keys past the queries (S - L = 16)
 ])
 def test_dilated_by_residue_class_matches_the_reference(B, Hq, Hkv, L, S, dilation, kernel):
     q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=8, dtype=torch.float64, requires_grad=True)
@@ -436,6 +439,21 @@ def test_dilated_by_residue_class_matches_the_reference(B, Hq, Hkv, L, S, dilati
     for x, y in zip(torch.autograd.grad(out, (q, k, v), g),
                     torch.autograd.grad(want, (q, k, v), g)):
         close(x, y)
+
+
+@pytest.mark.parametrize("mask", [masks.sliding_window(100), masks.bigbird(16),
+                                  masks.sliding_window(40) | masks.global_tokens([0, 1, 77]),
+                                  masks.causal() & masks.sliding_window(30, 0),
+                                  masks.document(torch.arange(200) // 70)],
+                         ids=["window", "bigbird", "longformer", "causal_window", "document"])
+def test_auto_estimates_the_engine_work_it_would_do(mask, score_entries):
+    """``planned_entries`` (what auto weighs, read from block states alone) is exactly the
+    score entries the engine then computes per batch and head."""
+    from attnkit.backends.chunked import planned_entries
+    n, H = 200, 4
+    q, k, v = qkv(B=1, Hq=H, Hkv=H, L=n, S=n, D=4)
+    chunked_attention(q, k, v, mask=mask, scale=0.5)
+    assert planned_entries(mask, Grid(n, n)) * H == sum(score_entries)
 
 
 @pytest.mark.parametrize("window", [8, 16, 64])
@@ -641,6 +659,27 @@ def test_auto_weighs_sparsity_before_drawing_a_mask(monkeypatch):
         close(out, sdpa(q, k, v, mask, backend="reference"))
     assert chosen == ["torch", "chunked", "torch"]
     assert functional.allowed_fraction(masks.sliding_window(128, 0), 2048, 2048) < 0.2
+
+
+def test_auto_weighs_the_engine_estimate_against_torch():
+    """Over the small-grid limit, auto compares the entries the tiled engine would compute
+    (at its own tile sizes: BigBird's 64-blocks, not 128-tiles) with torch's dense work;
+    a bias object goes to torch only while its dense form is small."""
+    from attnkit.positional import T5RelativeBias
+
+    def chosen(n, mask=None, bias=None):
+        q, k, v = qkv(B=1, Hq=8, Hkv=8, L=n, S=n, D=8)
+        return attnkit.explain(q, k, v, mask, bias=bias)
+
+    sparse = chosen(2048, masks.bigbird(64))
+    assert sparse.backend == "chunked" and "computes 29% of the entries" in sparse.reason
+    assert chosen(1024, masks.sliding_window(256) | masks.global_tokens(range(16))
+                  ).backend == "torch"  # 69% of the entries: dense with a mask is cheaper
+    t5 = T5RelativeBias(num_heads=8, bidirectional=True)
+    assert chosen(512, bias=t5.bias(512, 512)).backend == "torch"
+    assert chosen(1024, bias=t5.bias(1024, 1024)).backend == "chunked"
+    with pytest.raises(TypeError, match=r"pass T5RelativeBias\(...\).bias\(L, S\)"):
+        chosen(16, bias=t5)
 
 
 def test_translation_invariant_tiles_are_built_once(kernel, monkeypatch):

@@ -111,7 +111,10 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, so
             raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
         bias = TensorBias(_to_4d(bias, "bias", batch, Hq, L, S))
     elif bias is not None and not isinstance(bias, Bias):
-        raise TypeError(f"bias must be a tensor or an attnkit bias, got {type(bias).__name__}")
+        hint = (f" (a bias module: pass {type(bias).__name__}(...).bias(L, S))"
+                if callable(getattr(bias, "bias", None)) else "")
+        raise TypeError(f"bias must be a tensor or an attnkit bias, got "
+                        f"{type(bias).__name__}{hint}")
     if bias is not None:
         add = bias if add is None else add + bias
     # where the query rows sit (a ragged or packed mask may put them per row), and the

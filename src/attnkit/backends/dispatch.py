@@ -8,7 +8,8 @@ considers torch SDPA and the tiled engine (the reference is the teacher, FlexAtt
 compiles on first use: both only when asked by name) and weighs what each would pay:
 
 * torch SDPA computes every score entry, plus building a dense mask from a mask object;
-* the tiled engine computes the tiles the mask allows, at a somewhat lower rate.
+* the tiled engine computes the tiles the mask allows (:func:`chunked.planned_entries`,
+  read from the mask's block states), at a higher cost per entry.
 
 :func:`choose` returns a :class:`Choice` whose ``str`` is the explanation
 (``attnkit.explain`` prints it for a call without running it).
@@ -27,13 +28,16 @@ from . import chunked, flex, reference, torch_sdpa
 __all__ = ["Problem", "Choice", "choose", "not_supported_reasons", "allowed_fraction",
            "AUTO_CANDIDATES"]
 
-#: the largest dense (mask) tensor ``auto`` builds to hand a mask object to torch SDPA
+#: the largest dense (mask or bias) tensor ``auto`` builds to hand an object to torch SDPA
 DENSE_MASK_LIMIT = 1 << 24
-#: below this many score entries a dense mask is always cheap enough for torch SDPA
+#: below this many score entries a dense mask or bias is always cheap enough for torch
 SMALL_GRID = 1 << 18
-#: a mask object that lets through at most this share of the (128 x 128) tiles runs on the
-#: tiled engine, whose cost follows the tiles a mask allows (torch SDPA pays for all)
-SPARSE_FRACTION = 0.5
+#: what one score entry costs, in units of an entry of torch's dense kernel (float32, CPU;
+#: medians over the sparse cases of benchmarks/auto_bench.py): torch SDPA given a dense
+#: mask, and the tiled engine evaluating a mask object on the tiles it computes
+TORCH_MASKED_ENTRY = 1.4
+ENGINE_ENTRY = 2.6
+#: the block size :func:`allowed_fraction` reads the mask at
 DENSITY_TILE = 128
 #: the backends ``auto`` chooses from
 AUTO_CANDIDATES = ("torch", "chunked")
@@ -109,32 +113,33 @@ def choose(p: Problem, backend: str = "auto") -> Choice:
 def _weigh(p: Problem) -> tuple[str, str]:
     """torch SDPA or the tiled engine, for a call both can run, with the reason."""
     mask, bias, L, S = p.mask, p.bias, p.L, p.S
+    dense_bias = bias is None or isinstance(bias, TensorBias)
     if p.needs_grad and torch_sdpa.saturated_rows(bias):
         return "chunked", ("rows masked with finfo.min: torch's fused backward cannot "
                            "recompute them, the tiled engine can (in linear memory)")
-    if bias is not None and not isinstance(bias, TensorBias):
-        return "chunked", (f"{type(bias).__name__} is evaluated tile by tile; torch would "
-                           f"need it as a dense (L, S) tensor")
-    if mask is None or isinstance(mask, TensorMask):
+    if dense_bias and (mask is None or isinstance(mask, TensorMask)):
         return "torch", "dense inputs: torch's fused kernel computes every entry anyway"
     if isinstance(mask, CausalMask) and L == S and bias is None:
         return "torch", "square causal: torch's own causal kernel skips the upper triangle"
-    if _only_dense_leaves(mask):
+    if dense_bias and _only_dense_leaves(mask):
         return "torch", "the mask is dense or padding: torch gets it as one tensor"
-    if mask.residue_classes() is not None and p.grid.affine:
+    if bias is None and mask.residue_classes() is not None and p.grid.affine:
         return "chunked", ("a dilated mask runs as sliding windows on strided views; "
                            "its dense form costs more to build than to skip")
+    size = max(_dense_size(mask, p.B, p.Hq, L, S), _bias_size(bias, p.B, p.Hq, L, S))
+    if size > DENSE_MASK_LIMIT:
+        return "chunked", f"its dense form would hold {size} entries (> {DENSE_MASK_LIMIT})"
     if L * S <= SMALL_GRID:
-        return "torch", f"{L} x {S} is small: building the dense mask is cheap"
-    share = allowed_fraction(mask, L, S, grid=p.grid)
-    if share <= SPARSE_FRACTION:
-        return "chunked", (f"the mask allows {share:.0%} of the {DENSITY_TILE}-tiles: the "
-                           f"tiled engine computes only those")
-    size = _dense_size(mask, p.B, p.Hq, L, S)
-    if size <= DENSE_MASK_LIMIT:
-        return "torch", (f"the mask allows {share:.0%} of the tiles: dense is as cheap, "
-                         f"and its {size} entries fit")
-    return "chunked", f"its dense form would hold {size} entries (> {DENSE_MASK_LIMIT})"
+        return "torch", f"{L} x {S} is small: building the dense form is cheap"
+    if not dense_bias:
+        return "chunked", (f"{type(bias).__name__} is evaluated tile by tile (equal tiles "
+                           f"once); torch would need it as a dense (L, S) tensor")
+    share = chunked.planned_entries(mask, p.grid) / (L * S)
+    engine = share * ENGINE_ENTRY
+    verdict = "chunked" if engine < TORCH_MASKED_ENTRY else "torch"
+    return verdict, (f"the tiled engine computes {share:.0%} of the entries: estimated "
+                     f"cost {engine:.2f} against torch with the dense mask "
+                     f"{TORCH_MASKED_ENTRY:.2f} (dense-kernel units)")
 
 
 def allowed_fraction(mask: Mask, L: int, S: int, tile: int = DENSITY_TILE,
@@ -163,6 +168,13 @@ def _dense_size(mask: Mask | None, B: int, H: int, L: int, S: int) -> int:
         return max(_dense_size(mask.a, B, H, L, S), _dense_size(mask.b, B, H, L, S),
                    (B if mask.batch_size else 1) * L * S)
     return (B if mask.batch_size else 1) * (H if mask.num_heads else 1) * L * S
+
+
+def _bias_size(bias: Bias | None, B: int, H: int, L: int, S: int) -> int:
+    """Number of entries of the dense bias torch SDPA would receive."""
+    if bias is None or isinstance(bias, TensorBias):
+        return 0
+    return (B if bias.batch_size else 1) * (H if bias.num_heads else 1) * L * S
 
 
 def _only_dense_leaves(mask) -> bool:

@@ -22,9 +22,10 @@ class Target:
     case: str
     n: int
     variant: str            # the attnkit row the target is about
-    kind: str               # speedup | within | gflops | growth_mib | mem_below | mem_linear | mem_mib
+    kind: str               # speedup | within | within_best | gflops | growth_mib | mem_below
+                            # | mem_linear | mem_mib
     threshold: float
-    peer: str | None = None
+    peer: str | None = None  # within_best: the candidates, separated by "|"
 
     @property
     def text(self) -> str:
@@ -32,6 +33,7 @@ class Target:
         return {
             "speedup": f"{self.variant} >= {t:g}x faster than {p}",
             "within": f"{self.variant} time <= {t:g}x {p}",
+            "within_best": f"{self.variant} time <= {t:g}x the fastest of {p}",
             "gflops": f"{self.variant} >= {t:g} useful GFLOP/s",
             "growth_mib": f"{self.variant} peak memory growth < {t:g} MiB",
             "mem_mib": f"{self.variant} peak memory < {t:g} MiB",
@@ -96,6 +98,16 @@ def evaluate(target: Target, rows: dict) -> dict:
     if me is None:
         return {**out, "status": "n/a", "why": f"{target.variant} not measured at n={target.n}"}
     k = target.kind
+    if k == "within_best":
+        measured = {name: _row(rows, target.case, target.n, name)
+                    for name in target.peer.split("|")}
+        measured = {name: r for name, r in measured.items() if r is not None}
+        if not measured:
+            return {**out, "status": "n/a", "why": f"none of {target.peer} measured"}
+        best = min(measured, key=lambda name: measured[name]["median_s"])
+        value = me["median_s"] / measured[best]["median_s"]
+        return {**out, "measured": value, "best": best,
+                "status": "met" if value <= target.threshold else "missed"}
     if k in ("speedup", "within", "mem_below"):
         peer = _row(rows, target.case, target.n, target.peer)
         if peer is None:
@@ -134,6 +146,8 @@ def format_value(result: dict) -> str:
     v, k = result["measured"], result["kind"]
     if v is None:
         return "-"
+    if k == "within_best":
+        return f"{v:.2f}x ({result['best']})"
     if k in ("speedup", "within", "mem_linear"):
         return f"{v:.2f}x"
     if k == "gflops":

@@ -8,7 +8,7 @@
 * :mod:`.attention` the entry points
 """
 
-from .attention import chunked_attention, chunked_attention_backward
+from .attention import chunked_attention, chunked_attention_backward, planned_entries
 from .plan import BLOCK_K, BLOCK_Q, MERGE_KEYS, Gathered, Segment, Tile, plan_tiles
 
 
@@ -18,5 +18,6 @@ def not_supported_reasons(problem) -> list[str]:
     return []
 
 
-__all__ = ["not_supported_reasons", "chunked_attention", "chunked_attention_backward", "plan_tiles", "Tile", "Segment",
-           "Gathered", "BLOCK_Q", "BLOCK_K", "MERGE_KEYS"]
+__all__ = ["not_supported_reasons", "chunked_attention", "chunked_attention_backward",
+           "planned_entries", "plan_tiles", "Tile", "Segment", "Gathered", "BLOCK_Q", "BLOCK_K",
+           "MERGE_KEYS"]

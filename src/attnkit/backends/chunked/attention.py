@@ -19,9 +19,10 @@ from .additive import NEG_INF, AdditiveTiles
 from .backward import backward as backward_pass
 from .forward import forward as forward_pass
 from .kernels import Call, KeyValues, dropout_keep, like_query, scores
-from .plan import BLOCK_K, BLOCK_Q, plan_tiles
+from .plan import BLOCK_K, BLOCK_Q, block_view, cuts, plan_tiles
 
-__all__ = ["chunked_attention", "chunked_attention_backward", "weights"]
+__all__ = ["chunked_attention", "chunked_attention_backward", "weights", "tile_sizes",
+           "planned_entries"]
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -108,6 +109,23 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
                                  dropout_p=dropout_p)
         if done is not None:
             return done
+    block_q, block_k = tile_sizes(mask, block_q, block_k)
+    tiles = plan_tiles(mask, grid, block_q, block_k,
+                       merge_full_and_partial=bias is not None)
+    seed = 0
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
+               AdditiveTiles(grid, tiles, mask, bias))
+    params = tuple(bias.params) if bias is not None else ()
+    out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
+    w = weights(query, key, sinks, cfg, params) if return_weights else None
+    return out, w, lse
+
+
+def tile_sizes(mask: Mask | None, block_q: int | None = None,
+               block_k: int | None = None) -> tuple[int, int]:
+    """The (query rows, key columns) of the engine's tiles for ``mask``, unless given."""
     natural = mask.tile_hint if mask is not None else None
     if natural is not None and not 16 <= natural <= 512:
         natural = None
@@ -122,17 +140,16 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
         block_q = BLOCK_Q if natural is None else (
             natural if natural >= 64 or mask.translation_invariant
             else natural * -(-BLOCK_Q // natural))
-    tiles = plan_tiles(mask, grid, block_q, block_k,
-                       merge_full_and_partial=bias is not None)
-    seed = 0
-    if dropout_p > 0:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
-               AdditiveTiles(grid, tiles, mask, bias))
-    params = tuple(bias.params) if bias is not None else ()
-    out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
-    w = weights(query, key, sinks, cfg, params) if return_weights else None
-    return out, w, lse
+    return block_q, block_k
+
+
+def planned_entries(mask: Mask | None, grid: Grid) -> int:
+    """The score entries per (batch, head) the engine's tiles would compute for this
+    call, read from the mask's block states without building the plan."""
+    if mask is None or grid.q_len == 0 or grid.k_len == 0:
+        return grid.q_len * grid.k_len
+    qb, kb = cuts(grid, *tile_sizes(mask))
+    return block_view(mask, grid, qb, kb).computed_entries()
 
 
 def _head_index(heads: list[int] | None, device):
@@ -174,6 +191,13 @@ def _by_residue_class(query, key, value, classes, **kw):
     for heads, kv_heads, d, inner in plans:
         hs, ks = _head_index(heads, query.device), _head_index(kv_heads, query.device)
         q, k, v = query[:, hs], key[:, ks], value[:, ks]
+        if d > 1 and L % d == 0 and S % d == 0 and off % d == 0:
+            # every class has L/d rows and S/d keys: the d classes run as one batch
+            o, _, l = chunked_attention(_classes_as_batch(q, d), _classes_as_batch(k, d),
+                                        _classes_as_batch(v, d), mask=inner, **kw)
+            out[:, hs] = _batch_as_classes(o, d)
+            lse[:, hs] = _batch_as_classes(l.unsqueeze(-1), d).squeeze(-1)
+            continue
         for r in range(d):
             i0 = (r - off) % d
             if i0 >= L:
@@ -183,6 +207,19 @@ def _by_residue_class(query, key, value, classes, **kw):
             out[:, hs, i0::d] = o
             lse[:, hs, i0::d] = l
     return out, None, lse
+
+
+def _classes_as_batch(x: Tensor, d: int) -> Tensor:
+    """(B, H, n, D) -> (d * B, H, n / d, D): rows r, r + d, r + 2d, ... as batch entry
+    r * B + b (a copy)."""
+    B, H, n, D = x.shape
+    return x.view(B, H, n // d, d, D).permute(3, 0, 1, 2, 4).reshape(d * B, H, n // d, D)
+
+
+def _batch_as_classes(x: Tensor, d: int) -> Tensor:
+    """The inverse of :func:`_classes_as_batch`."""
+    dB, H, m, D = x.shape
+    return x.view(d, dB // d, H, m, D).permute(1, 2, 3, 0, 4).reshape(dB // d, H, m * d, D)
 
 
 def chunked_attention_backward(dout: Tensor, query: Tensor, key: Tensor, value: Tensor,

@@ -24,7 +24,7 @@ from ...masks import EMPTY, FULL, PARTIAL, Grid, Mask
 from ...masks.grid import as_4d
 
 __all__ = ["BLOCK_Q", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
-           "Segment", "Gathered", "Tile", "Run", "plan_tiles", "batched_runs", "index_along"]
+           "Segment", "Gathered", "Tile", "Run", "BlockView", "block_view", "cuts", "plan_tiles", "batched_runs", "index_along"]
 
 #: default tile sizes (query rows, key columns), chosen with ``attnkit bench``
 BLOCK_Q = 128
@@ -167,6 +167,16 @@ def _boundaries(start: int, stop: int, block: int) -> list[int]:
     return [start] + cuts + [stop]
 
 
+def cuts(grid: Grid, block_q: int, block_k: int) -> tuple[list, list]:
+    """Where the tiles start and stop: query cuts in position space when the grid is
+    affine (equal tiles of a translation-invariant mask then sit at equal offsets), in
+    row space when rows carry their own positions; key cuts at multiples of block_k."""
+    off = grid.q_offset if grid.affine else 0
+    qb = _boundaries(off, off + grid.q_len, block_q)
+    kb = _boundaries(0, grid.k_len, block_k) if grid.k_len else [0]
+    return qb, kb
+
+
 def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
                merge_full_and_partial: bool = False, gather: bool = True) -> list[Tile]:
     """Split the (L, S) grid into query tiles and the key segments each one needs.
@@ -177,11 +187,8 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     needs into one buffer (:class:`Gathered`), so cost follows the allowed blocks rather
     than their union.
     """
-    # tiles aligned in position space (equal tiles of a translation-invariant mask then
-    # sit at equal offsets), or in row space when rows carry their own positions
     off = grid.q_offset if grid.affine else 0
-    qb = _boundaries(off, off + grid.q_len, block_q)
-    kb = _boundaries(0, grid.k_len, block_k) if grid.k_len else [0]
+    qb, kb = cuts(grid, block_q, block_k)
     nq, nk = len(qb) - 1, len(kb) - 1
     tiles = [Tile(qb[i] - off, qb[i + 1] - off, qb[i], qb[i + 1]) for i in range(nq)]
     if nk == 0:
@@ -191,11 +198,51 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
         for t in tiles:
             t.segments = list(runs)
         return tiles
+    view = block_view(mask, grid, qb, kb, gather)
+    runs = _row_runs(view.union_states, kb, merge_full_and_partial)
+    for i, t in enumerate(tiles):
+        if bool(view.gathers[i]):
+            t.segments = _gathered(view.seen[:, i], view.per_head[:, i] == FULL,
+                                   int(view.most[i]), kb, grid.device)
+        else:
+            t.segments = runs[i]
+    return tiles
+
+
+@dataclass
+class BlockView:
+    """The block states of a tiling, before any segment is built: ``per_head`` (Hm, nq,
+    nk) EMPTY/PARTIAL/FULL over the batch, their union over heads, the blocks each head
+    sees, and which query tiles gather (their heads' blocks differ, or are scattered)."""
+    qb: list
+    kb: list
+    per_head: Tensor
+    union_states: Tensor
+    seen: Tensor
+    most: Tensor
+    gathers: Tensor
+
+    def computed_entries(self) -> int:
+        """Score entries per (batch, head) the tiles compute: a tile reading slices pays
+        for the union of its heads' blocks, a gathering one for its busiest head's."""
+        heights = torch.tensor(self.qb[1:]) - torch.tensor(self.qb[:-1])
+        widths = torch.tensor(self.kb[1:]) - torch.tensor(self.kb[:-1])
+        union = (self.seen.any(0).long() * widths.to(self.seen.device)).sum(-1).cpu()
+        gathered = self.most.cpu() * int(widths.max())
+        per_row = torch.where(self.gathers.cpu(), gathered, union)
+        return int((per_row * heights).sum())
+
+
+def block_view(mask: Mask, grid: Grid, qb: list, kb: list, gather: bool = True) -> BlockView:
+    """The mask's block states on the tiling cut at ``qb`` (rows, tile positions when the
+    grid is affine) and ``kb`` (keys)."""
     dev = grid.device
-    q_lo = torch.tensor([t.r0 for t in tiles], device=dev).view(-1, 1)
-    q_hi = torch.tensor([t.r1 for t in tiles], device=dev).view(-1, 1)
+    off = grid.q_offset if grid.affine else 0
+    q_lo = torch.tensor(qb[:-1], device=dev).view(-1, 1) - off
+    q_hi = torch.tensor(qb[1:], device=dev).view(-1, 1) - off
     k_lo = torch.tensor(kb[:-1], device=dev).view(1, -1)
     k_hi = torch.tensor(kb[1:], device=dev).view(1, -1)
+    nq, nk = len(qb) - 1, len(kb) - 1
     st = as_4d(mask.block_states(grid, q_lo, q_hi, k_lo, k_hi))
     st = st.expand(*st.shape[:2], nq, nk)
     # per head: reduce over the batch (FULL only if full for every batch element)
@@ -207,15 +254,8 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     union = seen.any(0)                                    # (nq, nk)
     most = seen.sum(-1).amax(0)                            # (nq,) blocks of the busiest head
     runs = (union & ~torch.nn.functional.pad(union, (1, 0))[:, :-1]).sum(-1)
-    use_gather = (union.sum(-1) > GATHER_UNION_RATIO * most) | (runs > GATHER_MIN_RUNS)
-    use_gather &= gather
-    runs = _row_runs(union_states, kb, merge_full_and_partial)
-    for i, t in enumerate(tiles):
-        if bool(use_gather[i]):
-            t.segments = _gathered(seen[:, i], per_head[:, i] == FULL, int(most[i]), kb, dev)
-        else:
-            t.segments = runs[i]
-    return tiles
+    gathers = (union.sum(-1) > GATHER_UNION_RATIO * most) | (runs > GATHER_MIN_RUNS)
+    return BlockView(qb, kb, per_head, union_states, seen, most, gathers & gather)
 
 
 def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool) -> list[list]:
