@@ -4,6 +4,7 @@
     python benchmarks/run_full.py --cases sliding_window,bigbird
     python benchmarks/run_full.py --with-ring          # also benchmarks/ring_bench.py
     python benchmarks/run_full.py --quick --out /tmp/bench   # the smoke sizes
+    python benchmarks/run_full.py --dtype bfloat16     # every case in bf16: full-bfloat16.*
 
 It is ``attnkit bench`` (same cases, same measurement) with the outputs kept in
 ``benchmarks/results/``: ``full.json`` (every figure and the machine), ``full.png``
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--with-ring", action="store_true",
                    help="also run benchmarks/ring_bench.py and add its figures and targets")
     p.add_argument("--quick", action="store_true", help="the --quick sizes (a smoke run)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the run's dtype; results other than float32 are named full-<dtype>.*")
     a = p.parse_args(argv)
     cases = None
     if a.cases:
@@ -104,11 +107,11 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown cases: {', '.join(sorted(unknown))}")
     os.makedirs(a.out, exist_ok=True)
-    stem = "quick" if a.quick else "full"
+    stem = ("quick" if a.quick else "full") + ("" if a.dtype == "float32" else f"-{a.dtype}")
     json_path = os.path.join(a.out, f"{stem}.json")
     tee = _Tee(sys.stdout)
     code = run(quick=a.quick, json_path=json_path, plot_path=os.path.join(a.out, f"{stem}.png"),
-               cases=cases, stream=tee)
+               cases=cases, stream=tee, dtype=a.dtype)
     with open(json_path) as f:
         report = json.load(f)
     if a.with_ring:

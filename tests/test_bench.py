@@ -187,6 +187,77 @@ def test_a_script_is_a_case_list_run_by_the_shared_worker(tmp_path):
     assert bad.returncode == 2 and "unknown cases: nope" in bad.stderr
 
 
+HALF_SCRIPT = '''"""A bfloat16 run of a causal case and a decoding case."""
+from dataclasses import replace
+from attnkit.bench import script
+from attnkit.bench.builders import plain_setup
+from attnkit.bench.cases import CHUNKED, SDPA_CAUSAL, case_by_name
+from attnkit.bench.spec import Case
+from attnkit.bench.targets import Target
+
+CASES = (Case("tiny", "causal, n=64", plain_setup(causal=True), causal=True, lengths=(64,),
+              quick_lengths=(64,), variants=(CHUNKED, SDPA_CAUSAL)),
+         replace(case_by_name("decode_gqa"), lengths=(256,), quick_lengths=(256,)))
+TARGETS = (Target(0, "tiny", 64, "attnkit chunked", "growth_mib", 1 << 20, dtype="bfloat16"),
+           Target(0, "tiny", 64, "attnkit chunked", "gflops", 1e9))
+
+if __name__ == "__main__":
+    raise SystemExit(script.main(__file__, CASES, TARGETS, doc=__doc__))
+'''
+
+
+def test_a_bfloat16_run_measures_in_bfloat16_against_its_own_peak(tmp_path):
+    """``--dtype bfloat16``: the inputs and peers run in bf16, the GEMM peak is bf16's,
+    only the bf16 targets are checked, and decoding reports its cache read bandwidth."""
+    path = tmp_path / "half_bench.py"
+    path.write_text(HALF_SCRIPT)
+    json_path = tmp_path / "half.json"
+    proc = subprocess.run([sys.executable, str(path), "--quick", "--repeats", "2", "--dtype",
+                           "bfloat16", "--json", str(json_path)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bfloat16 GEMM peak" in proc.stdout and "H=8, D=64, bfloat16" in proc.stdout
+    assert "GB/s of KV cache read" in proc.stdout
+    report = json.loads(json_path.read_text())
+    assert report["settings"]["dtype"] == "bfloat16" and report["copy_bandwidth_gbs"] > 0
+    assert [t["kind"] for t in report["targets"]] == ["growth_mib"]  # the bf16 target only
+    decode = [r for c in report["cases"] if c["name"] == "decode_gqa" for r in c["results"]]
+    for row in decode:
+        assert row["status"] == "ok", row
+        # bf16 halves the cache: 2 kv heads x 256 tokens x 64 x (K and V) x 2 bytes
+        if row["variant"] == "attnkit":
+            assert row["cache_bytes"] == 2 * 256 * 64 * 2 * 2
+        assert row["cache_read_gbs"] == pytest.approx(row["cache_bytes"] / row["median_s"] / 1e9)
+        assert 0 < row["bandwidth_share"]
+
+
+def test_cast_puts_every_float_tensor_and_module_in_the_dtype():
+    from attnkit.bench.builders import decode_setup, t5_setup
+    from attnkit.bench.spec import cast
+    s = cast(t5_setup(32), torch.bfloat16)
+    assert s.q.dtype == s.k.dtype == s.v.dtype == torch.bfloat16
+    assert s.extra["module"].embedding.weight.dtype == torch.bfloat16
+    d = cast(decode_setup(2)(32), torch.float16)
+    assert d.extra["k_context"].dtype == d.extra["q_new"].dtype == torch.float16
+    assert d.extra["steps"] == 8
+
+
+def test_rate_share_and_peers_in_another_case():
+    rows = {("sliding_window", 16384, "attnkit"): dict(status="ok", median_s=1.0,
+                                                       useful_gflops=60.0),
+            ("dense", 8192, "torch sdpa"): dict(status="ok", median_s=1.0, useful_gflops=100.0),
+            ("causal", 8192, "torch sdpa"): dict(status="ok", median_s=0.5)}
+    share = Target(15, "sliding_window", 16384, "attnkit", "rate_share", 0.5, "torch sdpa",
+                   peer_case="dense", peer_n=8192)
+    result = evaluate(share, rows)
+    assert result["status"] == "met" and format_value(result) == "60%"
+    assert "(dense, n=8192)" in share.text
+    rows[("alibi", 8192, "attnkit")] = dict(status="ok", median_s=0.7)
+    near = Target(15, "alibi", 8192, "attnkit", "within", 1.3, "torch sdpa", peer_case="causal")
+    assert evaluate(near, rows)["measured"] == pytest.approx(1.4)
+    assert evaluate(near, rows)["status"] == "missed"
+
+
 def test_worker_loads_a_script_without_running_its_main(tmp_path):
     path = tmp_path / "other_bench.py"
     path.write_text(SCRIPT)

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time every variant against its peers")
     b.add_argument("--quick", action="store_true", help="small sizes, under two minutes")
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="what inputs, modules and peers run in; %%peak is of this dtype's "
+                        "GEMM peak (default: float32)")
     b.add_argument("--json", default=None, metavar="FILE", help="write every figure as JSON")
     b.add_argument("--plot", default=None, metavar="FILE.png",
                    help="time and memory versus length")
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
             return plot_command(args.masks, length=args.length, out=args.out)
         if args.command == "bench":
             from .bench import run as bench
-            return bench(quick=args.quick, json_path=args.json, plot_path=args.plot)
+            return bench(quick=args.quick, json_path=args.json, plot_path=args.plot,
+                         dtype=args.dtype)
     except (ValueError, TypeError, OSError) as e:
         print(f"attnkit: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from .backends import BACKENDS, chunked_attention, reference_attention, torch_at
 from .backends.dispatch import Choice, Problem, allowed_fraction, choose
 from .bias import Bias, TensorBias
 from .checks import check_qkv, shape_of
+from .dtypes import matmul_dtype
 from .masks import Grid, Mask, TensorMask, causal as causal_mask
 
 __all__ = ["scaled_dot_product_attention", "explain", "allowed_fraction"]
@@ -202,6 +203,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     k = key.reshape(B, Hkv, S, D)
     v = value.reshape(B, Hkv, S, Dv)
     weights = lse = None
+    dtype = q.dtype
+    if backend in ("chunked", "torch") and matmul_dtype(dtype, q.device) != dtype:
+        # this CPU multiplies this half dtype slowly (no native kernels): the fast
+        # backends run on float32 copies, more accurate and several times faster there
+        q, k, v = q.float(), k.float(), v.float()
     if L == 0 or S == 0 or B == 0:
         out, weights, lse = _empty(q, v, S, sinks)
     elif backend == "reference":
@@ -221,7 +227,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                           softcap=softcap, sinks=sinks, return_lse=return_lse,
                                           grid=grid)
 
-    out = out.reshape(*batch, Hq, L, Dv)
+    out = out.to(dtype).reshape(*batch, Hq, L, Dv)
+    if weights is not None:
+        weights = weights.to(dtype)
     if not (return_weights or return_lse):
         return out
     result = [out]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bias import Bias, TensorBias
+from ..dtypes import matmul_dtype
 from ..masks import EMPTY, AndMask, CausalMask, Grid, Mask, OrMask, PaddingMask, TensorMask
 from . import chunked, flex, reference, torch_sdpa
 
@@ -107,6 +108,9 @@ def choose(p: Problem, backend: str = "auto") -> Choice:
     if "torch" in rejected:
         return Choice("chunked", "the only candidate that can run it", rejected=rejected)
     name, reason = _weigh(p)
+    if matmul_dtype(p.dtype, p.device) != p.dtype:
+        reason += (f"; computed on float32 copies: this CPU multiplies {str(p.dtype)[6:]} "
+                   f"slowly")
     return Choice(name, reason, rejected=rejected)
 
 

@@ -1,13 +1,13 @@
 """``attnkit bench``: every attention variant against its peers, in one run.
 
-    attnkit bench [--quick] [--json FILE] [--plot FILE.png]
+    attnkit bench [--quick] [--dtype float32|bfloat16|float16] [--json FILE] [--plot FILE.png]
 
-The parent process describes the machine, measures its float32 GEMM peak (torch.mm,
-4096 x 4096), plans which (case, length, implementation) fit the time and memory
+The parent process describes the machine, measures the GEMM peak of the run's dtype
+(torch.mm, 4096 x 4096) and the memory bandwidth of a large copy, plans which (case, length, implementation) fit the time and memory
 budgets, and hands the plan to worker processes (``attnkit.bench.worker``): one fresh
 process per case in a full run, one for all cases with ``--quick`` (process start-up
 would otherwise eat the two minutes). It then adds the derived figures (useful GFLOP/s,
-share of the GEMM peak, speedups over each peer, the issues' targets), prints the table
+share of the dtype's GEMM peak, decode's share of the copy bandwidth, speedups over each peer, the issues' targets), prints the table
 and writes the JSON and the plot. Methods: ``benchmarks/README.md``.
 
 The focused scripts in ``benchmarks/`` run their own case lists through the same
@@ -29,7 +29,7 @@ from .measurement import (WORKER_ENV, WORKER_ENV_DEFAULTS, PeakRSS, describe_mac
                           worker_env)
 from .report import (Progress, format_profiles, format_table, format_targets, outcome,
                      write_json)
-from .spec import D, FULL_LENGTHS, Case, Suite, missing_optional
+from .spec import D, DTYPES, FULL_LENGTHS, Case, Suite, missing_optional
 from .targets import TARGETS, evaluate
 
 __all__ = ["run", "SETTINGS", "SUITE", "Suite", "settings"]
@@ -82,7 +82,9 @@ def plan_runs(mode: str, gemm_peak: float, cases=CASES, targets=TARGETS,
     A job is {"case": name, "lengths": [[n, [variant labels]], ...]}."""
     cfg = cfg or SETTINGS[mode]
     # rows a target is about are run whatever their estimated time (not their memory)
-    wanted = {(t.case, t.n, label) for t in targets for label in (t.variant, t.peer)}
+    wanted = {(t.case, t.n, t.variant) for t in targets} | {
+        (t.peer_case or t.case, t.peer_n or t.n, peer) for t in targets if t.peer
+        for peer in t.peer.split("|")}
     jobs, skipped, case_notes = [], [], {}
     for case in cases:
         why = missing_optional(case.needs, import_transformers=False)
@@ -136,25 +138,26 @@ def _env() -> dict:
     return env
 
 
-def _gemm_peak(cfg: dict, repeats: int) -> tuple[float, int]:
-    """The float32 GEMM peak measured in a worker process (same environment and threads
-    as the measurements): (GFLOP/s, threads)."""
-    plan = {"jobs": [], "threads": cfg["threads"], "gemm": {"n": 4096, "repeats": repeats}}
+def _gemm_peak(cfg: dict, repeats: int, dtype: str = "float32") -> tuple[float, int, float]:
+    """The GEMM peak in ``dtype`` and the copy bandwidth, measured in a worker process
+    (same environment and threads as the measurements): (GFLOP/s, threads, GB/s)."""
+    plan = {"jobs": [], "threads": cfg["threads"],
+            "gemm": {"n": 4096, "repeats": repeats, "dtype": dtype}}
     proc = subprocess.run([sys.executable, "-m", "attnkit.bench.worker"], input=json.dumps(plan),
                           capture_output=True, text=True, env=_env(), timeout=300)
     for line in proc.stdout.splitlines():
         event = json.loads(line)
         if event["type"] == "gemm":
-            return event["gflops"], event["threads"]
+            return event["gflops"], event["threads"], event["copy_gbs"]
     raise OSError(f"the GEMM peak measurement failed: {proc.stderr.strip()[-300:]}")
 
 
 def _run_worker(jobs: list, cfg: dict, progress: Progress, on_result, source: str = SOURCE,
-                profile: bool = False, on_profile=None) -> None:
+                profile: bool = False, on_profile=None, dtype: str = "float32") -> None:
     """One worker process for these jobs; results streamed back line by line."""
     env = _env()
     plan = {"jobs": jobs, "budget": cfg, "threads": cfg["threads"], "source": source,
-            "profile": profile}
+            "profile": profile, "dtype": dtype}
     pending = {(j["case"], n, label) for j in jobs for n, labels in j["lengths"]
                for label in labels}
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -195,8 +198,9 @@ def _run_worker(jobs: list, cfg: dict, progress: Progress, on_result, source: st
                            "status": "failed", "note": why})
 
 
-def _derive(rows: list, cases: dict, gemm_peak: float) -> None:
-    """Useful GFLOP/s, share of the GEMM peak, speedup over each peer (same case and n)."""
+def _derive(rows: list, cases: dict, gemm_peak: float, copy_gbs: float | None = None) -> None:
+    """Useful GFLOP/s, share of the GEMM peak, decode's share of the copy bandwidth,
+    speedup over each peer (same case and n)."""
     for row in rows:
         case = cases[row["case"]]
         row["entries"] = case.entries(row["n"])
@@ -205,6 +209,8 @@ def _derive(rows: list, cases: dict, gemm_peak: float) -> None:
             row["useful_gflops"] = row["useful_flops"] / row["median_s"] / 1e9
             row["useful_gflops_best"] = row["useful_flops"] / row["min_s"] / 1e9
             row["peak_share"] = row["useful_gflops"] / gemm_peak
+            if copy_gbs and "cache_read_gbs" in row:
+                row["bandwidth_share"] = row["cache_read_gbs"] / copy_gbs
     by_key: dict = {}
     for row in rows:
         by_key.setdefault((row["case"], row["n"]), []).append(row)
@@ -222,11 +228,13 @@ def _derive(rows: list, cases: dict, gemm_peak: float) -> None:
 
 def run(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,
         cases=None, stream=None, *, suite: Suite = SUITE, threads: int | None = None,
-        repeats: int | None = None, profile: bool = False, command: str | None = None) -> int:
+        repeats: int | None = None, profile: bool = False, command: str | None = None,
+        dtype: str = "float32") -> int:
     """Run a suite (default: ``attnkit bench``'s), print the table; returns the exit code
     (0 unless nothing ran). ``cases``: names to run (default: all of the suite's);
     ``threads``, ``repeats``: see :func:`settings`; ``profile``: also print where
-    attnkit's time goes at each case's first length."""
+    attnkit's time goes at each case's first length; ``dtype``: what inputs, modules and
+    peers run in (float32, bfloat16, float16), and whose GEMM peak the shares are of."""
     stream = stream or sys.stdout
     mode = "quick" if quick else "full"
     cfg = settings(mode, threads, repeats)
@@ -236,6 +244,8 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
             raise ValueError(f"unknown cases: {', '.join(sorted(unknown))}")
     selected = suite.cases if cases is None else tuple(c for c in suite.cases
                                                        if c.name in set(cases))
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if plot_path and not plot_path.lower().endswith(".png"):
         raise ValueError(f"--plot must name a .png file, got {plot_path!r}")
     t_start = time.time()
@@ -243,12 +253,14 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     print(f"{suite.name} ({mode}) on {machine['cpu_model']}, {machine['cores']} cores, "
           f"torch {machine['torch_version']}, load average {machine['load_average_at_start'][0]:.1f}",
           file=stream, flush=True)
-    gemm_peak, machine["torch_threads"] = _gemm_peak(cfg, repeats=1 if quick else 3)
+    gemm_peak, machine["torch_threads"], copy_gbs = _gemm_peak(cfg, 1 if quick else 3, dtype)
     machine["worker_environment"] = {k: _env()[k] for k in (*WORKER_ENV_DEFAULTS, *WORKER_ENV)}
-    print(f"float32 GEMM peak (torch.mm 4096x4096, {machine['torch_threads']} threads): "
-          f"{gemm_peak:.0f} GFLOP/s", file=stream, flush=True)
+    print(f"{dtype} GEMM peak (torch.mm 4096x4096, {machine['torch_threads']} threads): "
+          f"{gemm_peak:.0f} GFLOP/s; copy bandwidth {copy_gbs:.1f} GB/s", file=stream,
+          flush=True)
 
-    jobs, rows, case_notes = plan_runs(mode, gemm_peak, selected, suite.targets, cfg)
+    targets = tuple(t for t in suite.targets if t.dtype == dtype)
+    jobs, rows, case_notes = plan_runs(mode, gemm_peak, selected, targets, cfg)
     total = sum(len(labels) for j in jobs for _, labels in j["lengths"])
     progress = Progress(total)
     roles = {(c.name, v.label): v.role for c in selected for v in c.variants}
@@ -266,17 +278,19 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     groups = [jobs] if quick else [[j] for j in jobs]
     for group in groups:
         if group:
-            _run_worker(group, cfg, progress, on_result, suite.source, profile, on_profile)
+            _run_worker(group, cfg, progress, on_result, suite.source, profile, on_profile,
+                        dtype)
     progress.close()
 
     by_name = {c.name: c for c in selected}
     gemm_runs = [gemm_peak]
     if not quick:  # the load may have changed: the peak is the best the machine showed
-        gemm_runs.append(_gemm_peak(cfg, repeats=3)[0])
-        gemm_peak = max(gemm_runs)
-        print(f"float32 GEMM peak measured again at the end: {gemm_runs[-1]:.0f} GFLOP/s; "
+        again, _, copy_again = _gemm_peak(cfg, 3, dtype)
+        gemm_runs.append(again)
+        gemm_peak, copy_gbs = max(gemm_runs), max(copy_gbs, copy_again)
+        print(f"{dtype} GEMM peak measured again at the end: {gemm_runs[-1]:.0f} GFLOP/s; "
               f"using the best, {gemm_peak:.0f}", file=stream, flush=True)
-    _derive(rows, by_name, gemm_peak)
+    _derive(rows, by_name, gemm_peak, copy_gbs)
     order = {(c.name, v.label): (i, j) for i, c in enumerate(selected)
              for j, v in enumerate(c.variants)}
     rows.sort(key=lambda r: (order[(r["case"], r["variant"])][0], r["n"],
@@ -288,7 +302,8 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         "machine": machine,
         "gemm_peak_gflops": gemm_peak,
         "gemm_measurements_gflops": gemm_runs,
-        "settings": {"heads": 8, "head_dim": D, "dtype": "float32",
+        "copy_bandwidth_gbs": copy_gbs,
+        "settings": {"heads": 8, "head_dim": D, "dtype": dtype,
                      "lengths": list(FULL_LENGTHS), **cfg, "memory_method": PeakRSS.method,
                      "cpu_time": suite.cpu_time,
                      "useful_gflops": "4 * B * H * allowed score entries * head_dim / median "
@@ -309,8 +324,7 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         report["cases"].append(entry)
     index = {(r["case"], r["n"], r["variant"]): r for r in rows}
     labels = {(c.name, v.label) for c in selected for v in c.variants}
-    report["targets"] = [evaluate(t, index) for t in suite.targets
-                         if (t.case, t.variant) in labels]
+    report["targets"] = [evaluate(t, index) for t in targets if (t.case, t.variant) in labels]
     report["profiles"] = profiles
     report["duration_s"] = time.time() - t_start
 

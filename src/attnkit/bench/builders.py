@@ -22,7 +22,7 @@ from .spec import D, H, Setup
 
 __all__ = ["attnkit_sdpa", "attnkit_train", "attnkit_decode", "attnkit_rolling_decode",
            "attnkit_longformer_layer", "attnkit_bigbird_layer", "attnkit_patched",
-           "qkv", "plain_setup", "alibi_setup", "t5_setup", "decode_setup", "layer_setup",
+           "qkv", "plain_setup", "softcap_setup", "alibi_setup", "t5_setup", "decode_setup", "layer_setup",
            "model_input_setup"]
 
 
@@ -35,7 +35,8 @@ def attnkit_sdpa(backend: str = "auto"):
             with torch.no_grad():
                 return scaled_dot_product_attention(s.q, s.k, s.v, attn_mask=s.mask,
                                                     is_causal=s.is_causal, bias=s.bias,
-                                                    scale=s.scale, backend=backend)
+                                                    scale=s.scale, softcap=s.softcap,
+                                                    backend=backend)
         return call
     build.__name__ = f"attnkit_{backend}"
     return build
@@ -93,7 +94,7 @@ def attnkit_longformer_layer(s: Setup):
     """``LongformerAttention`` (window 2w, the first ``num_global`` tokens global)."""
     x = s.extra
     torch.manual_seed(0)
-    layer = LongformerAttention(x["d_model"], x["heads"], 2 * x["window"]).eval()
+    layer = LongformerAttention(x["d_model"], x["heads"], 2 * x["window"]).eval().to(s.q.dtype)
     is_global = torch.zeros(1, s.n, dtype=torch.bool)
     is_global[:, :x["num_global"]] = True
 
@@ -110,7 +111,7 @@ def attnkit_bigbird_layer(pattern: str = "bigbird"):
         x = s.extra
         torch.manual_seed(0)
         layer = BigBirdAttention(x["d_model"], x["heads"], x["block"], x["random_blocks"],
-                                 pattern=pattern).eval()
+                                 pattern=pattern).eval().to(s.q.dtype)
 
         def call():
             with torch.no_grad():
@@ -128,7 +129,7 @@ def attnkit_patched(model_class: str, config, module_path: str, call_args=None):
 
         from ..integrations.hf import patch
         torch.manual_seed(0)
-        model = getattr(transformers, model_class)(config(s)).eval()
+        model = getattr(transformers, model_class)(config(s)).eval().to(s.q.dtype)
         patch(model)
         module = peers.submodule(model, module_path)
         kwargs = call_args(s) if call_args else {}
@@ -156,6 +157,13 @@ def plain_setup(mask_fn=None, causal=False, batch=1, kv_heads=None, heads=H):
     def make(n):
         return Setup(n, *qkv(n, batch, heads if kv_heads is None else kv_heads, heads=heads),
                      mask=mask_fn(n) if mask_fn else None, is_causal=causal)
+    return make
+
+
+def softcap_setup(softcap: float = 30.0):
+    """Causal attention with Gemma 2's logit softcap: softcap * tanh(s / softcap)."""
+    def make(n):
+        return Setup(n, *qkv(n), is_causal=True, softcap=softcap)
     return make
 
 

@@ -14,7 +14,7 @@ from . import peers
 from .builders import (alibi_setup, attnkit_bigbird_layer, attnkit_decode,
                        attnkit_longformer_layer, attnkit_patched, attnkit_rolling_decode,
                        attnkit_sdpa, attnkit_train, decode_setup, layer_setup, plain_setup,
-                       t5_setup)
+                       softcap_setup, t5_setup)
 from .. import masks as M
 from .spec import (D, FULL_LENGTHS, H, Case, Setup, Variant, count_allowed, mask_bytes,
                    scores_bytes)
@@ -121,6 +121,12 @@ CASES: tuple[Case, ...] = (
          plain_setup(causal=True, kv_heads=1), causal=True, lengths=FULL_LENGTHS[:4],
          variants=(AUTO, CHUNKED, Variant("sdpa gqa", "peer", peers.torch_sdpa, work="causal"),
                    Variant("sdpa repeat_kv", "peer", peers.torch_sdpa_repeat_kv, work="causal"))),
+    Case("softcap", "causal with logit softcap 30 (Gemma 2)", softcap_setup(30.0), causal=True,
+         lengths=FULL_LENGTHS[:4],
+         variants=(AUTO, Variant("torch sdpa, no softcap", "peer", peers.torch_sdpa,
+                                 work="causal"),
+                   Variant("eager softcap", "peer", peers.softcap_eager, work="dense",
+                           mem=scores_bytes(3), max_length=8192))),
     Case("alibi", "ALiBi bias, causal", alibi_setup(causal=True), causal=True,
          lengths=FULL_LENGTHS[:5], variants=(AUTO, _sdpa_bias(), REF, flex_variant())),
     Case("t5", "T5 relative bias, bidirectional (scale 1)", t5_setup,

@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 
 __all__ = ["Sample", "warm_up", "interleave", "timed", "PeakRSS", "Allocator", "rss_bytes",
-           "peak_live_bytes", "profile_table", "gemm_peak_gflops", "describe_machine",
+           "peak_live_bytes", "profile_table", "gemm_peak_gflops", "copy_bandwidth_gbs",
+           "describe_machine",
            "WORKER_ENV", "WORKER_ENV_DEFAULTS", "worker_env"]
 
 #: environment for worker processes (the allocator is set per phase: see Allocator)
@@ -254,11 +255,11 @@ def profile_table(call, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def gemm_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
-    """The machine's float32 matrix-multiply peak: best of ``repeats`` torch.mm(n x n)
+def gemm_peak_gflops(n: int = 4096, repeats: int = 3, dtype: str = "float32") -> float:
+    """The machine's matrix-multiply peak in ``dtype``: best of ``repeats`` torch.mm(n x n)
     calls after one warm-up, in GFLOP/s (2 n^3 flops per product)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    b = torch.randn(n, n).to(getattr(torch, dtype))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -266,6 +267,22 @@ def gemm_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Memory bandwidth as a large tensor copy sees it (STREAM's "copy"): bytes read plus
+    bytes written per second of ``dst.copy_(src)`` with ``nbytes`` far past any cache,
+    best of ``repeats``, in GB/s. Decoding reads its KV cache once per token, so this is
+    its roofline."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
 
 
 def _cpu_model() -> str:

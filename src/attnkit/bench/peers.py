@@ -30,7 +30,7 @@ from ..masks import Grid
 
 __all__ = ["torch_sdpa", "torch_sdpa_masked", "torch_sdpa_biased", "torch_sdpa_repeat_kv",
            "flex", "preload_flex", "reference", "torch_sdpa_train", "reference_train",
-           "train_step", "torch_cat_decode", "torch_cat_window_decode", "hf_longformer",
+           "softcap_eager", "train_step", "torch_cat_decode", "torch_cat_window_decode", "hf_longformer",
            "hf_bigbird", "hf_t5", "hf_mistral", "hf_model", "submodule", "longformer_config",
            "longformer_call_args", "bigbird_config", "bigbird_call_args", "t5_config"]
 
@@ -66,7 +66,7 @@ def dense_mask(s) -> torch.Tensor:
         return (torch.arange(S).view(1, S) < mask.lengths.view(-1, 1)).view(-1, 1, 1, S)
     dense = mask.materialize(L, S)
     if dense.dim() == 4 and dense.shape[1] > 1:  # per head: torch's fast path wants float
-        return torch.zeros(dense.shape).masked_fill_(~dense, float("-inf"))
+        return torch.zeros(dense.shape, dtype=s.q.dtype).masked_fill_(~dense, float("-inf"))
     return dense
 
 
@@ -135,7 +135,23 @@ def reference(s):
         with torch.no_grad():
             return scaled_dot_product_attention(s.q, s.k, s.v, attn_mask=s.mask,
                                                 is_causal=s.is_causal, bias=s.bias,
-                                                scale=s.scale, backend="reference")
+                                                scale=s.scale, softcap=s.softcap,
+                                                backend="reference")
+    return call
+
+
+def softcap_eager(s):
+    """Softcapped causal attention as Gemma 2's eager code writes it, in the inputs'
+    dtype: scores, softcap * tanh(scores / softcap), causal -inf, softmax, weighted sum."""
+    L, S = s.q.shape[2], s.k.shape[2]
+    causal = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+
+    def call():
+        with torch.no_grad():
+            scores = (s.q @ s.k.transpose(-1, -2)) * s.q.shape[-1] ** -0.5
+            scores = s.softcap * torch.tanh(scores / s.softcap)
+            scores = scores.masked_fill(~causal, float("-inf"))
+            return torch.softmax(scores, -1, dtype=torch.float32).to(s.q.dtype) @ s.v
     return call
 
 
@@ -262,7 +278,7 @@ def hf_model(model_class: str, config_class: str, config: dict, implementation: 
         torch.manual_seed(0)
         cfg = getattr(transformers, config_class)(**config)
         model = getattr(transformers, model_class)._from_config(
-            cfg, attn_implementation=implementation).eval()
+            cfg, attn_implementation=implementation).eval().to(s.q.dtype)
         if module_path is None:
             ids = s.extra["ids"]
 
@@ -293,14 +309,14 @@ def hf_longformer_module(s):
     """HF ``LongformerSelfAttention`` (window = 2 x one-sided window, layer 0), eval."""
     from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
     torch.manual_seed(0)
-    return LongformerSelfAttention(longformer_config(s), layer_id=0).eval()
+    return LongformerSelfAttention(longformer_config(s), layer_id=0).eval().to(s.q.dtype)
 
 
 def longformer_call_args(s):
     """The arguments LongformerModel passes its layers: hidden states and the mask with
     0 = local, +10000 = global, -10000 = padding."""
     B, n = s.extra["hidden"].shape[:2]
-    attention_mask = torch.zeros(B, n)
+    attention_mask = torch.zeros(B, n, dtype=s.q.dtype)
     attention_mask[:, :s.extra["num_global"]] = 10000.0
     is_index_masked = attention_mask < 0
     is_index_global_attn = attention_mask > 0
@@ -325,7 +341,7 @@ def hf_bigbird_module(s):
     """HF ``BigBirdBlockSparseAttention`` (block 64, 3 random blocks), eval mode."""
     from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention
     torch.manual_seed(0)
-    return BigBirdBlockSparseAttention(bigbird_config(s), seed=0).eval()
+    return BigBirdBlockSparseAttention(bigbird_config(s), seed=0).eval().to(s.q.dtype)
 
 
 def bigbird_config(s):
@@ -342,7 +358,7 @@ def bigbird_call_args(s):
     from transformers.models.big_bird.modeling_big_bird import BigBirdModel
     B, n = s.extra["hidden"].shape[:2]
     blocked, band, from_mask, to_mask = BigBirdModel.create_masks_for_block_sparse_attn(
-        torch.ones(B, n), s.extra["block"])
+        torch.ones(B, n, dtype=s.q.dtype), s.extra["block"])
     return dict(band_mask=band, from_mask=from_mask, to_mask=to_mask,
                 from_blocked_mask=blocked, to_blocked_mask=blocked)
 
@@ -363,7 +379,7 @@ def hf_t5_module(s, implementation: str):
     from transformers.models.t5.modeling_t5 import T5Attention
     torch.manual_seed(0)
     return T5Attention(t5_config(s, implementation), has_relative_attention_bias=True,
-                       layer_idx=0).eval()
+                       layer_idx=0).eval().to(s.q.dtype)
 
 
 def t5_config(s, implementation: str = "eager"):
@@ -406,7 +422,7 @@ def hf_mistral(implementation: str):
                          max_position_embeddings=max(s.n, 4096), attention_dropout=0.0,
                          initializer_range=0.2, attn_implementation=implementation)
         torch.manual_seed(0)
-        module = MistralAttention(cfg, layer_idx=0).eval()
+        module = MistralAttention(cfg, layer_idx=0).eval().to(s.q.dtype)
         hidden = x["hidden"]
         position_ids = torch.arange(s.n).unsqueeze(0)
         with torch.no_grad():

@@ -113,6 +113,7 @@ def format_table(report: dict) -> str:
                 f"{word} #{t['issue']}: {t['text'].replace(t['variant'] + ' ', '', 1)}"
                 f" ({format_value(t)})")
     cpu_time = report.get("settings", {}).get("cpu_time", False)
+    dtype = report.get("settings", {}).get("dtype", "float32")
     lines = []
     for case in report["cases"]:
         unit = "per token" if case["kind"] == "decode" else (
@@ -122,8 +123,12 @@ def format_table(report: dict) -> str:
         busy = f", load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
         lines.append("")
         layers = f", {case['layers']} layers" if case.get("layers", 1) > 1 else ""
+        decode = case["kind"] == "decode"
         lines.append(f"== {case['name']}: {case['title']}  (B={case['batch']}, H={case['heads']}, "
-                     f"D={case['head_dim']}{layers}, float32, {unit}{busy})")
+                     f"D={case['head_dim']}{layers}, {dtype}, {unit}{busy})")
+        if decode:
+            lines.append("   (GFLOP/s and %peak: GB/s of KV cache read per token, and its share "
+                         "of the copy bandwidth)")
         if case.get("skipped"):
             lines.append(f"   skipped: {case['skipped']}")
             continue
@@ -133,8 +138,12 @@ def format_table(report: dict) -> str:
             n = f"{row['n']:>7}" if row["n"] != last_n else " " * 7
             last_n = row["n"]
             ok = row["status"] == "ok"
-            gf = f"{row['useful_gflops']:.1f}" if ok else "-"
-            share = f"{100 * row['peak_share']:.0f}%" if ok else "-"
+            if decode and ok and "bandwidth_share" in row:
+                gf = f"{row['cache_read_gbs']:.1f}"
+                share = f"{100 * row['bandwidth_share']:.0f}%"
+            else:
+                gf = f"{row['useful_gflops']:.1f}" if ok else "-"
+                share = f"{100 * row['peak_share']:.0f}%" if ok else "-"
             mem = f"{row['mem_bytes'] / MiB:.1f}" if ok else "-"
             lines.append(
                 f"{n}  {row['variant']:<17}{_ms(row.get('median_s')):>10}"
@@ -167,10 +176,11 @@ def format_markdown(report: dict, lengths: tuple | None = None) -> str:
     implementation's median time, useful GFLOP/s, peak memory and speedup over the peers
     measured beside it; then the issues' targets."""
     m = report["machine"]
+    dtype = report.get("settings", {}).get("dtype", "float32")
     lines = [
         f"Measured on {m['cpu_model']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
-        f"torch {m['torch_version']}, float32, B=1, H=8, D=64 unless the case says otherwise; "
-        f"float32 GEMM peak {report['gemm_peak_gflops']:.0f} GFLOP/s; "
+        f"torch {m['torch_version']}, {dtype}, B=1, H=8, D=64 unless the case says otherwise; "
+        f"{dtype} GEMM peak {report['gemm_peak_gflops']:.0f} GFLOP/s; "
         f"load average {m['load_average_at_start'][0]:.1f} at start, "
         f"{m['load_average_at_end'][0]:.1f} at end (the cores are shared: compare ratios "
         f"within a row, not across runs).",

@@ -9,6 +9,7 @@ again by loading the script file. Options, the same for every script::
     --cases A B | A,B    only these cases
     --repeats N          exactly N timed calls per implementation (alias --rounds)
     --threads N          torch threads per worker (1 steadies ratios on a busy machine)
+    --dtype D            float32 (default), bfloat16 or float16: inputs, modules, peers
     --profile            also print where attnkit's time goes (torch.profiler), at each
                          case's first length
     --json FILE          every figure
@@ -31,7 +32,7 @@ import sys
 __all__ = ["parser", "main", "OPTIONS"]
 
 #: the options :func:`parser` can add
-OPTIONS = ("quick", "cases", "repeats", "threads", "profile", "json", "plot")
+OPTIONS = ("quick", "cases", "repeats", "threads", "dtype", "profile", "json", "plot")
 
 
 def _positive(text: str) -> int:
@@ -63,6 +64,10 @@ def parser(doc: str, case_names=(), options=OPTIONS, quick_help: str | None = No
         p.add_argument("--threads", type=_positive, metavar="N",
                        help="torch threads per worker (default: torch's choice, 1 with "
                             "--quick); 1 gives steadier ratios when other jobs share the cores")
+    if "dtype" in options:
+        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="what inputs, modules and peers run in; GEMM shares are of this "
+                            "dtype's peak (default: float32)")
     if "profile" in options:
         p.add_argument("--profile", action="store_true",
                        help="also print where attnkit's time goes (torch.profiler)")
@@ -99,7 +104,8 @@ def main(script: str, cases, targets=(), *, doc: str = "", argv=None,
     try:
         return run(quick=args.quick, json_path=args.json, plot_path=args.plot,
                    cases=_case_list(args.cases, names), suite=suite, threads=args.threads,
-                   repeats=args.repeats, profile=args.profile, command=command)
+                   repeats=args.repeats, profile=args.profile, command=command,
+                   dtype=args.dtype)
     except ValueError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

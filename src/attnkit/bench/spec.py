@@ -28,12 +28,16 @@ from ..masks import EMPTY, FULL, Grid
 from ..masks.grid import as_4d
 
 __all__ = ["Setup", "Variant", "Case", "Suite", "count_allowed", "missing_optional", "OPTIONAL",
-           "scores_bytes", "mask_bytes", "H", "D", "FULL_LENGTHS", "QUICK_LENGTHS"]
+           "scores_bytes", "mask_bytes", "H", "D", "FULL_LENGTHS", "QUICK_LENGTHS", "DTYPES",
+           "cast"]
 
 #: heads and head dim of the cases unless a case says otherwise
 H, D = 8, 64
 FULL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (512,)
+
+#: the dtypes a run measures in (``--dtype``): inputs, modules and peers all in it
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: the optional third-party modules a variant may need (module name prefixes), and how
 #: a user gets each
@@ -65,6 +69,7 @@ class Setup:
     bias: object = None
     scale: float | None = None
     extra: dict = field(default_factory=dict)
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,26 @@ class Variant:
         if quick:
             return self.quick and (self.quick_lengths is None or n in self.quick_lengths)
         return self.lengths is None or n in self.lengths
+
+
+def _cast(x, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, torch.nn.Module):
+        return x.to(dtype)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
+
+
+def cast(setup: Setup, dtype: torch.dtype) -> Setup:
+    """The setup with its float tensors and modules in ``dtype`` (the builders then make
+    layers and models in the dtype of the inputs they are given)."""
+    if dtype == torch.float32:
+        return setup
+    return Setup(setup.n, _cast(setup.q, dtype), _cast(setup.k, dtype), _cast(setup.v, dtype),
+                 setup.mask, setup.is_causal, setup.bias, setup.scale,
+                 _cast(setup.extra, dtype), setup.softcap)
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,21 @@ class Target:
     case: str
     n: int
     variant: str            # the attnkit row the target is about
-    kind: str               # speedup | within | within_best | gflops | growth_mib | mem_below
-                            # | mem_linear | mem_mib
+    kind: str               # speedup | within | within_best | rate_share | gflops
+                            # | growth_mib | mem_below | mem_linear | mem_mib
     threshold: float
     peer: str | None = None  # within_best: the candidates, separated by "|"
+    dtype: str = "float32"   # the run's dtype (``attnkit bench --dtype``) it is about
+    peer_case: str | None = None  # the peer's row is in this case (default: the same)
+    peer_n: int | None = None     # ... at this length (default: the same)
 
     @property
     def text(self) -> str:
         t, p = self.threshold, self.peer
         return {
-            "speedup": f"{self.variant} >= {t:g}x faster than {p}",
-            "within": f"{self.variant} time <= {t:g}x {p}",
+            "speedup": f"{self.variant} >= {t:g}x faster than {p}{self._where}",
+            "within": f"{self.variant} time <= {t:g}x {p}{self._where}",
+            "rate_share": f"{self.variant} useful GFLOP/s >= {t:.0%} of {p}'s{self._where}",
             "within_best": f"{self.variant} time <= {t:g}x the fastest of {p}",
             "gflops": f"{self.variant} >= {t:g} useful GFLOP/s",
             "growth_mib": f"{self.variant} peak memory growth < {t:g} MiB",
@@ -42,8 +46,19 @@ class Target:
         }[self.kind]
 
 
-def _t(issue, case, n, variant, kind, threshold, peer=None):
-    return Target(issue, case, n, variant, kind, threshold, peer)
+    @property
+    def _where(self) -> str:
+        if self.peer_case is None and self.peer_n is None:
+            return ""
+        return f" ({self.peer_case or self.case}, n={self.peer_n or self.n})"
+
+
+def _t(issue, case, n, variant, kind, threshold, peer=None, **where):
+    return Target(issue, case, n, variant, kind, threshold, peer, **where)
+
+
+def _bf16(issue, case, n, variant, kind, threshold, peer=None, **where):
+    return Target(issue, case, n, variant, kind, threshold, peer, dtype="bfloat16", **where)
 
 
 TARGETS: tuple[Target, ...] = (
@@ -80,6 +95,24 @@ TARGETS: tuple[Target, ...] = (
     _t(5, "t5_layer", 1024, "attnkit patched", "within", 1.0, "hf t5 sdpa"),
     _t(5, "mistral_layer", 4096, "attnkit", "speedup", 2, "hf mistral eager"),
     _t(5, "mistral_layer", 4096, "attnkit", "within", 1.0, "hf mistral sdpa"),
+    # half precision: ratios against torch in bfloat16, in one bfloat16 run
+    *(_bf16(15, case, n, "attnkit", "within", 1.05, peer)
+      for case, peer in (("dense", "torch sdpa"), ("causal", "torch sdpa"),
+                         ("gqa", "sdpa gqa"), ("mqa", "sdpa gqa"))
+      for n in (4096, 16384) if not (case != "causal" and n > 8192)),
+    _bf16(15, "causal", 4096, "attnkit chunked", "within", 1.25, "torch sdpa"),
+    _bf16(15, "causal", 16384, "attnkit chunked", "within", 1.25, "torch sdpa"),
+    _bf16(15, "causal_train", 4096, "attnkit", "within", 1.2, "torch sdpa"),
+    _bf16(15, "alibi", 8192, "attnkit", "within", 1.3, "torch sdpa", peer_case="causal"),
+    _bf16(15, "alibi", 8192, "attnkit", "mem_linear", 2.6),
+    _bf16(15, "t5", 8192, "attnkit", "within", 1.3, "torch sdpa", peer_case="causal"),
+    _bf16(15, "t5", 8192, "attnkit", "mem_linear", 2.6),
+    _bf16(15, "softcap", 8192, "attnkit", "within", 2.0, "torch sdpa", peer_case="causal"),
+    _bf16(15, "sliding_window", 16384, "attnkit", "rate_share", 0.5, "torch sdpa",
+          peer_case="dense", peer_n=8192),
+    _bf16(15, "longformer_layer", 4096, "attnkit layer", "speedup", 4, "hf Longformer"),
+    _bf16(15, "bigbird_layer", 4096, "attnkit layer", "speedup", 3, "hf BigBird"),
+    _bf16(15, "mistral_layer", 4096, "attnkit", "within", 1.0, "hf mistral sdpa"),
 )
 
 
@@ -108,8 +141,9 @@ def evaluate(target: Target, rows: dict) -> dict:
         value = me["median_s"] / measured[best]["median_s"]
         return {**out, "measured": value, "best": best,
                 "status": "met" if value <= target.threshold else "missed"}
-    if k in ("speedup", "within", "mem_below"):
-        peer = _row(rows, target.case, target.n, target.peer)
+    if k in ("speedup", "within", "mem_below", "rate_share"):
+        peer = _row(rows, target.peer_case or target.case, target.peer_n or target.n,
+                    target.peer)
         if peer is None:
             return {**out, "status": "n/a", "why": f"{target.peer} not measured at n={target.n}"}
         if k == "speedup":
@@ -118,6 +152,9 @@ def evaluate(target: Target, rows: dict) -> dict:
         elif k == "within":
             value = me["median_s"] / peer["median_s"]
             ok = value <= target.threshold
+        elif k == "rate_share":
+            value = me["useful_gflops"] / peer["useful_gflops"]
+            ok = value >= target.threshold
         else:
             value = me["mem_bytes"] / MiB
             ok = me["mem_bytes"] < peer["mem_bytes"]
@@ -148,6 +185,8 @@ def format_value(result: dict) -> str:
         return "-"
     if k == "within_best":
         return f"{v:.2f}x ({result['best']})"
+    if k == "rate_share":
+        return f"{v:.0%}"
     if k in ("speedup", "within", "mem_linear"):
         return f"{v:.2f}x"
     if k == "gflops":

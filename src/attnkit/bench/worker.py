@@ -33,9 +33,9 @@ import traceback
 import torch
 
 from .cases import SOURCE, case_by_name
-from .measurement import (Allocator, Sample, gemm_peak_gflops, interleave, profile_table,
-                          rss_bytes, warm_up)
-from .spec import missing_optional
+from .measurement import (Allocator, Sample, copy_bandwidth_gbs, gemm_peak_gflops, interleave,
+                          profile_table, rss_bytes, warm_up)
+from .spec import DTYPES, cast, missing_optional
 
 
 def _emit(channel, **event):
@@ -107,6 +107,8 @@ def figures(case, n: int, variant, sample: Sample, info: dict) -> dict:
         cache_bytes = int(sample.call.cache_bytes)
         result["cache_bytes"] = cache_bytes
         result["cache_bytes_per_token"] = cache_bytes / n
+        # one decoded token reads the whole cache once: its read bandwidth
+        result["cache_read_gbs"] = cache_bytes / result["median_s"] / 1e9
         result["mem_bytes"] = cache_bytes
     return result
 
@@ -137,14 +139,15 @@ def _profile(variant, sample: Sample, emit) -> None:
     emit(type="profile", variant=variant.label, table=table)
 
 
-def measure_length(case, n: int, variants, budget: dict, emit, profile: bool = False) -> None:
+def measure_length(case, n: int, variants, budget: dict, emit, profile: bool = False,
+                   dtype: str = "float32") -> None:
     """Every variant of one case at one length: each prepared in turn, then timed
     interleaved with the others (those whose setup is small enough to keep around);
     with ``profile``, attnkit's variants are then profiled once each."""
     timing = dict(budget_s=budget["budget_s"], min_repeats=budget["min_repeats"],
                   max_repeats=budget["max_repeats"])
     try:
-        setup = case.make(n)
+        setup = cast(case.make(n), DTYPES[dtype])
     except Exception as e:  # noqa: BLE001 - reported, the run goes on
         for v in variants:
             emit(variant=v.label, status="failed", note=f"setup: {_error_note(e)}")
@@ -195,7 +198,8 @@ def run_plan(plan: dict, channel) -> None:
             def emit(type="result", **event):  # each row says how busy the machine was
                 _emit(channel, type=type, case=case.name, n=n, load_average=load, **event)
             measure_length(case, n, variants, plan["budget"], emit,
-                           profile=bool(plan.get("profile")) and n == first)
+                           profile=bool(plan.get("profile")) and n == first,
+                           dtype=plan.get("dtype", "float32"))
             gc.unfreeze()  # what the setup and its variants left in cycles can go now
             gc.collect()
 
@@ -211,7 +215,7 @@ def main() -> int:
         torch.set_num_threads(plan["threads"])
     if plan.get("gemm"):
         _emit(channel, type="gemm", gflops=gemm_peak_gflops(**plan["gemm"]),
-              threads=torch.get_num_threads())
+              copy_gbs=copy_bandwidth_gbs(), threads=torch.get_num_threads())
     run_plan(plan, channel)
     _emit(channel, type="done")
     return 0

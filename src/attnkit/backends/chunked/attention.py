@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...bias import Bias
-from ...dtypes import compute_dtype, stat_dtype
+from ...dtypes import HALF, compute_dtype, matmul_dtype, stat_dtype
 from ...masks import Grid, Mask
 from .additive import NEG_INF, AdditiveTiles
 from .backward import backward as backward_pass
@@ -115,9 +115,13 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
-               AdditiveTiles(grid, tiles, mask, bias))
     params = tuple(bias.params) if bias is not None else ()
+    backward_follows = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, sinks, *params))
+    cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
+               AdditiveTiles(grid, tiles, mask, bias),
+               half_products=(query.dtype in HALF and not backward_follows
+                              and matmul_dtype(query.dtype, query.device) == query.dtype))
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
     w = weights(query, key, sinks, cfg, params) if return_weights else None
     return out, w, lse

@@ -17,8 +17,8 @@ import torch
 from ...dtypes import HALF, compute_dtype, stat_dtype
 from .additive import NEG_INF
 from .forward import EAGER, EXACT, FUSED
-from .kernels import (Call, KeyValues, dropout_keep, fold, fused_backward, probabilities,
-                      unfold, use_fused)
+from .kernels import (Call, KeyValues, dropout_keep, fold, fused_add_dtype, fused_backward,
+                      probabilities, unfold, use_fused)
 
 __all__ = ["backward"]
 
@@ -98,7 +98,7 @@ def backward(dout, dlse, q, k, v, out, shift, rel, sinks, cfg: Call, params):
         for si, seg in enumerate(tile.segments):
             ks, vs = seg.read(kv)
             if mode == FUSED:
-                add, _ = cfg.additive.get(tile, seg, params, q.dtype)
+                add, _ = cfg.additive.get(tile, seg, params, fused_add_dtype(cfg, q))
                 gq, gk, gv = fused_backward(dot, qt, ks, vs, out[:, :, r],
                                              lse_b[:, :, r].to(stat_dtype(q.dtype)), add,
                                              cfg.scale)

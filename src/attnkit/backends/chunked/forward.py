@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ...dtypes import compute_dtype
 from .additive import NEG_INF
-from .kernels import (Call, KeyValues, Part, like_query, segment_forward, use_fused)
+from .kernels import (Call, KeyValues, Part, fused_add_dtype, like_query, segment_forward,
+                      use_fused)
 from .merge import merge_into
 from .plan import Run, Tile, batched_runs
 
@@ -78,7 +79,7 @@ def forward(q, k, v, sinks, cfg: Call, params):
     acc_dtype = compute_dtype(q.dtype)
     sink = None if sinks is None else sinks.to(stat).view(1, Hq, 1)
     kv = KeyValues(k, v, Hq)
-    fused_dtype = q.dtype
+    fused_dtype = fused_add_dtype(cfg, q)
     runs = batched_runs(cfg.tiles, cfg.additive.signature) if fused_ok else {}
     cfg.modes = [FUSED if fused_ok else EAGER] * len(cfg.tiles)
     done = 0

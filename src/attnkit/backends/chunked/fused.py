@@ -6,7 +6,9 @@ recomputes gradients from a saved output and log-sum-exp. Partial results over d
 key sets merge exactly with the log-sum-exp rule, which is what the chunked engine needs.
 Known traits, all handled by the caller:
 
-* float masks only (bool raises), same dtype as the query, 2-D or 4-D;
+* float masks only (bool raises), 2-D or 4-D, in the query's dtype or, for half
+  precision queries, in float32 (added to the float32 scores as they are: a bias need
+  not be rounded to half precision; :func:`takes_float32_masks` checks it);
 * a row whose keys are all masked gets ``out = 0`` and ``lse = 0`` (not -inf);
 * no dropout, equal head dims for q/k/v, CPU tensors only; key/value may have fewer
   heads than the query (grouped-query attention, head h reads kv head h // groups).
@@ -49,6 +51,36 @@ def _self_test() -> bool:
         return bool(torch.allclose(out, ref) and torch.allclose(lse, ref_lse))
     except Exception:  # pragma: no cover - depends on the torch build
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def takes_float32_masks(dtype: torch.dtype) -> bool:
+    """Whether the kernels add a float32 mask to ``dtype`` (half precision) queries'
+    float32 scores without rounding it: a bias of 1000.25 must survive, which bfloat16
+    (8 bits) or float16 (11) would round away."""
+    if not _self_test():
+        return False
+    try:
+        q = torch.zeros(1, 1, 1, 8, dtype=dtype)
+        k = torch.zeros(1, 1, 2, 8, dtype=dtype)
+        v = torch.tensor([0.0, 1.0], dtype=dtype).view(1, 1, 2, 1).expand(1, 1, 2, 8)
+        v = v.contiguous()
+        add = torch.tensor([[1000.0, 1000.25]]).view(1, 1, 1, 2)  # weights 0.438, 0.562
+        out, lse = _FWD(q, k, v, 0.0, False, attn_mask=add, scale=1.0)
+        want = torch.softmax(add.double(), -1)[..., 1].item()
+        dq, dk, dv = _BWD(torch.ones_like(out), q, k, v, out, lse, 0.0, False,
+                          attn_mask=add, scale=1.0)
+        return (abs(float(out[0, 0, 0, 0]) - want) < 0.01 and abs(float(lse) - float(
+            add.double().logsumexp(-1))) < 1e-3 and abs(float(dv[0, 0, 1, 0]) - want) < 0.01)
+    except Exception:  # pragma: no cover - depends on the torch build
+        return False
+
+
+def mask_dtype(dtype: torch.dtype, has_bias: bool) -> torch.dtype:
+    """The dtype of the additive tiles handed to the kernels for ``dtype`` queries: the
+    query's own for 0/-inf masks (exact in any float dtype), float32 for a bias with half
+    precision queries."""
+    return torch.float32 if has_bias and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ from . import fused
 from .additive import NEG_INF, AdditiveTiles
 
 __all__ = ["Call", "KeyValues", "Part", "fold", "unfold", "scores", "dropout_keep", "use_fused",
-           "like_query", "segment_forward", "probabilities", "fused_backward"]
+           "fused_add_dtype", "like_query", "segment_forward", "probabilities", "fused_backward"]
 
 
 @dataclass
@@ -40,6 +40,12 @@ class Call:
     additive: AdditiveTiles
     #: per tile, the kernel the forward used (FUSED, EAGER, EXACT); the backward follows
     modes: list | None = None
+    #: the eager kernel's products in the half input dtype (float32 accumulation inside,
+    #: the scores rounded once to it, as torch's own half-precision math rounds them):
+    #: only for a forward no backward follows, where this CPU multiplies half fast. With
+    #: a backward, forward, backward and the fused tiles' statistics must all see the
+    #: same exact (float32) products.
+    half_products: bool = False
 
 
 class KeyValues:
@@ -108,17 +114,47 @@ def unfold(x: Tensor, q_heads: int) -> Tensor:
     return x.reshape(B, q_heads, gn * x.shape[1] // q_heads, d)
 
 
-def scores(qt: Tensor, ks: Tensor, cfg: Call):
+def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True):
     """Scaled (and soft-capped) scores (B, Hq, nq, nk) in the compute dtype, plus
-    x = s / softcap, from which the backward forms softcap's derivative."""
+    x = scale * q k^T / softcap, from which the backward forms softcap's derivative
+    (``keep_x=False``: not kept). The products are exact for half inputs (float32, as
+    torch's fused kernel forms them: forward, backward and the fused tiles' statistics
+    agree; ``cfg.half_products``: see :class:`Call`), and the elementwise steps run in
+    place on them."""
     cdt = compute_dtype(qt.dtype)
-    s = torch.matmul(fold(qt.to(cdt), ks.shape[1]), ks.to(cdt).transpose(-1, -2))
-    s = unfold(s, qt.shape[1]) * cfg.scale
+    mdt = qt.dtype if cfg.half_products else cdt
+    s = torch.matmul(fold(qt.to(mdt), ks.shape[1]), ks.to(mdt).transpose(-1, -2))
+    s = unfold(s.to(cdt), qt.shape[1])
+    if torch.is_grad_enabled() and (qt.requires_grad or ks.requires_grad):
+        return _differentiable_scores(s, qt.dtype, cfg)
     x = None
-    if cfg.softcap is not None:
-        x = s / cfg.softcap
-        s = cfg.softcap * torch.tanh(x)
-    return s, x
+    if cfg.softcap is None:
+        return s.mul_(cfg.scale), x
+    c = cfg.softcap
+    if qt.dtype in HALF:
+        # half precision inputs: c tanh(x) = 2c sigmoid(2x) - c, with sigmoid several
+        # times cheaper than tanh; its cancellation near x = 0 costs ~1 ulp of c in
+        # float32, far below the inputs' own rounding
+        s.mul_(2 * cfg.scale / c)
+        if keep_x:
+            x = s * 0.5
+        return s.sigmoid_().mul_(2 * c).sub_(c), x
+    s.mul_(cfg.scale / c)
+    if keep_x:
+        x = s.clone()
+    return s.tanh_().mul_(c), x
+
+
+def _differentiable_scores(s: Tensor, dtype: torch.dtype, cfg: Call):
+    """:func:`scores`' elementwise steps out of place, for autograd (the weights pass)."""
+    if cfg.softcap is None:
+        return s * cfg.scale, None
+    c = cfg.softcap
+    if dtype in HALF:
+        x = s * (cfg.scale / c)
+        return torch.sigmoid(2 * x) * (2 * c) - c, x
+    x = s * (cfg.scale / c)
+    return torch.tanh(x) * c, x
 
 
 def dropout_keep(cfg: Call, ti: int, si: int, shape, device) -> Tensor:
@@ -132,9 +168,14 @@ def dropout_keep(cfg: Call, ti: int, si: int, shape, device) -> Tensor:
 def use_fused(cfg: Call, q, k, v, need_bias_grad: bool = False) -> bool:
     if cfg.softcap is not None or cfg.dropout_p > 0 or need_bias_grad:
         return False
-    if cfg.bias is not None and q.dtype in HALF:
+    if cfg.bias is not None and q.dtype in HALF and not fused.takes_float32_masks(q.dtype):
         return False  # a bias rounded to half precision would change the softmax
     return fused.usable(q, k, v)
+
+
+def fused_add_dtype(cfg: Call, q: Tensor) -> torch.dtype:
+    """The dtype the fused kernel gets a segment's additive tile in."""
+    return fused.mask_dtype(q.dtype, cfg.bias is not None)
 
 
 def like_query(q: Tensor, dv: int) -> Tensor:
@@ -167,16 +208,19 @@ def segment_forward(cfg, ti, si, qt, ks, vs, add, alive, with_fused: bool) -> Pa
         if alive is not None:  # the fused kernel reports lse = 0 for rows with no key
             lse = lse.masked_fill(~alive, NEG_INF)
         return Part(out, None, lse)
-    s, _ = scores(qt, ks, cfg)
+    s, _ = scores(qt, ks, cfg, keep_x=False)
     if add is not None:
-        s = s + add
+        s.add_(add)
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == NEG_INF, 0.0, m)
-    p = torch.exp(s - m)
+    p = s.sub_(m).exp_()
     denom = p.sum(-1)
     if cfg.dropout_p > 0:
         p = p * dropout_keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
-    pv = unfold(torch.matmul(fold(p, vs.shape[1]), vs.to(p.dtype)), qt.shape[1])
+    if cfg.half_products:
+        pv = unfold(torch.matmul(fold(p.to(vs.dtype), vs.shape[1]), vs).to(p.dtype), qt.shape[1])
+    else:
+        pv = unfold(torch.matmul(fold(p, vs.shape[1]), vs.to(p.dtype)), qt.shape[1])
     return Part(pv, m.squeeze(-1), torch.log(denom), denom)
 
 
@@ -185,13 +229,13 @@ def probabilities(cfg, qt, ks, add, shift_t, rel_t, acc):
     forward's eager kernel computed them, and tanh(s / softcap) for softcap's derivative."""
     s, t = scores(qt, ks, cfg)
     if add is not None:
-        s = s + add
+        s.add_(add)
     if shift_t is None:  # the fused kernel's statistics: lse alone
-        return torch.exp(s - rel_t.unsqueeze(-1).to(acc)), t
+        return s.sub_(rel_t.unsqueeze(-1).to(acc)).exp_(), t
     # exp(s - shift) / denom as the forward formed it (1/denom = exp(-rel) rounded once,
     # from float64), not exp(s - shift - rel), whose argument rounds with |rel|
     inv = torch.exp(-rel_t.unsqueeze(-1)).to(acc)
-    return torch.exp(s - shift_t.unsqueeze(-1).to(acc)) * inv, t
+    return s.sub_(shift_t.unsqueeze(-1).to(acc)).exp_().mul_(inv), t
 
 
 def fused_backward(dot, qt, ks, vs, out_t, lse_t, add, scale):
