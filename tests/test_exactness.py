@@ -105,6 +105,28 @@ def test_half_precision_sinks_round_once(backend, dtype):
     assert ok, account
 
 
+@pytest.mark.parametrize("dtype,seed", [(torch.bfloat16, 6), (torch.float16, 7)])
+def test_half_precision_sink_gradients_come_from_p_and_dp(dtype, seed):
+    # campaign seed 4: dsinks sums rowsum(dO * O) over every row; from a fused output
+    # rescaled for the sink (rounded twice in half precision) that sum was 3-8x torch's
+    # error (these seeds: 4 of 80 failed)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g, dtype=torch.float64) for n in (34, 17, 17))
+    dout = torch.randn(3, 2, 34, 8, generator=g, dtype=torch.float64)
+    sinks = torch.randn(2, generator=g, dtype=torch.float64)
+    mask = masks.document(torch.repeat_interleave(torch.arange(4), torch.tensor([5, 3, 6, 3])))
+    allowed = mask.materialize(34, 17).expand(3, 2, 34, 17)
+
+    def dsinks(fn, dt):  # on inputs rounded to the test dtype, as the campaign's
+        x = [t.to(dtype).to(dt).requires_grad_() for t in (q, k, v, sinks)]
+        return torch.autograd.grad(fn(*x), x[3], dout.to(dt))[0]
+
+    ours = dsinks(lambda q, k, v, s: sdpa(q, k, v, mask, sinks=s, backend="chunked"), dtype)
+    oracle = lambda q, k, v, s: attention(q, k, v, allowed, scale=8 ** -0.5, sinks=s)[0]
+    ok, account = fa_close(ours, dsinks(oracle, torch.float64), dsinks(oracle, dtype), dtype)
+    assert ok, account
+
+
 # ------------------------------------------------------------------ 6. backward edge cases
 
 @pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])

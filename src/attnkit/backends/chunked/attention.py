@@ -121,7 +121,8 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
                AdditiveTiles(grid, tiles, mask, bias),
                half_products=(query.dtype in HALF and not backward_follows
-                              and matmul_dtype(query.dtype, query.device) == query.dtype))
+                              and matmul_dtype(query.dtype, query.device) == query.dtype),
+               sink_grad=backward_follows and sinks is not None and sinks.requires_grad)
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
     w = weights(query, key, sinks, cfg, params) if return_weights else None
     return out, w, lse

@@ -65,11 +65,13 @@ def tile_forward(cfg, ti, tile, q, kv, params, add_dtype, mode, out, shift, rel,
 def forward(q, k, v, sinks, cfg: Call, params):
     B, Hq, L, _ = q.shape
     Dv = v.shape[-1]
-    # in float32/64 a sink belongs in the softmax's one normalisation, which only the eager
-    # kernel can give it (the fused kernel's output would be rescaled, rounding twice); in
-    # half precision that rescale is far inside the dtype's own rounding
+    # a sink belongs in the softmax's one normalisation, which only the eager kernel can
+    # give it (the fused kernel's output would be rescaled, rounding twice). In half
+    # precision the second rounding stays inside the output's own tolerance, but not in
+    # the sinks' gradient, a sum over every row of rowsum(dO * O): when it is wanted,
+    # eager tiles form it from P and dP instead
     fused_ok = use_fused(cfg, q, k, v) and not (
-        sinks is not None and q.dtype in (torch.float32, torch.float64))
+        sinks is not None and (q.dtype in (torch.float32, torch.float64) or cfg.sink_grad))
     out = like_query(q, Dv)
     # statistics in float64 whatever the inputs: shift is a float32 score (exact), and
     # rel = log(denominator) keeps the digits that P_sink and dsinks need

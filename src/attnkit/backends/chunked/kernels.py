@@ -46,6 +46,8 @@ class Call:
     #: a backward, forward, backward and the fused tiles' statistics must all see the
     #: same exact (float32) products.
     half_products: bool = False
+    #: the sinks' gradient is wanted (see :func:`.forward.forward`)
+    sink_grad: bool = False
 
 
 class KeyValues:
