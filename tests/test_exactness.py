@@ -129,6 +129,23 @@ def test_half_precision_sink_gradients_come_from_p_and_dp(dtype, seed):
 
 # ------------------------------------------------------------------ 6. backward edge cases
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_rows_saturated_only_where_a_mask_object_lets_through(backend, dtype):
+    # campaign seeds 4 and 5: a float mask holds finfo(float32).min on the keys a causal
+    # (or window) mask object lets row 3 see, and 0 on the keys it masks. The bias alone
+    # has a row maximum of 0, so the saturated row went unseen and torch's fused backward
+    # recomputed its P from a log-sum-exp that had lost its digits (dq off by 0.6)
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, L=10, S=12, D=4, dtype=dtype, requires_grad=True)
+    causal = torch.ones(10, 12, dtype=torch.bool).tril(2)
+    m = torch.zeros(2, 10, 12, dtype=dtype)
+    m[:, 3] = torch.where(causal[3], torch.finfo(torch.float32).min, 0.0)
+    out = sdpa(q, k, v, m, is_causal=True, backend=backend)
+    want = sdpa(q, k, v, m, is_causal=True, backend="reference")
+    torch.testing.assert_close(out, want)
+    for got, ref in zip(grads(out, (q, k, v)), grads(want, (q, k, v))):
+        torch.testing.assert_close(got, ref)
+
 @pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
 def test_dv_does_not_depend_on_lse_in_the_loss(backend):
     q, k, v = qkv(B=1, Hq=2, Hkv=2, L=70, S=90, D=16, requires_grad=True)

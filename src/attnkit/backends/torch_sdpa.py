@@ -27,11 +27,13 @@ __all__ = ["torch_attention", "saturated_rows"]
 SATURATED = -2.0 ** 11
 
 
-def saturated_rows(bias: Bias | None) -> bool:
-    """Whether a dense float mask masks some row entirely with finite numbers so large
-    that a kernel recomputing probabilities from the log-sum-exp gets them wrong."""
-    t = getattr(bias, "bias", None)  # a dense tensor, given as attn_mask or as bias
-    if t is None:
+def saturated_rows(bias: Bias | Tensor | None) -> bool:
+    """Whether a dense float mask (a TensorBias, or the float attn_mask handed to torch,
+    with -inf where a mask object masks) masks some row entirely with finite numbers so
+    large that a kernel recomputing probabilities from the log-sum-exp gets them wrong:
+    the row's largest entry among those not -inf is below SATURATED."""
+    t = bias if isinstance(bias, Tensor) else getattr(bias, "bias", None)
+    if t is None or not t.is_floating_point():
         return False
     top = t.amax(-1)
     return bool(((top < SATURATED) & torch.isfinite(top)).any())
@@ -77,7 +79,7 @@ def torch_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | N
                                               is_causal=True, scale=scale, enable_gqa=gqa)
     attn_mask, alive = dense_additive(mask, bias, grid, query.dtype)
     kernel = None
-    if needs_grad and (saturated_rows(bias) or _selects(attn_mask, S)):
+    if needs_grad and (saturated_rows(attn_mask) or _selects(attn_mask, S)):
         # torch's fused backward recomputes P = exp(s - lse) with s from another product:
         # wrong on saturated rows (lse lost its digits), and on a row's single key not
         # exactly 1, which is the whole gradient when every row selects one key (dq, dk

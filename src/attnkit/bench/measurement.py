@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from ..dtypes import matmul_rate
+
 __all__ = ["Sample", "warm_up", "interleave", "timed", "PeakRSS", "Allocator", "rss_bytes",
            "peak_live_bytes", "profile_table", "gemm_peak_gflops", "copy_bandwidth_gbs",
            "describe_machine",
@@ -258,15 +260,7 @@ def profile_table(call, rows: int = 12) -> str:
 def gemm_peak_gflops(n: int = 4096, repeats: int = 3, dtype: str = "float32") -> float:
     """The machine's matrix-multiply peak in ``dtype``: best of ``repeats`` torch.mm(n x n)
     calls after one warm-up, in GFLOP/s (2 n^3 flops per product)."""
-    a = torch.randn(n, n).to(getattr(torch, dtype))
-    b = torch.randn(n, n).to(getattr(torch, dtype))
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return matmul_rate(getattr(torch, dtype), n, repeats) / 1e9
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 28, repeats: int = 5) -> float:

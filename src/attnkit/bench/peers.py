@@ -206,10 +206,10 @@ def flex(s):
 
 # --------------------------------------------------------------------------- decoding
 
-def torch_cat_decode(s):
-    """Decoding without a cache object: grow K/V with ``torch.cat`` every step and call
-    torch SDPA for the one new query (it sees every key, so no mask)."""
-    k0, v0 = s.extra["k_context"], s.extra["v_context"]
+def _cat_decoder(s, k0, v0, keep: int | None = None):
+    """``steps`` decoding steps from K/V ``k0``/``v0``: ``torch.cat`` the new key and value,
+    torch SDPA for the one new query (it sees every kept key, so no mask), then keep only
+    the last ``keep`` keys (None: all)."""
     steps = s.extra["steps"]
     q_new, k_new, v_new = s.extra["q_new"], s.extra["k_new"], s.extra["v_new"]
     gqa = q_new.shape[1] != k0.shape[1]
@@ -221,32 +221,25 @@ def torch_cat_decode(s):
                 k = torch.cat([k, k_new[t]], 2)
                 v = torch.cat([v, v_new[t]], 2)
                 out = F.scaled_dot_product_attention(q_new[t], k, v, enable_gqa=gqa)
+                if keep is not None:
+                    k, v = k[:, :, -keep:], v[:, :, -keep:]
             return out
     call.cache_bytes = 2 * k0.numel() * k0.element_size()  # K/V at context length n
     return call
+
+
+def torch_cat_decode(s):
+    """Decoding without a cache object: grow K/V with ``torch.cat`` every step and call
+    torch SDPA for the one new query."""
+    return _cat_decoder(s, s.extra["k_context"], s.extra["v_context"])
 
 
 def torch_cat_window_decode(s):
     """Rolling window the plain-torch way: keep the last ``window - 1`` keys in a tensor,
     ``torch.cat`` the new one, call torch SDPA (the kept keys are exactly the window)."""
     w = s.extra["window"]
-    k0 = s.extra["k_context"][:, :, -(w - 1):].clone()
-    v0 = s.extra["v_context"][:, :, -(w - 1):].clone()
-    steps = s.extra["steps"]
-    q_new, k_new, v_new = s.extra["q_new"], s.extra["k_new"], s.extra["v_new"]
-    gqa = q_new.shape[1] != k0.shape[1]
-
-    def call():
-        with torch.no_grad():
-            k, v = k0, v0
-            for t in range(steps):
-                k = torch.cat([k, k_new[t]], 2)
-                v = torch.cat([v, v_new[t]], 2)
-                out = F.scaled_dot_product_attention(q_new[t], k, v, enable_gqa=gqa)
-                k, v = k[:, :, 1:], v[:, :, 1:]
-            return out
-    call.cache_bytes = 2 * k0.numel() * k0.element_size()
-    return call
+    return _cat_decoder(s, s.extra["k_context"][:, :, -(w - 1):].clone(),
+                        s.extra["v_context"][:, :, -(w - 1):].clone(), keep=w - 1)
 
 
 # --------------------------------------------------------------------------- HuggingFace
