@@ -125,6 +125,9 @@ def test_float16_runs_on_float32_copies_where_its_products_are_slow(monkeypatch)
     choice = attnkit.explain(q, k, v, is_causal=True)
     slow = matmul_dtype(torch.float16) == torch.float32
     assert ("computed on float32 copies" in choice.reason) == slow
+    capped = attnkit.explain(q, k, v, is_causal=True, softcap=5.0)  # torch cannot softcap
+    assert capped.backend == "chunked"
+    assert ("computed on float32 copies" in capped.reason) == slow
     out = sdpa(q, k, v, is_causal=True)
     assert out.dtype == torch.float16
     want = sdpa(q.double(), k.double(), v.double(), is_causal=True)

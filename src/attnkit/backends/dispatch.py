@@ -106,8 +106,9 @@ def choose(p: Problem, backend: str = "auto") -> Choice:
         if reasons:
             rejected[name] = reasons
     if "torch" in rejected:
-        return Choice("chunked", "the only candidate that can run it", rejected=rejected)
-    name, reason = _weigh(p)
+        name, reason = "chunked", "the only candidate that can run it"
+    else:
+        name, reason = _weigh(p)
     if matmul_dtype(p.dtype, p.device) != p.dtype:
         reason += (f"; computed on float32 copies: this CPU multiplies {str(p.dtype)[6:]} "
                    f"slowly")
