@@ -3,12 +3,13 @@
     attnkit bench [--quick] [--dtype float32|bfloat16|float16] [--json FILE] [--plot FILE.png]
 
 The parent process describes the machine, measures the GEMM peak of the run's dtype
-(torch.mm, 4096 x 4096) and the memory bandwidth of a large copy, plans which (case, length, implementation) fit the time and memory
-budgets, and hands the plan to worker processes (``attnkit.bench.worker``): one fresh
-process per case in a full run, one for all cases with ``--quick`` (process start-up
-would otherwise eat the two minutes). It then adds the derived figures (useful GFLOP/s,
-share of the dtype's GEMM peak, decode's share of the copy bandwidth, speedups over each peer, the issues' targets), prints the table
-and writes the JSON and the plot. Methods: ``benchmarks/README.md``.
+(torch.mm, 4096 x 4096) and the memory bandwidth of a large copy, plans which (case,
+length, implementation) fit the time and memory budgets, and hands the plan to worker
+processes (``attnkit.bench.worker``): one fresh process per case in a full run, one for
+all cases with ``--quick`` (process start-up would otherwise eat the two minutes). It
+then adds the derived figures (useful GFLOP/s, share of the dtype's GEMM peak, decode's
+share of the copy bandwidth, speedups over each peer, the issues' targets), prints the
+table and writes the JSON and the plot. Methods: ``benchmarks/README.md``.
 
 The focused scripts in ``benchmarks/`` run their own case lists through the same
 :func:`run` (a :class:`~attnkit.bench.spec.Suite`; command line: :mod:`attnkit.bench.script`).

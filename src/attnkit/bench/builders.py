@@ -22,7 +22,8 @@ from .spec import D, H, Setup
 
 __all__ = ["attnkit_sdpa", "attnkit_train", "attnkit_decode", "attnkit_rolling_decode",
            "attnkit_longformer_layer", "attnkit_bigbird_layer", "attnkit_patched",
-           "qkv", "plain_setup", "softcap_setup", "alibi_setup", "t5_setup", "decode_setup", "layer_setup",
+           "qkv", "plain_setup", "softcap_setup", "alibi_setup", "t5_setup", "decode_setup",
+           "layer_setup",
            "model_input_setup"]
 
 

@@ -30,7 +30,8 @@ from ..masks import Grid
 
 __all__ = ["torch_sdpa", "torch_sdpa_masked", "torch_sdpa_biased", "torch_sdpa_repeat_kv",
            "flex", "preload_flex", "reference", "torch_sdpa_train", "reference_train",
-           "softcap_eager", "train_step", "torch_cat_decode", "torch_cat_window_decode", "hf_longformer",
+           "softcap_eager", "train_step", "torch_cat_decode", "torch_cat_window_decode",
+           "hf_longformer",
            "hf_bigbird", "hf_t5", "hf_mistral", "hf_model", "submodule", "longformer_config",
            "longformer_call_args", "bigbird_config", "bigbird_call_args", "t5_config"]
 

@@ -76,13 +76,6 @@ def takes_float32_masks(dtype: torch.dtype) -> bool:
         return False
 
 
-def mask_dtype(dtype: torch.dtype, has_bias: bool) -> torch.dtype:
-    """The dtype of the additive tiles handed to the kernels for ``dtype`` queries: the
-    query's own for 0/-inf masks (exact in any float dtype), float32 for a bias with half
-    precision queries."""
-    return torch.float32 if has_bias and dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Can the fused kernel compute this (q, k, v) segment?"""
     return (enabled and q.device.type == "cpu" and q.dtype in _DTYPES

@@ -176,8 +176,10 @@ def use_fused(cfg: Call, q, k, v, need_bias_grad: bool = False) -> bool:
 
 
 def fused_add_dtype(cfg: Call, q: Tensor) -> torch.dtype:
-    """The dtype the fused kernel gets a segment's additive tile in."""
-    return fused.mask_dtype(q.dtype, cfg.bias is not None)
+    """The dtype the fused kernel gets a segment's additive tile in: the query's own for
+    0/-inf masks (exact in any float dtype), float32 for a bias with half precision
+    queries (see :func:`.fused.takes_float32_masks`)."""
+    return torch.float32 if cfg.bias is not None and q.dtype in HALF else q.dtype
 
 
 def like_query(q: Tensor, dv: int) -> Tensor:

@@ -24,7 +24,8 @@ from ...masks import EMPTY, FULL, PARTIAL, Grid, Mask
 from ...masks.grid import as_4d
 
 __all__ = ["BLOCK_Q", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
-           "Segment", "Gathered", "Tile", "Run", "BlockView", "block_view", "cuts", "plan_tiles", "batched_runs", "index_along"]
+           "Segment", "Gathered", "Tile", "Run", "BlockView", "block_view", "cuts", "plan_tiles",
+           "batched_runs", "index_along"]
 
 #: default tile sizes (query rows, key columns), chosen with ``attnkit bench``
 BLOCK_Q = 128
