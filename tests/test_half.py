@@ -101,8 +101,8 @@ def test_a_bias_runs_on_the_fused_kernel_in_float32(dtype, monkeypatch):
     seen = []
     real = fused.forward
     monkeypatch.setattr(fused, "forward",
-                        lambda q, k, v, add, scale: seen.append((q.dtype, add.dtype))
-                        or real(q, k, v, add, scale))
+                        lambda q, k, v, add, scale, causal=False:
+                        seen.append((q.dtype, add.dtype)) or real(q, k, v, add, scale, causal))
     q, k, v, _ = _inputs(Hq=2, Hkv=2)
     pos = torch.arange(S - L, S, dtype=torch.float64).view(-1, 1)
     ramp = (-0.3 * (pos - torch.arange(S, dtype=torch.float64)).abs()).expand(1, 2, L, S)
@@ -132,3 +132,85 @@ def test_float16_runs_on_float32_copies_where_its_products_are_slow(monkeypatch)
     assert out.dtype == torch.float16
     want = sdpa(q.double(), k.double(), v.double(), is_causal=True)
     assert (out.double() - want).abs().max() < 2e-3
+
+
+def _record_fused_calls(monkeypatch):
+    """Record (rows, add shape or None, add strides or None, causal) of each fused call."""
+    from attnkit.backends.chunked import fused
+    seen = []
+    real = fused.forward
+
+    def spy(q, k, v, add, scale, causal=False):
+        seen.append((q.shape[-2], None if add is None else tuple(add.shape),
+                     None if add is None else add.stride()[-2:], causal))
+        return real(q, k, v, add, scale, causal)
+
+    monkeypatch.setattr(fused, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_translation_invariant_term_reaches_the_kernel_as_a_hankel_view(dtype, monkeypatch):
+    """A bias or mask that depends only on k - p (ALiBi, T5, windows) is handed to the fused
+    kernel as a strided view of one vector of offsets (strides 1, 1 over the query rows
+    reversed), not as an (nq, nk) tile; the answer equals the reference."""
+    seen = _record_fused_calls(monkeypatch)
+    q, k, v, _ = _inputs(Hq=4, Hkv=2, L=300, S=300)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    m, b = masks.sliding_window(100, 40), biases.alibi(4)
+    got = sdpa(q, k, v, m, bias=b, backend="chunked")
+    want = sdpa(q.double(), k.double(), v.double(), m, bias=b, backend="reference")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.double() - want).abs().max() < tol
+    assert any(s == (1, 1) for _, _, s, _ in seen if s is not None)
+    assert all(s in ((1, 1), None) for _, shape, s, _ in seen if shape and shape[-2] > 1)
+
+
+def test_the_causal_diagonal_runs_on_the_kernels_own_causal_flag(monkeypatch):
+    """In half precision the square tiles on a causal diagonal skip their upper triangle
+    (the kernel's causal flag, no mask); with ALiBi they carry a per-key bias (1 row) and
+    the per-row part goes to the log-sum-exp. Outputs and gradients stay within the
+    accuracy rule."""
+    from attnkit.backends.chunked import attention
+    monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": dtype)
+    seen = _record_fused_calls(monkeypatch)
+    n = 2048  # tall tiles: the second is a full block and a square on the diagonal
+    q, k, v, dout = _inputs(Hq=2, Hkv=2, L=n, S=n)
+    for bias in (None, biases.alibi(2)):
+        seen.clear()
+        spec = dict(causal=True, **({} if bias is None else {"bias": lambda: bias}))
+        ours, mask, b, sinks = _run("chunked", torch.bfloat16, q, k, v, dout, spec)
+        assert any(c for *_, c in seen), seen
+        if bias is not None:
+            assert any(c and shape is not None and shape[-2] == 1 for _, shape, _, c in seen)
+        allowed, dense_bias = _dense(mask, b, 2, n, n, True)
+        exact, w = _oracle(torch.float64, q, k, v, dout, allowed, dense_bias, spec, sinks)
+        same, _ = _oracle(torch.bfloat16, q, k, v, dout, allowed, dense_bias, spec, sinks)
+        sizes = gradient_magnitudes(q, k, v, w.detach(), dout, D ** -0.5)
+        for what, got, want, peer in zip(("out", "dq", "dk", "dv"), ours, exact, same):
+            ok, account = fa_close(got, want, peer, torch.bfloat16,
+                                   magnitude=sizes.get(what, 0.0))
+            assert ok, f"{bias} {what}: {account}"
+
+
+def test_half_precision_tiles_are_tall_where_half_products_are_fast(monkeypatch):
+    """Where this CPU multiplies bfloat16 fast, fused tiles are BLOCK_Q_HALF rows tall (the
+    kernel reaches its rate only from ~768 rows per call), except a tile with a row that
+    may see a single key (a causal pattern's first), cut back to BLOCK_Q rows."""
+    from attnkit.backends.chunked import BLOCK_Q, attention
+    from attnkit.backends.chunked.plan import BLOCK_Q_HALF
+    monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": dtype)
+    seen = _record_fused_calls(monkeypatch)
+    q, k, v, _ = _inputs(Hq=2, Hkv=2, L=2048, S=2048)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    with torch.no_grad():
+        got = sdpa(q, k, v, is_causal=True, backend="chunked")
+    rows = {r for r, *_ in seen}
+    assert BLOCK_Q_HALF in rows and max(rows) == BLOCK_Q_HALF and BLOCK_Q in rows
+    want = sdpa(q.double(), k.double(), v.double(), is_causal=True, backend="reference")
+    assert (got.double() - want).abs().max() < 2e-2
+    seen.clear()
+    monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": torch.float32)
+    with torch.no_grad():
+        sdpa(q, k, v, is_causal=True, backend="chunked")
+    assert max(r for r, *_ in seen) <= BLOCK_Q

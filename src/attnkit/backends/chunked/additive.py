@@ -10,16 +10,24 @@ built from the mask and bias objects.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from ...bias import Bias
 from ...masks import Grid, Mask
+from ...masks.grid import as_4d
 from .plan import Tile
 
-__all__ = ["AdditiveTiles", "NEG_INF"]
+__all__ = ["AdditiveTiles", "FusedAdd", "NEG_INF", "PLAIN", "REVERSED", "CAUSAL"]
 
 NEG_INF = float("-inf")
+
+#: how the fused kernel takes a segment's additive term (:meth:`AdditiveTiles.fused`): as
+#: a tile (or nothing), as a Hankel view over the query rows reversed, or as the
+#: kernel's own causal flag
+PLAIN, REVERSED, CAUSAL = "plain", "reversed", "causal"
 
 #: largest master tile (elements) built for a translation-invariant mask and bias
 MASTER_ELEMENTS = 1 << 25
@@ -28,26 +36,44 @@ TILE_CACHE_ENTRIES = 16
 TILE_CACHE_ELEMENTS = 1 << 20
 
 
+class FusedAdd(NamedTuple):
+    """What the fused kernel adds to a segment's scores (:meth:`AdditiveTiles.fused`):
+    ``add`` (None: nothing), the rows that see a key (``alive``, None: all), ``how`` it
+    takes ``add`` (PLAIN, REVERSED, CAUSAL), and ``row_shift`` (B|1, H|1, nq), the part of
+    the term constant along each row that ``add`` leaves out, to add to the kernel's
+    log-sum-exp (None: none)."""
+    add: Tensor | None
+    alive: Tensor | None
+    how: str
+    row_shift: Tensor | None = None
+
+
 class AdditiveTiles:
     """The additive tiles of one call (``grid``, its ``tiles``, ``mask``, ``bias``).
 
     ``translation_invariant`` says whether equal geometries give equal tiles; only then
-    are tiles reused (``masters``: per dtype, one tile holding every offset; ``cache``:
+    are tiles reused; ``separable``: a causal diagonal tile whose bias is affine in
+    k - p may run as a per-key bias plus a per-row shift (exact up to the float32
+    rounding of terms as large as the tile's offsets: for half precision inputs) (``masters``: per dtype, one tile holding every offset; ``cache``:
     tiles by geometry). :meth:`release` drops both (they are not held until backward).
     """
 
-    def __init__(self, grid: Grid, tiles: list, mask: Mask | None, bias: Bias | None):
+    def __init__(self, grid: Grid, tiles: list, mask: Mask | None, bias: Bias | None,
+                 separable: bool = False):
         self.grid, self.tiles, self.mask, self.bias = grid, tiles, mask, bias
+        self.separable = separable
         self.translation_invariant = bool(
             (mask is not None or bias is not None) and grid.affine
             and (mask is None or mask.translation_invariant)
             and (bias is None or bias.translation_invariant))
         self.masters: dict = {}
         self.cache: dict = {}
+        self.diagonals: dict = {}
 
     def release(self) -> None:
         self.masters.clear()
         self.cache.clear()
+        self.diagonals.clear()
 
     # ---- what the kernels ask
 
@@ -69,6 +95,85 @@ class AdditiveTiles:
                 add is None or add.numel() <= TILE_CACHE_ELEMENTS):
             self.cache[key] = (add, alive)
         return add, alive
+
+    def fused(self, tile: Tile, seg, params, dtype):
+        """(add, alive, how) for the fused kernel, ``how`` one of PLAIN, REVERSED, CAUSAL. A translation-invariant term
+        f(k - p) is a Toeplitz tile; over the tile's query rows in *reverse* order it is
+        a Hankel tile, ``H[i', j] = f(k0 - (p1 - 1) + i' + j)``, which is a strided view
+        (strides 1, 1) of one vector of offsets per head: nq + nk - 1 numbers that stay
+        in cache, instead of an (nq, nk) tile read from memory (the kernel reads masks
+        through their strides). REVERSED: the caller runs the kernel on the query rows
+        reversed and reverses its results back; ``alive`` is in the rows' own order.
+        CAUSAL: the square tile on the diagonal of a causal pattern, no add at all."""
+        offset = seg.offset(tile) if self.translation_invariant else None
+        if offset is None or not (seg.masked or self.bias is not None):
+            return FusedAdd(*self.get(tile, seg, params, dtype), PLAIN)
+        diag, c = self._diagonal(params, dtype)
+        nq, nk = tile.r1 - tile.r0, seg.width
+        a = seg.k0 - (tile.p1 - 1) + c
+        if offset == 0 and nq == nk:
+            split = self._causal_split(diag, a, nq)
+            if split is not None:
+                return FusedAdd(split[0], None, CAUSAL, split[1])
+        add = diag.as_strided((*diag.shape[:2], nq, nk), (diag.stride(0), diag.stride(1), 1, 1),
+                              diag.storage_offset() + a)
+        alive = None
+        if seg.masked and not seg.covered:
+            key = ("alive", offset, nq, nk)
+            if key not in self.cache:
+                rows = (add > NEG_INF).any(-1).flip(-1)
+                self.cache[key] = None if bool(rows.all()) else rows
+            alive = self.cache[key]
+        return FusedAdd(add, alive, REVERSED)
+
+    def _causal_split(self, diag: Tensor, a: int, n: int):
+        """For the square tile of offsets -(n-1)..n-1 (``diag[..., a:a + 2n - 1]``): when it
+        is -inf after offset 0 (the kernel's own top-left causal pattern, computed
+        without the upper triangle) and, up to offset 0, zero or (``separable``) affine
+        in the offset, ``f(k - p) = u[k] + c[p]`` (ALiBi): ``(u, c)``, the per-key part
+        (B|1, H|1, 1, n) added by the kernel and the per-row part (B|1, H|1, n) added to
+        its log-sum-exp (None, None without a bias); else None. Checked on 2n - 1
+        numbers, once per offset."""
+        key = ("causal", a, n)
+        if key in self.cache:
+            return self.cache[key]
+        d = diag[..., a:a + 2 * n - 1]
+        lower, upper = d[..., :n], d[..., n:]
+        split = None
+        if bool((upper == NEG_INF).all()) and bool(torch.isfinite(lower).all()):
+            if bool((lower == 0).all()):
+                split = (None, None)
+            elif self.separable:
+                step = lower[..., 1:] - lower[..., :-1]
+                tol = 16 * torch.finfo(lower.dtype).eps * float(lower.abs().max())
+                if bool(((step - step[..., :1]).abs() <= tol).all()):
+                    # f(j - i) = f(j - (n-1)) + f(0) - f(i - (n-1)): u[j] = lower[j],
+                    # c[i] = f(0) - lower[i]
+                    split = (lower.unsqueeze(-2), lower[..., -1:] - lower)
+        self.cache[key] = split
+        return split
+
+    def _diagonal(self, params, dtype):
+        """``(D, c)``: the additive term at position 0 for every offset, ``D[b, h, t] =
+        additive(p = 0, k = t - c)`` with t in [0, L + S + 1), c = S (B|1, H|1, L + S + 1)."""
+        if dtype not in self.diagonals:
+            grid = self.grid
+            c = grid.k_len
+            width = grid.k_len + grid.q_len + 1
+            r0 = -grid.q_offset  # the row at position 0
+            add = None
+            if self.bias is not None:
+                add = self.bias.tile(grid, r0, r0 + 1, -c, width - c, params).to(dtype)
+            if self.mask is not None:
+                allow = self.mask.tile(grid, r0, r0 + 1, -c, width - c)
+                base = add if add is not None else torch.zeros((), dtype=dtype,
+                                                                device=allow.device)
+                add = torch.where(allow, base, torch.full((), NEG_INF, dtype=dtype,
+                                                          device=allow.device))
+            add = as_4d(add)
+            add = add.expand(*add.shape[:2], 1, width)[:, :, 0].contiguous()
+            self.diagonals[dtype] = (add, c)
+        return self.diagonals[dtype]
 
     def signature(self, tile: Tile, seg):
         """Hashable and equal for two (tile, segment) pairs only when their additive tiles

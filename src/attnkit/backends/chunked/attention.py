@@ -17,9 +17,11 @@ from ...dtypes import HALF, compute_dtype, matmul_dtype, stat_dtype
 from ...masks import Grid, Mask
 from .additive import NEG_INF, AdditiveTiles
 from .backward import backward as backward_pass
+from .forward import could_see_one_key
 from .forward import forward as forward_pass
+from . import fused
 from .kernels import Call, KeyValues, dropout_keep, like_query, scores
-from .plan import BLOCK_K, BLOCK_Q, block_view, cuts, plan_tiles
+from .plan import BLOCK_K, BLOCK_Q, BLOCK_Q_HALF, block_view, cuts, plan_tiles
 
 __all__ = ["chunked_attention", "chunked_attention_backward", "weights", "tile_sizes",
            "planned_entries"]
@@ -109,17 +111,30 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
                                  dropout_p=dropout_p)
         if done is not None:
             return done
-    block_q, block_k = tile_sizes(mask, block_q, block_k)
-    tiles = plan_tiles(mask, grid, block_q, block_k,
-                       merge_full_and_partial=bias is not None)
-    seed = 0
-    if dropout_p > 0:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     params = tuple(bias.params) if bias is not None else ()
     backward_follows = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, sinks, *params))
+    rows = BLOCK_Q
+    if half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params):
+        rows = BLOCK_Q_HALF
+    block_q, block_k = tile_sizes(mask, block_q, block_k, rows)
+    # a bias's full blocks carry its tile anyway: merged with their partial neighbours
+    # they make one call; tall tiles keep them apart, for the causal flag on the diagonal
+    # (a translation-invariant bias is a Hankel view there, not a tile)
+    merge = bias is not None and not (rows > BLOCK_Q and bias.translation_invariant)
+    tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge)
+    if rows > BLOCK_Q and block_q > BLOCK_Q:
+        # a tall tile with a row that may see one key runs EXACT, on the eager kernel:
+        # such tiles (a causal pattern's first) are cut back to BLOCK_Q rows
+        fine = block_q % BLOCK_Q == 0 and [t for t in tiles if could_see_one_key(bias, t)]
+        if fine:
+            small = plan_tiles(mask, grid, BLOCK_Q, block_k, merge_full_and_partial=merge)
+            tiles = refine(tiles, fine, small)
+    seed = 0
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
-               AdditiveTiles(grid, tiles, mask, bias),
+               AdditiveTiles(grid, tiles, mask, bias, separable=query.dtype in HALF),
                half_products=(query.dtype in HALF and not backward_follows
                               and matmul_dtype(query.dtype, query.device) == query.dtype),
                sink_grad=backward_follows and sinks is not None and sinks.requires_grad)
@@ -128,9 +143,40 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     return out, w, lse
 
 
+def refine(tiles: list, coarse: list, small: list) -> list:
+    """``tiles`` with each tile in ``coarse`` replaced by the ``small`` tiles of its rows."""
+    replace = {id(t) for t in coarse}
+    out = []
+    for t in tiles:
+        if id(t) in replace:
+            out.extend(s for s in small if t.r0 <= s.r0 and s.r1 <= t.r1)
+        else:
+            out.append(t)
+    return out
+
+
+def half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params) -> bool:
+    """Whether a call's tiles are BLOCK_Q_HALF rows tall: half precision inputs on a CPU
+    that multiplies them fast, every tile on the fused kernel (which reaches its GEMM
+    rate only from about 768 query rows per call: measured with bf16 on AMX, 128 rows
+    run at half the rate of 1024), and nothing that sends tiles to the eager kernel,
+    whose float32 score tiles grow with the rows."""
+    if query.dtype not in HALF or matmul_dtype(query.dtype, query.device) != query.dtype:
+        return False
+    if softcap is not None or dropout_p > 0 or sinks is not None:
+        return False
+    if any(p.requires_grad for p in params) and torch.is_grad_enabled():
+        return False
+    if bias is not None and not fused.takes_float32_masks(query.dtype):
+        return False
+    return fused.usable(query, key, value)
+
+
 def tile_sizes(mask: Mask | None, block_q: int | None = None,
-               block_k: int | None = None) -> tuple[int, int]:
-    """The (query rows, key columns) of the engine's tiles for ``mask``, unless given."""
+               block_k: int | None = None, rows: int = BLOCK_Q) -> tuple[int, int]:
+    """The (query rows, key columns) of the engine's tiles for ``mask``, unless given;
+    ``rows``: the query rows of a tile the mask does not size (BLOCK_Q, or BLOCK_Q_HALF,
+    see :func:`half_fused_rows`)."""
     natural = mask.tile_hint if mask is not None else None
     if natural is not None and not 16 <= natural <= 512:
         natural = None
@@ -142,9 +188,9 @@ def tile_sizes(mask: Mask | None, block_q: int | None = None,
         # equal tiles run batched); other finer hints (Longformer's 16-wide global slots)
         # only place key cuts, and query tiles stay about BLOCK_Q rows, where the kernel's
         # GEMMs run near peak
-        block_q = BLOCK_Q if natural is None else (
+        block_q = rows if natural is None else (
             natural if natural >= 64 or mask.translation_invariant
-            else natural * -(-BLOCK_Q // natural))
+            else natural * -(-rows // natural))
     return block_q, block_k
 
 

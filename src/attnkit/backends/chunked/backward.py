@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...dtypes import HALF, compute_dtype, stat_dtype
-from .additive import NEG_INF
+from .additive import NEG_INF, PLAIN
 from .forward import EAGER, EXACT, FUSED
 from .kernels import (Call, KeyValues, dropout_keep, fold, fused_add_dtype, fused_backward,
                       probabilities, unfold, use_fused)
@@ -98,15 +98,16 @@ def backward(dout, dlse, q, k, v, out, shift, rel, sinks, cfg: Call, params):
         for si, seg in enumerate(tile.segments):
             ks, vs = seg.read(kv)
             if mode == FUSED:
-                add, _ = cfg.additive.get(tile, seg, params, fused_add_dtype(cfg, q))
+                add, _, how, row_shift = cfg.additive.fused(tile, seg, params,
+                                                            fused_add_dtype(cfg, q))
+                lse_t = lse_b[:, :, r] if row_shift is None else lse_b[:, :, r] - row_shift
                 gq, gk, gv = fused_backward(dot, qt, ks, vs, out[:, :, r],
-                                             lse_b[:, :, r].to(stat_dtype(q.dtype)), add,
-                                             cfg.scale)
+                                             lse_t.to(stat_dtype(q.dtype)), add, cfg.scale, how)
                 dq[:, :, r] += gq
                 seg.add_grad(kv, dk, dv, gk, gv)
                 if dlse is not None:  # the lse term, P * dlse, with dV untouched
-                    p, _ = probabilities(cfg, qt, ks, add if add is None else add.to(acc),
-                                          None, lse_b[:, :, r], acc)
+                    add, _ = cfg.additive.get(tile, seg, params, acc)
+                    p, _ = probabilities(cfg, qt, ks, add, None, lse_b[:, :, r], acc)
                     lse_term(cfg, p, dlse[:, :, r].to(acc), qt, ks, dq, dk, kv, seg, r)
                 continue
             add, _ = cfg.additive.get(tile, seg, params, acc)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ...dtypes import compute_dtype
-from .additive import NEG_INF
+from .additive import NEG_INF, PLAIN
 from .kernels import (Call, KeyValues, Part, fused_add_dtype, like_query, segment_forward,
                       use_fused)
 from .merge import merge_into
@@ -54,9 +54,16 @@ def tile_forward(cfg, ti, tile, q, kv, params, add_dtype, mode, out, shift, rel,
     qt = q[:, :, r]
     parts = []
     for si, seg in enumerate(tile.segments):
-        add, alive = adds[si] if adds is not None else cfg.additive.get(tile, seg, params, add_dtype)
+        how, row_shift = PLAIN, None
+        if adds is not None:
+            add, alive = adds[si]
+        elif mode == FUSED:
+            add, alive, how, row_shift = cfg.additive.fused(tile, seg, params, add_dtype)
+        else:
+            add, alive = cfg.additive.get(tile, seg, params, add_dtype)
         ks, vs = seg.read(kv)
-        parts.append(segment_forward(cfg, ti, si, qt, ks, vs, add, alive, mode == FUSED))
+        parts.append(segment_forward(cfg, ti, si, qt, ks, vs, add, alive, mode == FUSED,
+                                     how, row_shift))
     if not parts:  # the tile sees no key at all
         parts = [Part(None, None, torch.full((), NEG_INF, dtype=rel.dtype, device=q.device))]
     merge_into(out[:, :, r], shift[:, :, r], rel[:, :, r], parts, acc_dtype, sink)
@@ -89,7 +96,7 @@ def forward(q, k, v, sinks, cfg: Call, params):
         if ti < done:
             continue
         run = runs.get(ti)
-        if could_see_one_key(cfg, tile):
+        if could_see_one_key(cfg.bias, tile):
             adds = [cfg.additive.get(tile, seg, params, acc_dtype) for seg in tile.segments]
             if single_key_rows(tile, adds):
                 stop = run.stop if run is not None else ti + 1
@@ -120,12 +127,12 @@ def forward(q, k, v, sinks, cfg: Call, params):
     return out, shift, rel
 
 
-def could_see_one_key(cfg: Call, tile: Tile) -> bool:
-    """Cheap test before counting: only a tile without a FULL block (or with a float mask,
-    which may hold -inf anywhere) can have a row that sees a single key."""
+def could_see_one_key(bias, tile: Tile) -> bool:
+    """Cheap test before counting: only a tile without a FULL block (or with a float mask
+    as ``bias``, which may hold -inf anywhere) can have a row that sees a single key."""
     if not tile.segments:
         return False
-    if cfg.bias is not None and cfg.bias.may_mask:
+    if bias is not None and bias.may_mask:
         return True
     return not any((seg.covered or not seg.masked) and seg.width > 1
                    for seg in tile.segments)
@@ -139,13 +146,13 @@ def run_forward(cfg, run: Run, q, k, v, params, add_dtype, out, shift, rel, acc_
     n, nq = run.stop - run.start, first.r1 - first.r0
     rows = slice(first.r0, first.r0 + n * nq)
     # the shared additive tile, compact: the kernel reads it once per tile of the run
-    extras = [(None if a is None else a.contiguous(), alive)
-              for a, alive in (cfg.additive.get(first, seg, params, add_dtype)
-                               for seg in first.segments)]
+    extras = [t._replace(add=t.add.contiguous()) if t.add is not None and t.how == PLAIN else t
+              for t in (cfg.additive.fused(first, seg, params, add_dtype)
+                        for seg in first.segments)]
     for b in range(q.shape[0]):
         qt = tiles_view(q, b, first.r0, n, nq, nq)
         parts = []
-        for seg, step, (add, alive) in zip(first.segments, run.steps, extras):
+        for seg, step, (add, alive, how, row_shift) in zip(first.segments, run.steps, extras):
             width = seg.k1 - seg.k0
             ks = tiles_view(k, b, seg.k0, n, width, step)
             vs = tiles_view(v, b, seg.k0, n, width, step)
@@ -153,7 +160,8 @@ def run_forward(cfg, run: Run, q, k, v, params, add_dtype, out, shift, rel, acc_
                 add = add[b:b + 1]
             if alive is not None and alive.shape[0] > 1:
                 alive = alive[b:b + 1]
-            parts.append(segment_forward(cfg, run.start, 0, qt, ks, vs, add, alive, True))
+            parts.append(segment_forward(cfg, run.start, 0, qt, ks, vs, add, alive, True, how,
+                                         row_shift))
         view = lambda t: t[b, :, rows].unflatten(1, (n, nq)).transpose(0, 1)
         merge_into(view(out), view(shift), view(rel), parts, acc_dtype,
                     None if sink is None else sink[0].view(1, -1, 1))

@@ -82,11 +82,12 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.shape[-1] == k.shape[-1] == v.shape[-1] and _self_test())
 
 
-def forward(q, k, v, add, scale: float):
-    """(out, lse) of softmax(scale * q k^T + add) v; ``add`` is None or (B|1, H|1, Lq, Sk)."""
-    return _FWD(q, k, v, 0.0, False, attn_mask=add, scale=scale)
+def forward(q, k, v, add, scale: float, causal: bool = False):
+    """(out, lse) of softmax(scale * q k^T + add) v; ``add`` is None or (B|1, H|1, Lq, Sk);
+    ``causal``: query row i sees keys 0..i (top-left), blocks above skipped."""
+    return _FWD(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
 
 
-def backward(dout, q, k, v, out, lse, add, scale: float):
+def backward(dout, q, k, v, out, lse, add, scale: float, causal: bool = False):
     """(dq, dk, dv) of one key segment given the *global* output and log-sum-exp."""
-    return _BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=add, scale=scale)
+    return _BWD(dout, q, k, v, out, lse, 0.0, causal, attn_mask=add, scale=scale)

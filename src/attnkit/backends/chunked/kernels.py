@@ -20,7 +20,7 @@ from ...bias import Bias
 from ...dtypes import HALF, compute_dtype
 from ...masks import Grid, Mask
 from . import fused
-from .additive import NEG_INF, AdditiveTiles
+from .additive import CAUSAL, NEG_INF, PLAIN, REVERSED, AdditiveTiles
 
 __all__ = ["Call", "KeyValues", "Part", "fold", "unfold", "scores", "dropout_keep", "use_fused",
            "fused_add_dtype", "like_query", "segment_forward", "probabilities", "fused_backward"]
@@ -176,10 +176,14 @@ def use_fused(cfg: Call, q, k, v, need_bias_grad: bool = False) -> bool:
 
 
 def fused_add_dtype(cfg: Call, q: Tensor) -> torch.dtype:
-    """The dtype the fused kernel gets a segment's additive tile in: the query's own for
-    0/-inf masks (exact in any float dtype), float32 for a bias with half precision
-    queries (see :func:`.fused.takes_float32_masks`)."""
-    return torch.float32 if cfg.bias is not None and q.dtype in HALF else q.dtype
+    """The dtype the fused kernel gets a segment's additive tile in: float32 for half
+    precision queries where the kernel takes it (see :func:`.fused.takes_float32_masks`:
+    a bias is not rounded, and the kernel adds a float32 tile about twice as fast as a
+    half one, which it converts first), else the query's own (0/-inf masks are exact in
+    any float dtype)."""
+    if q.dtype in HALF and fused.takes_float32_masks(q.dtype):
+        return torch.float32
+    return q.dtype
 
 
 def like_query(q: Tensor, dv: int) -> Tensor:
@@ -205,10 +209,20 @@ class Part:
     denom: Tensor | None = None
 
 
-def segment_forward(cfg, ti, si, qt, ks, vs, add, alive, with_fused: bool) -> Part:
-    """One segment's :class:`Part`; rows that see no key: rel = -inf (denom 0)."""
+def segment_forward(cfg, ti, si, qt, ks, vs, add, alive, with_fused: bool,
+                    how: str = PLAIN, row_shift: Tensor | None = None) -> Part:
+    """One segment's :class:`Part`; rows that see no key: rel = -inf (denom 0).
+    ``how``, ``row_shift``: how the fused kernel takes ``add`` (see
+    :class:`.additive.FusedAdd`: REVERSED, a Hankel view over the query rows in reverse
+    order; CAUSAL, its own flag) and the per-row part of the term left out of it."""
     if with_fused:
-        out, lse = fused.forward(qt, ks, vs, add, cfg.scale)
+        if how == REVERSED:
+            out, lse = fused.forward(qt.flip(-2), ks, vs, add, cfg.scale)
+            out, lse = out.flip(-2), lse.flip(-1)
+        else:
+            out, lse = fused.forward(qt, ks, vs, add, cfg.scale, how == CAUSAL)
+        if row_shift is not None:
+            lse = lse + row_shift
         if alive is not None:  # the fused kernel reports lse = 0 for rows with no key
             lse = lse.masked_fill(~alive, NEG_INF)
         return Part(out, None, lse)
@@ -242,16 +256,23 @@ def probabilities(cfg, qt, ks, add, shift_t, rel_t, acc):
     return s.sub_(shift_t.unsqueeze(-1).to(acc)).exp_().mul_(inv), t
 
 
-def fused_backward(dot, qt, ks, vs, out_t, lse_t, add, scale):
-    """The fused kernel's (dq, dk, dv) of one segment. In half precision with grouped
-    key/value heads, the kernel would sum a group's gradients in the half dtype; it gets
-    the key/value heads repeated as views instead, and the group sums run in float32."""
+def fused_backward(dot, qt, ks, vs, out_t, lse_t, add, scale, how: str = PLAIN):
+    """The fused kernel's (dq, dk, dv) of one segment (``how`` as in
+    :func:`segment_forward`). In half precision with grouped key/value heads, the kernel
+    would sum a group's gradients in the half dtype; it gets the key/value heads
+    repeated as views instead, and the group sums run in float32."""
+    if how == REVERSED:
+        gq, gk, gv = fused_backward(dot.flip(-2), qt.flip(-2), ks, vs, out_t.flip(-2),
+                                    lse_t.flip(-1), add, scale)
+        return gq.flip(-2), gk, gv
+    causal = how == CAUSAL
     Hq, Hkv = qt.shape[1], ks.shape[1]
     if Hq == Hkv or qt.dtype not in HALF:
-        return fused.backward(dot, qt, ks, vs, out_t, lse_t, add, scale)
+        return fused.backward(dot, qt, ks, vs, out_t, lse_t, add, scale, causal)
     G = Hq // Hkv
     expand = lambda x: x.unsqueeze(2).expand(x.shape[0], Hkv, G, *x.shape[2:]).reshape(
         x.shape[0], Hq, *x.shape[2:])
-    gq, gk, gv = fused.backward(dot, qt, expand(ks), expand(vs), out_t, lse_t, add, scale)
+    gq, gk, gv = fused.backward(dot, qt, expand(ks), expand(vs), out_t, lse_t, add, scale,
+                                causal)
     fold = lambda g: g.float().view(g.shape[0], Hkv, G, *g.shape[2:]).sum(2)
     return gq, fold(gk), fold(gv)

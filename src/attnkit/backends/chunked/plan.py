@@ -23,13 +23,15 @@ from torch import Tensor
 from ...masks import EMPTY, FULL, PARTIAL, Grid, Mask
 from ...masks.grid import as_4d
 
-__all__ = ["BLOCK_Q", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
+__all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
            "Segment", "Gathered", "Tile", "Run", "BlockView", "block_view", "cuts", "plan_tiles",
            "batched_runs", "index_along"]
 
 #: default tile sizes (query rows, key columns), chosen with ``attnkit bench``
 BLOCK_Q = 128
-
+#: query rows of a tile in half precision on the fused kernel (see
+#: ``attention.half_fused_rows``)
+BLOCK_Q_HALF = 1024
 
 BLOCK_K = 128
 
