@@ -3,9 +3,10 @@ plus the bias), with one owner for the caches that reuse equal tiles.
 
 When the mask and the bias are both *translation invariant* (what position p sees and
 adds depends only on k - p: causal, windows, ALiBi, T5) and every query row has the same
-offset, tiles of the same geometry are equal: :class:`AdditiveTiles` builds them once,
-as views into one Toeplitz "master" tile, or from a small cache. Otherwise every tile is
-built from the mask and bias objects.
+offset, the term is one vector over the offsets k - p per head: the fused kernel reads a
+tile of it as a strided (Hankel) view, the eager kernel gets it copied out once per
+geometry into a small cache. Otherwise every tile is built from the mask and bias
+objects.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ NEG_INF = float("-inf")
 #: kernel's own causal flag
 PLAIN, REVERSED, CAUSAL = "plain", "reversed", "causal"
 
-#: largest master tile (elements) built for a translation-invariant mask and bias
-MASTER_ELEMENTS = 1 << 25
 #: bounds of the per-call cache of tiles of translation-invariant masks and biases
 TILE_CACHE_ENTRIES = 16
 TILE_CACHE_ELEMENTS = 1 << 20
@@ -52,10 +51,11 @@ class AdditiveTiles:
     """The additive tiles of one call (``grid``, its ``tiles``, ``mask``, ``bias``).
 
     ``translation_invariant`` says whether equal geometries give equal tiles; only then
-    are tiles reused; ``separable``: a causal diagonal tile whose bias is affine in
-    k - p may run as a per-key bias plus a per-row shift (exact up to the float32
-    rounding of terms as large as the tile's offsets: for half precision inputs) (``masters``: per dtype, one tile holding every offset; ``cache``:
-    tiles by geometry). :meth:`release` drops both (they are not held until backward).
+    are tiles reused (``diagonals``: per dtype, the term at every offset; ``cache``:
+    tiles by geometry; :meth:`release` drops both: they are not held until backward).
+    ``separable``: a causal diagonal tile whose bias is affine in k - p may run as a
+    per-key bias plus a per-row shift (exact up to the float32 rounding of terms as
+    large as the tile's offsets: for half precision inputs).
     """
 
     def __init__(self, grid: Grid, tiles: list, mask: Mask | None, bias: Bias | None,
@@ -66,12 +66,10 @@ class AdditiveTiles:
             (mask is not None or bias is not None) and grid.affine
             and (mask is None or mask.translation_invariant)
             and (bias is None or bias.translation_invariant))
-        self.masters: dict = {}
         self.cache: dict = {}
         self.diagonals: dict = {}
 
     def release(self) -> None:
-        self.masters.clear()
         self.cache.clear()
         self.diagonals.clear()
 
@@ -79,20 +77,24 @@ class AdditiveTiles:
 
     def get(self, tile: Tile, seg, params, dtype) -> tuple[Tensor | None, Tensor | None]:
         """(add, alive): the float term added to this segment's scores (None: nothing to
-        add), and the rows that can see at least one key of it (None: every row can)."""
+        add), and the rows that can see at least one key of it (None: every row can).
+        Translation-invariant terms are read off the vector of offsets (:meth:`_diagonal`)
+        and kept in a small cache by geometry."""
         offset = seg.offset(tile) if self.translation_invariant else None
         if offset is None:
             return self.build(tile, seg, params, dtype)
-        view = self._master_view(tile, seg, params, dtype)
-        if view is not None:
-            return view
+        if not seg.masked and self.bias is None:
+            return None, None
         key = (offset, tile.r1 - tile.r0, seg.width, dtype, seg.masked)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        add, alive = self.build(tile, seg, params, dtype)
-        if len(self.cache) < TILE_CACHE_ENTRIES and (
-                add is None or add.numel() <= TILE_CACHE_ELEMENTS):
+        add = self._hankel(tile, seg, params, dtype).flip(-2)
+        alive = None
+        if seg.masked and not seg.covered:
+            alive = (add > NEG_INF).any(-1)
+            alive = None if bool(alive.all()) else alive
+        if len(self.cache) < TILE_CACHE_ENTRIES and add.numel() <= TILE_CACHE_ELEMENTS:
             self.cache[key] = (add, alive)
         return add, alive
 
@@ -108,15 +110,13 @@ class AdditiveTiles:
         offset = seg.offset(tile) if self.translation_invariant else None
         if offset is None or not (seg.masked or self.bias is not None):
             return FusedAdd(*self.get(tile, seg, params, dtype), PLAIN)
-        diag, c = self._diagonal(params, dtype)
         nq, nk = tile.r1 - tile.r0, seg.width
-        a = seg.k0 - (tile.p1 - 1) + c
         if offset == 0 and nq == nk:
-            split = self._causal_split(diag, a, nq)
+            diag, c = self._diagonal(params, dtype)
+            split = self._causal_split(diag, seg.k0 - (tile.p1 - 1) + c, nq)
             if split is not None:
                 return FusedAdd(split[0], None, CAUSAL, split[1])
-        add = diag.as_strided((*diag.shape[:2], nq, nk), (diag.stride(0), diag.stride(1), 1, 1),
-                              diag.storage_offset() + a)
+        add = self._hankel(tile, seg, params, dtype)
         alive = None
         if seg.masked and not seg.covered:
             key = ("alive", offset, nq, nk)
@@ -125,6 +125,15 @@ class AdditiveTiles:
                 self.cache[key] = None if bool(rows.all()) else rows
             alive = self.cache[key]
         return FusedAdd(add, alive, REVERSED)
+
+    def _hankel(self, tile: Tile, seg, params, dtype) -> Tensor:
+        """The segment's translation-invariant term over the tile's query rows in reverse
+        order, ``H[b, h, i', j] = f(k0 + j - (p1 - 1 - i'))``: a view of :meth:`_diagonal`
+        with strides (1, 1), (B|1, H|1, nq, nk)."""
+        diag, c = self._diagonal(params, dtype)
+        a = seg.k0 - (tile.p1 - 1) + c
+        return diag.as_strided((*diag.shape[:2], tile.r1 - tile.r0, seg.width),
+                               (diag.stride(0), diag.stride(1), 1, 1), diag.storage_offset() + a)
 
     def _causal_split(self, diag: Tensor, a: int, n: int):
         """For the square tile of offsets -(n-1)..n-1 (``diag[..., a:a + 2n - 1]``): when it
@@ -219,50 +228,3 @@ class AdditiveTiles:
         if alive is not None and bool(alive.all()):
             alive = None  # every row sees a key: no lse fix needed
         return add, alive
-
-    def _master(self, params, dtype):
-        """One (H|1, block_q, L + S + 1) tile holding every offset, ``M[h, i, t] =
-        additive(p = i, k = t - S)``. The tile of query positions p0.. and keys k0..k1 is
-        the view ``M[:, :nq, k0 - p0 + S : k1 - p0 + S]``: no per-tile construction, and
-        memory linear in L + S. None when it would be large."""
-        if dtype in self.masters:
-            return self.masters[dtype]
-        grid, objs = self.grid, [o for o in (self.mask, self.bias) if o is not None]
-        rows = max(t.r1 - t.r0 for t in self.tiles)
-        c = grid.k_len
-        width = grid.k_len + grid.q_len + 1
-        heads = max((o.num_heads or 1) for o in objs)
-        batch = max((o.batch_size or 1) for o in objs)
-        if batch * heads * rows * width > MASTER_ELEMENTS:
-            self.masters[dtype] = None
-            return None
-        allow = add = None
-        r0 = -grid.q_offset  # the row at position 0
-        if self.mask is not None:
-            allow = self.mask.tile(grid, r0, r0 + rows, -c, width - c)
-            allow = allow.expand(*allow.shape[:2], rows, width).contiguous()
-        if self.bias is not None:
-            add = self.bias.tile(grid, r0, r0 + rows, -c, width - c, params).to(dtype)
-        if allow is not None:
-            zero = torch.zeros((), dtype=dtype, device=allow.device)
-            inf = torch.full((), NEG_INF, dtype=dtype, device=allow.device)
-            add = torch.where(allow, add if add is not None else zero, inf)
-        add = add.expand(*add.shape[:2], rows, width).contiguous()
-        self.masters[dtype] = (allow, add, c)
-        return self.masters[dtype]
-
-    def _master_view(self, tile: Tile, seg, params, dtype):
-        m = self._master(params, dtype)
-        if m is None:
-            return None
-        allow, add, c = m
-        nq = tile.r1 - tile.r0
-        a, b = seg.k0 - tile.p0 + c, seg.k1 - tile.p0 + c
-        alive = None
-        if seg.masked and allow is not None and not seg.covered:
-            alive = allow[:, :, :nq, a:b].any(-1)
-            if bool(alive.all()):
-                alive = None
-        if not seg.masked and self.bias is None:
-            return None, None
-        return add[:, :, :nq, a:b], alive

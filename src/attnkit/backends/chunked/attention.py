@@ -125,11 +125,13 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge)
     if rows > BLOCK_Q and block_q > BLOCK_Q:
         # a tall tile with a row that may see one key runs EXACT, on the eager kernel:
-        # such tiles (a causal pattern's first) are cut back to BLOCK_Q rows
-        fine = block_q % BLOCK_Q == 0 and [t for t in tiles if could_see_one_key(bias, t)]
-        if fine:
-            small = plan_tiles(mask, grid, BLOCK_Q, block_k, merge_full_and_partial=merge)
-            tiles = refine(tiles, fine, small)
+        # such a tile (a causal pattern's first) loses its first BLOCK_Q rows to a tile
+        # of their own, and the rest (which then sees a full block) stays fused
+        first_rows = tuple(t.p0 + BLOCK_Q for t in tiles
+                           if t.r1 - t.r0 > BLOCK_Q and could_see_one_key(bias, t))
+        if first_rows:
+            tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge,
+                               extra_q=first_rows)
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
@@ -141,18 +143,6 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
     w = weights(query, key, sinks, cfg, params) if return_weights else None
     return out, w, lse
-
-
-def refine(tiles: list, coarse: list, small: list) -> list:
-    """``tiles`` with each tile in ``coarse`` replaced by the ``small`` tiles of its rows."""
-    replace = {id(t) for t in coarse}
-    out = []
-    for t in tiles:
-        if id(t) in replace:
-            out.extend(s for s in small if t.r0 <= s.r0 and s.r1 <= t.r1)
-        else:
-            out.append(t)
-    return out
 
 
 def half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params) -> bool:

@@ -170,28 +170,32 @@ def _boundaries(start: int, stop: int, block: int) -> list[int]:
     return [start] + cuts + [stop]
 
 
-def cuts(grid: Grid, block_q: int, block_k: int) -> tuple[list, list]:
+def cuts(grid: Grid, block_q: int, block_k: int, extra_q: tuple = ()) -> tuple[list, list]:
     """Where the tiles start and stop: query cuts in position space when the grid is
     affine (equal tiles of a translation-invariant mask then sit at equal offsets), in
-    row space when rows carry their own positions; key cuts at multiples of block_k."""
+    row space when rows carry their own positions, plus the cuts ``extra_q`` (in the
+    same space); key cuts at multiples of block_k."""
     off = grid.q_offset if grid.affine else 0
     qb = _boundaries(off, off + grid.q_len, block_q)
+    if extra_q:
+        qb = sorted(set(qb) | {c for c in extra_q if qb[0] < c < qb[-1]})
     kb = _boundaries(0, grid.k_len, block_k) if grid.k_len else [0]
     return qb, kb
 
 
 def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
-               merge_full_and_partial: bool = False, gather: bool = True) -> list[Tile]:
+               merge_full_and_partial: bool = False, gather: bool = True,
+               extra_q: tuple = ()) -> list[Tile]:
     """Split the (L, S) grid into query tiles and the key segments each one needs.
 
     A tile whose key blocks form one or two contiguous runs reads them as slices of K/V
     (:class:`Segment`, no copy). A tile whose blocks are scattered (BigBird's random
     blocks) or differ per head (per-head patterns) gathers exactly the blocks each head
     needs into one buffer (:class:`Gathered`), so cost follows the allowed blocks rather
-    than their union.
+    than their union. ``extra_q``: further query cuts (see :func:`cuts`).
     """
     off = grid.q_offset if grid.affine else 0
-    qb, kb = cuts(grid, block_q, block_k)
+    qb, kb = cuts(grid, block_q, block_k, extra_q)
     nq, nk = len(qb) - 1, len(kb) - 1
     tiles = [Tile(qb[i] - off, qb[i + 1] - off, qb[i], qb[i + 1]) for i in range(nq)]
     if nk == 0:
