@@ -202,7 +202,8 @@ def test_half_precision_tiles_are_tall_where_half_products_are_fast(monkeypatch)
     from attnkit.backends.chunked.plan import BLOCK_Q_HALF
     monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": dtype)
     seen = _record_fused_calls(monkeypatch)
-    q, k, v, _ = _inputs(Hq=2, Hkv=2, L=2048, S=2048)
+    n = 2 * BLOCK_Q_HALF
+    q, k, v, _ = _inputs(Hq=2, Hkv=2, L=n, S=n)
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     with torch.no_grad():
         got = sdpa(q, k, v, is_causal=True, backend="chunked")

@@ -24,7 +24,7 @@ from .kernels import Call, KeyValues, dropout_keep, like_query, scores
 from .plan import BLOCK_K, BLOCK_Q, BLOCK_Q_HALF, block_view, cuts, plan_tiles
 
 __all__ = ["chunked_attention", "chunked_attention_backward", "weights", "tile_sizes",
-           "planned_entries"]
+           "planned_entries", "tall_rows"]
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -115,8 +115,9 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     backward_follows = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, sinks, *params))
     rows = BLOCK_Q
-    if half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params):
-        rows = BLOCK_Q_HALF
+    if block_q is None and half_fused_rows(query, key, value, bias, softcap, dropout_p,
+                                           sinks, params):
+        rows = tall_rows(mask, grid)
     block_q, block_k = tile_sizes(mask, block_q, block_k, rows)
     # a bias's full blocks carry its tile anyway: merged with their partial neighbours
     # they make one call; tall tiles keep them apart, for the causal flag on the diagonal
@@ -147,10 +148,13 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
 
 def half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params) -> bool:
     """Whether a call's tiles are BLOCK_Q_HALF rows tall: half precision inputs on a CPU
-    that multiplies them fast, every tile on the fused kernel (which reaches its GEMM
-    rate only from about 768 query rows per call: measured with bf16 on AMX, 128 rows
-    run at half the rate of 1024), and nothing that sends tiles to the eager kernel,
-    whose float32 score tiles grow with the rows."""
+    that multiplies them fast, every tile on the fused kernel, and nothing that sends
+    tiles to the eager kernel, whose float32 score tiles grow with the rows. Measured
+    with bf16 on AMX: the kernel reaches its GEMM rate only from about 768 query rows
+    per call (128 rows run at half the rate of 1024), and its causal flag skips blocks of
+    256 x 512, which waste less of a 2048-row diagonal tile than of a 1024-row one
+    (chunked causal at 8192: 1.64x torch's time with 1024 rows, 1.40x with 2048, 2.18x
+    with 4096)."""
     if query.dtype not in HALF or matmul_dtype(query.dtype, query.device) != query.dtype:
         return False
     if softcap is not None or dropout_p > 0 or sinks is not None:
@@ -184,13 +188,33 @@ def tile_sizes(mask: Mask | None, block_q: int | None = None,
     return block_q, block_k
 
 
-def planned_entries(mask: Mask | None, grid: Grid) -> int:
+def planned_entries(mask: Mask | None, grid: Grid, rows: int = BLOCK_Q) -> int:
     """The score entries per (batch, head) the engine's tiles would compute for this
-    call, read from the mask's block states without building the plan."""
+    call (tiles of ``rows`` query rows where the mask does not size them), read from the
+    mask's block states without building the plan."""
     if mask is None or grid.q_len == 0 or grid.k_len == 0:
         return grid.q_len * grid.k_len
-    qb, kb = cuts(grid, *tile_sizes(mask))
+    qb, kb = cuts(grid, *tile_sizes(mask, rows=rows))
     return block_view(mask, grid, qb, kb).computed_entries()
+
+
+#: a taller tile is taken while it computes at most this many times the entries of
+#: BLOCK_Q-row tiles (the kernel's rate rises with the rows: see :func:`half_fused_rows`)
+TALL_WASTE = 1.5
+
+
+def tall_rows(mask: Mask | None, grid: Grid) -> int:
+    """The query rows of tall tiles for this mask: the tallest of BLOCK_Q_HALF, half of
+    it, ... down to BLOCK_Q whose tiles compute at most TALL_WASTE times the entries of
+    BLOCK_Q-row tiles. A narrow band keeps short tiles (a +-256 window: 256 rows), a
+    causal pattern or no mask the tallest."""
+    if mask is None:
+        return BLOCK_Q_HALF
+    least = planned_entries(mask, grid, BLOCK_Q)
+    rows = BLOCK_Q_HALF
+    while rows > BLOCK_Q and planned_entries(mask, grid, rows) > TALL_WASTE * least:
+        rows //= 2
+    return rows
 
 
 def _head_index(heads: list[int] | None, device):

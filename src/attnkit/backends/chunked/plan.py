@@ -31,7 +31,7 @@ __all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS
 BLOCK_Q = 128
 #: query rows of a tile in half precision on the fused kernel (see
 #: ``attention.half_fused_rows``)
-BLOCK_Q_HALF = 1024
+BLOCK_Q_HALF = 2048
 
 BLOCK_K = 128
 
