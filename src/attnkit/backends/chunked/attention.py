@@ -21,7 +21,8 @@ from .forward import could_see_one_key
 from .forward import forward as forward_pass
 from . import fused
 from .kernels import Call, KeyValues, dropout_keep, like_query, scores
-from .plan import BLOCK_K, BLOCK_Q, BLOCK_Q_HALF, block_view, cuts, plan_tiles
+from .plan import (BLOCK_K, BLOCK_Q, BLOCK_Q_HALF, MAX_SEGMENT_KEYS, block_view, cuts,
+                   plan_tiles)
 
 __all__ = ["chunked_attention", "chunked_attention_backward", "weights", "tile_sizes",
            "planned_entries", "tall_rows"]
@@ -123,7 +124,13 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     # they make one call; tall tiles keep them apart, for the causal flag on the diagonal
     # (a translation-invariant bias is a Hankel view there, not a tile)
     merge = bias is not None and not (rows > BLOCK_Q and bias.translation_invariant)
-    tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge)
+    # tall tiles of translation-invariant terms carry no tiles (Hankel views): their
+    # segments may be as wide as the tiles are tall, so a diagonal square stays whole
+    max_keys = MAX_SEGMENT_KEYS
+    if rows > BLOCK_Q and all(o is None or o.translation_invariant for o in (mask, bias)):
+        max_keys = max(MAX_SEGMENT_KEYS, block_q)
+    tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge,
+                       max_keys=max_keys)
     if rows > BLOCK_Q and block_q > BLOCK_Q:
         # a tall tile with a row that may see one key runs EXACT, on the eager kernel:
         # such a tile (a causal pattern's first) loses its first BLOCK_Q rows to a tile
@@ -132,7 +139,7 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
                            if t.r1 - t.r0 > BLOCK_Q and could_see_one_key(bias, t))
         if first_rows:
             tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge,
-                               extra_q=first_rows)
+                               extra_q=first_rows, max_keys=max_keys)
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
@@ -152,9 +159,11 @@ def half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params) 
     tiles to the eager kernel, whose float32 score tiles grow with the rows. Measured
     with bf16 on AMX: the kernel reaches its GEMM rate only from about 768 query rows
     per call (128 rows run at half the rate of 1024), and its causal flag skips blocks of
-    256 x 512, which waste less of a 2048-row diagonal tile than of a 1024-row one
-    (chunked causal at 8192: 1.64x torch's time with 1024 rows, 1.40x with 2048, 2.18x
-    with 4096)."""
+    256 x 512, which waste less of a tall diagonal tile than of a short one (chunked
+    causal at 16384, OMP_WAIT_POLICY=PASSIVE: 1.35x torch's time with 2048-row tiles,
+    1.27x with 4096). The cost of a tall tile: where the forward must recompute one on
+    the eager kernel (a log-sum-exp too large for the fused statistics), its float32
+    score tile is (B, H, rows, keys)."""
     if query.dtype not in HALF or matmul_dtype(query.dtype, query.device) != query.dtype:
         return False
     if softcap is not None or dropout_p > 0 or sinks is not None:

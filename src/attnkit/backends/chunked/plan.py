@@ -31,7 +31,7 @@ __all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS
 BLOCK_Q = 128
 #: query rows of a tile in half precision on the fused kernel (see
 #: ``attention.half_fused_rows``)
-BLOCK_Q_HALF = 2048
+BLOCK_Q_HALF = 4096
 
 BLOCK_K = 128
 
@@ -185,14 +185,15 @@ def cuts(grid: Grid, block_q: int, block_k: int, extra_q: tuple = ()) -> tuple[l
 
 def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
                merge_full_and_partial: bool = False, gather: bool = True,
-               extra_q: tuple = ()) -> list[Tile]:
+               extra_q: tuple = (), max_keys: int = MAX_SEGMENT_KEYS) -> list[Tile]:
     """Split the (L, S) grid into query tiles and the key segments each one needs.
 
     A tile whose key blocks form one or two contiguous runs reads them as slices of K/V
     (:class:`Segment`, no copy). A tile whose blocks are scattered (BigBird's random
     blocks) or differ per head (per-head patterns) gathers exactly the blocks each head
     needs into one buffer (:class:`Gathered`), so cost follows the allowed blocks rather
-    than their union. ``extra_q``: further query cuts (see :func:`cuts`).
+    than their union. ``extra_q``: further query cuts (see :func:`cuts`); ``max_keys``:
+    the widest segment (one kernel call).
     """
     off = grid.q_offset if grid.affine else 0
     qb, kb = cuts(grid, block_q, block_k, extra_q)
@@ -201,12 +202,13 @@ def plan_tiles(mask: Mask | None, grid: Grid, block_q: int, block_k: int,
     if nk == 0:
         return tiles
     if mask is None:
-        runs = _row_runs(torch.full((1, nk), FULL, dtype=torch.int8), kb, merge_full_and_partial)[0]
+        runs = _row_runs(torch.full((1, nk), FULL, dtype=torch.int8), kb, merge_full_and_partial,
+                         max_keys)[0]
         for t in tiles:
             t.segments = list(runs)
         return tiles
     view = block_view(mask, grid, qb, kb, gather)
-    runs = _row_runs(view.union_states, kb, merge_full_and_partial)
+    runs = _row_runs(view.union_states, kb, merge_full_and_partial, max_keys)
     for i, t in enumerate(tiles):
         if bool(view.gathers[i]):
             t.segments = _gathered(view.seen[:, i], view.per_head[:, i] == FULL,
@@ -265,10 +267,11 @@ def block_view(mask: Mask, grid: Grid, qb: list, kb: list, gather: bool = True) 
     return BlockView(qb, kb, per_head, union_states, seen, most, gathers & gather)
 
 
-def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool) -> list[list]:
+def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool,
+              max_keys: int = MAX_SEGMENT_KEYS) -> list[list]:
     """For each row of (nq, nk) block states: contiguous runs of non-empty key blocks,
     split where FULL meets PARTIAL (so long full runs need no mask) and at
-    MAX_SEGMENT_KEYS; neighbouring runs that together stay under MERGE_KEYS become one
+    ``max_keys``; neighbouring runs that together stay under MERGE_KEYS become one
     call (one kernel launch and no merge). Python only visits run boundaries."""
     kind = (states != EMPTY).to(torch.int8) if merge_full_and_partial else states.to(torch.int8)
     padded = torch.nn.functional.pad(kind, (1, 1), value=EMPTY)
@@ -290,7 +293,7 @@ def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool) -> li
             start = a
             while start < b:  # split at MAX_SEGMENT_KEYS
                 stop = start + 1
-                while stop < b and kb[stop + 1] - kb[start] <= MAX_SEGMENT_KEYS:
+                while stop < b and kb[stop + 1] - kb[start] <= max_keys:
                     stop += 1
                 covered = not masked or bool(full_any[i, start:stop].any())
                 segments.append(Segment(kb[start], kb[stop], masked, covered))
