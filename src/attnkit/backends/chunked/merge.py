@@ -18,7 +18,10 @@ from torch import Tensor
 from .additive import NEG_INF
 from .kernels import Part
 
-__all__ = ["merge_into", "merge_sums", "weighted_sum"]
+__all__ = ["merge_into", "merge_sums", "weighted_sum", "MERGE_CHUNK"]
+
+#: outputs larger than this (elements) are merged one head at a time
+MERGE_CHUNK = 1 << 20
 
 
 def merge_into(out: Tensor, shift: Tensor, rel: Tensor, parts: list, acc_dtype,
@@ -98,7 +101,18 @@ def weighted_sum(out, valued, acc_dtype):
         for o, w in valued[1:]:
             out.addcmul_(o, w)
         return
+    if out.dim() == 4 and out.shape[1] > 1 and out.numel() > MERGE_CHUNK:
+        # a tall tile's rows, one head at a time: the float32 temporaries stay a head's
+        # share of the tile (peak memory follows the tile, not the tile times heads)
+        for h in range(out.shape[1]):
+            weighted_sum(out[:, h:h + 1], [(_head(o, h), _head(w, h)) for o, w in valued],
+                         acc_dtype)
+        return
     acc = valued[0][0].to(acc_dtype) * valued[0][1].to(acc_dtype)
     for o, w in valued[1:]:
         acc.addcmul_(o.to(acc_dtype), w.to(acc_dtype))
     out.copy_(acc)
+
+
+def _head(t: Tensor, h: int) -> Tensor:
+    return t if t.dim() < 4 or t.shape[1] == 1 else t[:, h:h + 1]
