@@ -117,6 +117,10 @@ class AdditiveTiles:
             if split is not None:
                 return FusedAdd(split[0], None, CAUSAL, split[1])
         add = self._hankel(tile, seg, params, dtype)
+        if add.shape[0] * add.shape[1] * nq * nk <= TILE_CACHE_ELEMENTS:
+            # a small tile is copied out once per geometry and stays in cache: no
+            # reversed rows (a narrow band's runs of equal tiles share it)
+            return FusedAdd(*self.get(tile, seg, params, dtype), PLAIN)
         alive = None
         if seg.masked and not seg.covered:
             key = ("alive", offset, nq, nk)
