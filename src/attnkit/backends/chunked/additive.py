@@ -99,14 +99,16 @@ class AdditiveTiles:
         return add, alive
 
     def fused(self, tile: Tile, seg, params, dtype):
-        """(add, alive, how) for the fused kernel, ``how`` one of PLAIN, REVERSED, CAUSAL. A translation-invariant term
-        f(k - p) is a Toeplitz tile; over the tile's query rows in *reverse* order it is
-        a Hankel tile, ``H[i', j] = f(k0 - (p1 - 1) + i' + j)``, which is a strided view
+        """:class:`FusedAdd` for the fused kernel (``how``: PLAIN, REVERSED or CAUSAL). A
+        translation-invariant term f(k - p) is a Toeplitz tile; over the tile's query
+        rows in *reverse* order it is a Hankel tile, ``H[i', j] = f(k0 - (p1 - 1) + i' + j)``, which is a strided view
         (strides 1, 1) of one vector of offsets per head: nq + nk - 1 numbers that stay
         in cache, instead of an (nq, nk) tile read from memory (the kernel reads masks
         through their strides). REVERSED: the caller runs the kernel on the query rows
         reversed and reverses its results back; ``alive`` is in the rows' own order.
-        CAUSAL: the square tile on the diagonal of a causal pattern, no add at all."""
+        CAUSAL: the square tile on the diagonal of a causal pattern, no add (or a
+        per-key one, see :meth:`_causal_split`). Tiles small enough to stay in cache go
+        PLAIN, copied out once per geometry."""
         offset = seg.offset(tile) if self.translation_invariant else None
         if offset is None or not (seg.masked or self.bias is not None):
             return FusedAdd(*self.get(tile, seg, params, dtype), PLAIN)

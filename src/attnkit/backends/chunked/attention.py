@@ -17,9 +17,8 @@ from ...dtypes import HALF, compute_dtype, matmul_dtype, stat_dtype
 from ...masks import Grid, Mask
 from .additive import NEG_INF, AdditiveTiles
 from .backward import backward as backward_pass
-from .forward import could_see_one_key
-from .forward import forward as forward_pass
 from . import fused
+from .forward import could_see_one_key, forward as forward_pass
 from .kernels import Call, KeyValues, dropout_keep, like_query, scores
 from .plan import (BLOCK_K, BLOCK_Q, BLOCK_Q_HALF, MAX_SEGMENT_KEYS, block_view, cuts,
                    plan_tiles)
@@ -154,7 +153,7 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
 
 
 def half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params) -> bool:
-    """Whether a call's tiles are BLOCK_Q_HALF rows tall: half precision inputs on a CPU
+    """Whether a call's tiles are tall (:func:`tall_rows`): half precision inputs on a CPU
     that multiplies them fast, every tile on the fused kernel, and nothing that sends
     tiles to the eager kernel, whose float32 score tiles grow with the rows. Measured
     with bf16 on AMX: the kernel reaches its GEMM rate only from about 768 query rows
@@ -178,8 +177,8 @@ def half_fused_rows(query, key, value, bias, softcap, dropout_p, sinks, params) 
 def tile_sizes(mask: Mask | None, block_q: int | None = None,
                block_k: int | None = None, rows: int = BLOCK_Q) -> tuple[int, int]:
     """The (query rows, key columns) of the engine's tiles for ``mask``, unless given;
-    ``rows``: the query rows of a tile the mask does not size (BLOCK_Q, or BLOCK_Q_HALF,
-    see :func:`half_fused_rows`)."""
+    ``rows``: the query rows of a tile the mask does not size (BLOCK_Q, or
+    :func:`tall_rows` where :func:`half_fused_rows`)."""
     natural = mask.tile_hint if mask is not None else None
     if natural is not None and not 16 <= natural <= 512:
         natural = None

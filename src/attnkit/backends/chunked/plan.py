@@ -29,8 +29,7 @@ __all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS
 
 #: default tile sizes (query rows, key columns), chosen with ``attnkit bench``
 BLOCK_Q = 128
-#: query rows of a tile in half precision on the fused kernel (see
-#: ``attention.half_fused_rows``)
+#: the tallest tile in half precision on the fused kernel (see ``attention.tall_rows``)
 BLOCK_Q_HALF = 4096
 
 BLOCK_K = 128
