@@ -215,12 +215,30 @@ def tall_rows(mask: Mask | None, grid: Grid) -> int:
     """The query rows of tall tiles for this mask: the tallest of BLOCK_Q_HALF, half of
     it, ... down to BLOCK_Q whose tiles compute at most TALL_WASTE times the entries of
     BLOCK_Q-row tiles. A narrow band keeps short tiles (a +-256 window: 256 rows), a
-    causal pattern or no mask the tallest."""
-    if mask is None:
+    causal pattern or no mask the tallest. One block view at BLOCK_Q rows: a taller
+    tile's key blocks are the union of its short tiles' (their cuts align)."""
+    if mask is None or grid.q_len == 0 or grid.k_len == 0:
         return BLOCK_Q_HALF
-    least = planned_entries(mask, grid, BLOCK_Q)
+    fine_q, block_k = tile_sizes(mask, rows=BLOCK_Q)
+    if fine_q != BLOCK_Q or tile_sizes(mask, rows=BLOCK_Q_HALF)[0] != BLOCK_Q_HALF:
+        return BLOCK_Q  # the mask sizes its own tiles
+    qb, kb = cuts(grid, BLOCK_Q, block_k)
+    view = block_view(mask, grid, qb, kb)
+    seen = view.seen.any(0).cpu()                                  # (tiles, key blocks)
+    widths = torch.tensor(kb[1:]) - torch.tensor(kb[:-1])
+    heights = torch.tensor(qb[1:]) - torch.tensor(qb[:-1])
+    starts = torch.tensor(qb[:-1])
+    least = view.computed_entries()
     rows = BLOCK_Q_HALF
-    while rows > BLOCK_Q and planned_entries(mask, grid, rows) > TALL_WASTE * least:
+    while rows > BLOCK_Q:
+        group = torch.div(starts, rows, rounding_mode="floor")
+        group = group - group[0]
+        n = int(group[-1]) + 1
+        union = torch.zeros(n, seen.shape[1], dtype=torch.long).index_add_(
+            0, group, seen.long()) > 0
+        tall = torch.zeros(n, dtype=torch.long).index_add_(0, group, heights)
+        if int(((union.long() * widths).sum(-1) * tall).sum()) <= TALL_WASTE * least:
+            break
         rows //= 2
     return rows
 
