@@ -222,3 +222,61 @@ def test_half_precision_tiles_are_tall_where_half_products_are_fast(monkeypatch)
     with torch.no_grad():
         sdpa(q, k, v, is_causal=True, backend="chunked")
     assert max(r for r, *_ in seen) <= BLOCK_Q
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cap", [5.0, 50.0, 80.0])
+def test_softcap_inference_on_half_products_within_the_rule(dtype, cap, monkeypatch):
+    """A softcapped forward that no backward follows runs the eager kernel on half
+    products (the scale folded into the half queries) and, for a softcap of at most
+    FIXED_SCALE_SOFTCAP without a bias, exponentiates on the fixed scale 0 (no row
+    maximum; float16, whose range ends at 65504, keeps it). Within the accuracy rule
+    either way, causal and L != S."""
+    from attnkit.backends.chunked import attention as engine, kernels
+    monkeypatch.setattr(engine, "matmul_dtype", lambda dtype, device="cpu": dtype)
+    calls = []
+    real = kernels.segment_forward
+    monkeypatch.setattr(kernels, "segment_forward",
+                        lambda cfg, *a, **kw: calls.append(cfg.fixed_scale) or real(cfg, *a, **kw))
+    from attnkit.backends.chunked import forward as forward_module
+    monkeypatch.setattr(forward_module, "segment_forward", kernels.segment_forward)
+    q, k, v, _ = _inputs(L=300, S=520)
+    q = q * 4  # scores up to ~40: the cap bites
+    with torch.no_grad():
+        got = sdpa(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, softcap=cap,
+                   backend="chunked")
+    allowed, _ = _dense(None, None, 4, 300, 520, True)
+    exact = attention(q, k, v, allowed, None, scale=D ** -0.5, softcap=cap)[0]
+    same = attention(*(t.to(dtype) for t in (q, k, v)), allowed, None, scale=D ** -0.5,
+                     softcap=cap, fold_groups=True)[0]
+    ok, account = fa_close(got, exact, same, dtype)
+    assert ok, account
+    fixed = cap <= kernels.FIXED_SCALE_SOFTCAP and dtype == torch.bfloat16
+    assert calls and set(calls) == {fixed}
+
+
+def test_fixed_scale_keeps_rows_whose_scores_all_sit_at_minus_the_cap():
+    """On the fixed scale every weight is exp(s) with s in (-cap, cap): rows whose scores
+    all lie near -cap (60: exp(-60) ~ 1e-26) keep their weights normal, not flushed to
+    zero, in float32 and bfloat16, forward (with and without a backward) and backward."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.ones(16, dtype=torch.float64)
+    q = u + 0.3 * torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64)
+    k = -8 * u + torch.randn(1, 2, 90, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 90, 16, generator=g, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        exact = [t.detach().double().requires_grad_() for t in leaves]
+        want = sdpa(*exact, softcap=60.0, backend="reference")
+        assert want.detach().abs().max() > 0.05  # not a zero output by accident
+        got = sdpa(*leaves, softcap=60.0, backend="chunked")
+        assert (got.double() - want).abs().max() < tol, dtype
+        with torch.no_grad():  # half products (scores rounded once): the accuracy rule
+            alone = sdpa(*leaves, softcap=60.0, backend="chunked")
+            same = attention(*(t.detach() for t in leaves), scale=0.25, softcap=60.0)[0]
+        ok, account = fa_close(alone, want.detach(), same, dtype)
+        assert ok, f"{dtype}: {account}"
+        grads = torch.autograd.grad(got.sum(), leaves)
+        wants = torch.autograd.grad(want.sum(), exact)
+        for g_, w_ in zip(grads, wants):
+            assert (g_.double() - w_).abs().max() <= 10 * tol * (1 + w_.abs().max()), dtype

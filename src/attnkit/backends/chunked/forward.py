@@ -124,6 +124,7 @@ def forward(q, k, v, sinks, cfg: Call, params):
                     tile_forward(cfg, ti, tile, q, kv, params, acc_dtype, EAGER, out, shift,
                                   rel, acc_dtype, sink)
     cfg.additive.release()  # not held until backward
+    cfg.work.release()
     return out, shift, rel
 
 

@@ -11,7 +11,8 @@ so K and V are never copied per query head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -22,8 +23,36 @@ from ...masks import Grid, Mask
 from . import fused
 from .additive import CAUSAL, NEG_INF, PLAIN, REVERSED, AdditiveTiles
 
-__all__ = ["Call", "KeyValues", "Part", "fold", "unfold", "scores", "dropout_keep", "use_fused",
-           "fused_add_dtype", "like_query", "segment_forward", "probabilities", "fused_backward"]
+#: the largest softcap whose scores the eager kernel exponentiates on a fixed scale
+#: (see :attr:`Call.bounded`)
+FIXED_SCALE_SOFTCAP = 60.0
+
+__all__ = ["Call", "Workspace", "KeyValues", "Part", "fold", "unfold", "scores", "dropout_keep", "use_fused",
+           "fused_add_dtype", "bounded_scores", "FIXED_SCALE_SOFTCAP", "like_query", "segment_forward", "probabilities", "fused_backward"]
+
+
+class Workspace:
+    """Buffers the eager kernel reuses from segment to segment, one per (name, dtype),
+    grown to the largest tile: a call's hundreds of (B, H, rows, keys) score tiles then
+    allocate, and fault in, their tens of MiB once instead of once per segment (bf16
+    softcap at 8192, causal: 860 -> 460 ms in one measurement; glibc hands such blocks
+    back to the system on every free)."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def take(self, name: str, shape, dtype: torch.dtype, device) -> Tensor:
+        """A contiguous (shape) tensor of ``dtype`` over the buffer ``name``: valid until
+        the next ``take`` of that name."""
+        n = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < n or buf.device != torch.device(device):
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._buffers[(name, dtype)] = buf
+        return buf[:n].view(shape)
+
+    def release(self) -> None:
+        self._buffers.clear()
 
 
 @dataclass
@@ -48,6 +77,12 @@ class Call:
     half_products: bool = False
     #: the sinks' gradient is wanted (see :func:`.forward.forward`)
     sink_grad: bool = False
+
+    #: every score lies in (-softcap, softcap) (see :func:`bounded_scores`): the eager
+    #: kernel forms P = exp(s) on the fixed scale 0, without a row maximum
+    fixed_scale: bool = False
+    #: the eager kernel's reused score buffers (:class:`Workspace`)
+    work: Workspace = field(default_factory=Workspace)
 
 
 class KeyValues:
@@ -116,34 +151,50 @@ def unfold(x: Tensor, q_heads: int) -> Tensor:
     return x.reshape(B, q_heads, gn * x.shape[1] // q_heads, d)
 
 
-def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True):
+def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True, work: Workspace | None = None):
     """Scaled (and soft-capped) scores (B, Hq, nq, nk) in the compute dtype, plus
     x = scale * q k^T / softcap, from which the backward forms softcap's derivative
     (``keep_x=False``: not kept). The products are exact for half inputs (float32, as
     torch's fused kernel forms them: forward, backward and the fused tiles' statistics
-    agree; ``cfg.half_products``: see :class:`Call`), and the elementwise steps run in
-    place on them."""
+    agree; ``cfg.half_products``: see :class:`Call`, and the scale is folded into the
+    half queries, rounded once as torch's own math rounds its scaled queries), and the
+    elementwise steps run in place on them; with ``work``, in its buffers (the result is
+    valid until the next call with it)."""
     cdt = compute_dtype(qt.dtype)
     mdt = qt.dtype if cfg.half_products else cdt
-    s = torch.matmul(fold(qt.to(mdt), ks.shape[1]), ks.to(mdt).transpose(-1, -2))
-    s = unfold(s.to(cdt), qt.shape[1])
-    if torch.is_grad_enabled() and (qt.requires_grad or ks.requires_grad):
-        return _differentiable_scores(s, qt.dtype, cfg)
-    x = None
-    if cfg.softcap is None:
-        return s.mul_(cfg.scale), x
     c = cfg.softcap
-    if qt.dtype in HALF:
-        # half precision inputs: c tanh(x) = 2c sigmoid(2x) - c, with sigmoid several
-        # times cheaper than tanh; its cancellation near x = 0 costs ~1 ulp of c in
-        # float32, far below the inputs' own rounding
-        s.mul_(2 * cfg.scale / c)
-        if keep_x:
-            x = s * 0.5
-        return s.sigmoid_().mul_(2 * c).sub_(c), x
-    s.mul_(cfg.scale / c)
+    # half precision inputs with the row maximum: c tanh(x) = 2c sigmoid(2x) - c, with
+    # sigmoid cheaper than tanh on some CPUs; its cancellation near x = 0 costs ~1 ulp
+    # of c in float32, far below the inputs' own rounding
+    sig = c is not None and qt.dtype in HALF and not cfg.fixed_scale
+    a = cfg.scale if c is None else cfg.scale / c * (2 if sig else 1)
+    qm = qt.to(mdt)
+    if cfg.half_products:
+        qm, a = qm * a, 1.0
+    km = ks.to(mdt)
+    if mdt in HALF:  # a half GEMM copies a strided batch of keys itself, ~2x slower
+        km = km.contiguous()
+    qm, km = fold(qm, ks.shape[1]), km.transpose(-1, -2)
+    differentiable = torch.is_grad_enabled() and (qt.requires_grad or ks.requires_grad)
+    if work is None or differentiable:
+        s = unfold(torch.matmul(qm, km).to(cdt), qt.shape[1])
+    else:
+        shape = (*qm.shape[:-1], km.shape[-1])
+        s = torch.matmul(qm, km, out=work.take("products", shape, mdt, qm.device))
+        if mdt != cdt:
+            s = work.take("scores", shape, cdt, qm.device).copy_(s)
+        s = unfold(s, qt.shape[1])
+    if differentiable:
+        return _differentiable_scores(s, qt.dtype, cfg)
+    if a != 1.0:
+        s.mul_(a)
+    if c is None:
+        return s, None
+    x = None
     if keep_x:
-        x = s.clone()
+        x = s * 0.5 if sig else s.clone()
+    if sig:
+        return s.sigmoid_().mul_(2 * c).sub_(c), x
     return s.tanh_().mul_(c), x
 
 
@@ -152,11 +203,20 @@ def _differentiable_scores(s: Tensor, dtype: torch.dtype, cfg: Call):
     if cfg.softcap is None:
         return s * cfg.scale, None
     c = cfg.softcap
-    if dtype in HALF:
-        x = s * (cfg.scale / c)
-        return torch.sigmoid(2 * x) * (2 * c) - c, x
     x = s * (cfg.scale / c)
+    if dtype in HALF and not cfg.fixed_scale:
+        return torch.sigmoid(2 * x) * (2 * c) - c, x
     return torch.tanh(x) * c, x
+
+
+def bounded_scores(softcap: float | None, bias, p_dtype: torch.dtype) -> bool:
+    """Whether the eager kernel may exponentiate on the fixed scale 0: a softcap of at
+    most FIXED_SCALE_SOFTCAP and no bias (a mask adds only 0 or -inf) keep every score
+    in (-softcap, softcap), so exp(s) lies in [e^-60, e^60], normal in float32 and
+    bfloat16, and no pass finds or subtracts a row maximum. ``p_dtype``: the dtype P is
+    multiplied with V in (float16, whose range ends at 65504, keeps the row maximum)."""
+    return (softcap is not None and softcap <= FIXED_SCALE_SOFTCAP and bias is None
+            and p_dtype != torch.float16)
 
 
 def dropout_keep(cfg: Call, ti: int, si: int, shape, device) -> Tensor:
@@ -226,17 +286,22 @@ def segment_forward(cfg, ti, si, qt, ks, vs, add, alive, with_fused: bool,
         if alive is not None:  # the fused kernel reports lse = 0 for rows with no key
             lse = lse.masked_fill(~alive, NEG_INF)
         return Part(out, None, lse)
-    s, _ = scores(qt, ks, cfg, keep_x=False)
+    s, _ = scores(qt, ks, cfg, keep_x=False, work=cfg.work)
     if add is not None:
         s.add_(add)
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(m == NEG_INF, 0.0, m)
-    p = s.sub_(m).exp_()
+    if cfg.fixed_scale:  # scores bounded by the softcap: P on the scale 0
+        m = s.new_zeros(s.shape[:-1] + (1,))
+        p = s.exp_()
+    else:
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(m == NEG_INF, 0.0, m)
+        p = s.sub_(m).exp_()
     denom = p.sum(-1)
     if cfg.dropout_p > 0:
         p = p * dropout_keep(cfg, ti, si, p.shape, p.device) / (1 - cfg.dropout_p)
     if cfg.half_products:
-        pv = unfold(torch.matmul(fold(p.to(vs.dtype), vs.shape[1]), vs).to(p.dtype), qt.shape[1])
+        ph = cfg.work.take("weights", p.shape, vs.dtype, p.device).copy_(p)
+        pv = unfold(torch.matmul(fold(ph, vs.shape[1]), vs).to(p.dtype), qt.shape[1])
     else:
         pv = unfold(torch.matmul(fold(p, vs.shape[1]), vs.to(p.dtype)), qt.shape[1])
     return Part(pv, m.squeeze(-1), torch.log(denom), denom)

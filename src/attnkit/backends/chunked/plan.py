@@ -23,7 +23,7 @@ from torch import Tensor
 from ...masks import EMPTY, FULL, PARTIAL, Grid, Mask
 from ...masks.grid import as_4d
 
-__all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
+__all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_Q_EAGER_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
            "Segment", "Gathered", "Tile", "Run", "BlockView", "block_view", "cuts", "plan_tiles",
            "batched_runs", "index_along"]
 
@@ -31,6 +31,8 @@ __all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS
 BLOCK_Q = 128
 #: the tallest tile in half precision on the fused kernel (see ``attention.tall_rows``)
 BLOCK_Q_HALF = 4096
+#: the rows of an eager tile on half products (a forward no backward follows)
+BLOCK_Q_EAGER_HALF = 256
 
 BLOCK_K = 128
 
