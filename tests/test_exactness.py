@@ -33,6 +33,23 @@ def test_zero_scale_causal_gives_the_running_means_of_v(backend):
     torch.testing.assert_close(out, running_mean)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_scale_of_zero_or_below_never_reaches_the_kernels_causal_flag(dtype, scale):
+    """torch's CPU flash kernel masks its causal pattern before scaling, so a scale <= 0
+    turns the masked scores into NaN or +inf (torch's own SDPA returns NaN rows). At a
+    length whose diagonal tiles would run on that flag (tall bf16 tiles), the tiled
+    engine masks them itself and equals the reference."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 2048, 8, generator=g).to(dtype) for _ in range(3))
+    out = sdpa(q, k, v, is_causal=True, scale=scale, backend="chunked")
+    want = sdpa(q.double(), k.double(), v.double(), is_causal=True, scale=scale,
+                backend="reference")
+    assert torch.isfinite(out).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.double() - want).abs().max() < tol
+
+
 # ------------------------------------------------------------------ 2. finfo.min rows
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

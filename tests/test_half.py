@@ -198,9 +198,11 @@ def test_the_causal_diagonal_runs_on_the_kernels_own_causal_flag(monkeypatch):
 
 def test_half_precision_tiles_are_tall_where_half_products_are_fast(monkeypatch):
     """Where this CPU multiplies bfloat16 fast, fused tiles are BLOCK_Q_HALF rows tall (the
-    kernel reaches its rate only from ~768 rows per call), except that a tile with a row
-    that may see a single key (a causal pattern's first) gives its first BLOCK_Q rows a
-    tile of their own."""
+    kernel reaches its rate only from ~768 rows per call). Where the log-sum-exp, the
+    weights or a backward follow, a tile with a row that may see a single key (a causal
+    pattern's first) gives its first BLOCK_Q rows a tile of their own (EXACT, on the
+    eager kernel); a forward alone keeps the tile whole, and that row's output is its
+    one value, exactly."""
     from attnkit.backends.chunked import BLOCK_Q, attention
     from attnkit.backends.chunked.plan import BLOCK_Q_HALF
     monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": dtype)
@@ -208,15 +210,22 @@ def test_half_precision_tiles_are_tall_where_half_products_are_fast(monkeypatch)
     n = 2 * BLOCK_Q_HALF
     q, k, v, _ = _inputs(Hq=2, Hkv=2, L=n, S=n)
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    want = sdpa(q.double(), k.double(), v.double(), is_causal=True, backend="reference")
+    with torch.no_grad():
+        got, lse = sdpa(q, k, v, is_causal=True, backend="chunked", return_lse=True)
+    rows = {r for r, *_ in seen}
+    assert BLOCK_Q_HALF in rows and max(rows) == BLOCK_Q_HALF
+    assert BLOCK_Q_HALF - BLOCK_Q in rows
+    assert (got.double() - want).abs().max() < 2e-2
+    one_score = (q[:, :, 0].double() * k[:, :, 0].double()).sum(-1) * D ** -0.5
+    assert (lse[..., 0].double() - one_score).abs().max() < 1e-2  # its one score, in bf16
+    seen.clear()
     with torch.no_grad():
         got = sdpa(q, k, v, is_causal=True, backend="chunked")
     rows = {r for r, *_ in seen}
-    # the first tile's first BLOCK_Q rows (row 0 sees one key) run EXACT on the eager
-    # kernel; the rest of that tile stays on the fused kernel
-    assert BLOCK_Q_HALF in rows and max(rows) == BLOCK_Q_HALF
-    assert BLOCK_Q_HALF - BLOCK_Q in rows
-    want = sdpa(q.double(), k.double(), v.double(), is_causal=True, backend="reference")
+    assert rows == {BLOCK_Q_HALF}
     assert (got.double() - want).abs().max() < 2e-2
+    assert torch.equal(got[:, :, 0], v[:, :, 0])
     seen.clear()
     monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": torch.float32)
     with torch.no_grad():

@@ -43,6 +43,10 @@ class Bias:
     #: True when the bias depends only on the offset k - p (and the head): equal tiles
     #: for equal geometry, which the engine builds once
     translation_invariant: bool = False
+    #: True when, at and below the diagonal (k <= p), the bias is affine in k - p (ALiBi):
+    #: a causal diagonal's square then runs on a fused kernel's own causal flag, the bias
+    #: split into a per-key and a per-row part
+    affine_below_diagonal: bool = False
 
     @property
     def params(self) -> tuple[Tensor, ...]:
@@ -113,6 +117,7 @@ class ALiBi(Bias):
     """Attention with Linear Biases: adds ``-slope[h] * |p - j|``; ``slopes`` is
     (num_heads,), or (B, num_heads) for one set of slopes per batch element."""
     translation_invariant = True
+    affine_below_diagonal = True
 
     def __init__(self, slopes: Tensor):
         if not isinstance(slopes, Tensor) or slopes.dim() not in (1, 2) or \

@@ -217,7 +217,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     elif backend == "chunked":
         out, weights, lse = chunked_attention(q, k, v, mask=mask, bias=add, scale=scale,
                                               softcap=softcap, sinks=sinks, dropout_p=dropout_p,
-                                              return_weights=return_weights, grid=grid)
+                                              return_weights=return_weights, grid=grid,
+                                              need_lse=return_lse)
     elif backend == "torch":
         out = torch_attention(q, k, v, mask=mask, bias=add, scale=scale, dropout_p=dropout_p,
                               grid=grid)

@@ -55,13 +55,15 @@ class AdditiveTiles:
     tiles by geometry; :meth:`release` drops both: they are not held until backward).
     ``separable``: a causal diagonal tile whose bias is affine in k - p may run as a
     per-key bias plus a per-row shift (exact up to the float32 rounding of terms as
-    large as the tile's offsets: for half precision inputs).
+    large as the tile's offsets: for half precision inputs). ``causal_flag``: such tiles
+    may run on the kernel's causal flag at all (False for a scale <= 0: torch's kernel
+    masks before it scales, and its causal rows come out NaN).
     """
 
     def __init__(self, grid: Grid, tiles: list, mask: Mask | None, bias: Bias | None,
-                 separable: bool = False):
+                 separable: bool = False, causal_flag: bool = True):
         self.grid, self.tiles, self.mask, self.bias = grid, tiles, mask, bias
-        self.separable = separable
+        self.separable, self.causal_flag = separable, causal_flag
         self.translation_invariant = bool(
             (mask is not None or bias is not None) and grid.affine
             and (mask is None or mask.translation_invariant)
@@ -113,7 +115,7 @@ class AdditiveTiles:
         if offset is None or not (seg.masked or self.bias is not None):
             return FusedAdd(*self.get(tile, seg, params, dtype), PLAIN)
         nq, nk = tile.r1 - tile.r0, seg.width
-        if offset == 0 and nq == nk:
+        if offset == 0 and nq == nk and self.causal_flag:
             diag, c = self._diagonal(params, dtype)
             split = self._causal_split(diag, seg.k0 - (tile.p1 - 1) + c, nq)
             if split is not None:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ...bias import Bias
 from ...dtypes import HALF, compute_dtype, matmul_dtype, stat_dtype
-from ...masks import Grid, Mask
+from ...masks import EMPTY, FULL, Grid, Mask
 from .additive import NEG_INF, AdditiveTiles
 from .backward import backward as backward_pass
 from . import fused
@@ -24,7 +24,7 @@ from .plan import (BLOCK_K, BLOCK_Q, BLOCK_Q_EAGER_HALF, BLOCK_Q_HALF, MAX_SEGME
                    block_view, cuts, plan_tiles)
 
 __all__ = ["chunked_attention", "chunked_attention_backward", "weights", "tile_sizes",
-           "planned_entries", "tall_rows"]
+           "planned_entries", "tall_rows", "causal_prefix"]
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -88,13 +88,15 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
                       bias: Bias | None = None, scale: float, softcap: float | None = None,
                       sinks: Tensor | None = None, dropout_p: float = 0.0,
                       return_weights: bool = False, block_q: int | None = None,
-                      block_k: int | None = None, grid: Grid | None = None):
+                      block_k: int | None = None, grid: Grid | None = None,
+                      need_lse: bool = True):
     """Tiled attention on (B, Hq, L, D) query and (B, Hkv, S, D) key/value.
 
     Returns ``(out, weights_or_None, lse)`` with out (B, Hq, L, Dv) and lse (B, Hq, L)
     (-inf for rows that see nothing; those rows output zeros). ``grid`` carries the
     query positions and the bias dtype (default: bottom-right, the input's accumulation
-    type).
+    type). ``need_lse=False``: the caller discards lse, which may then be off by float32
+    rounding in rows that see a single key (their outputs stay exact).
 
     A mask that splits by residue class (``residue_classes()``: a dilated window) runs as
     one inner-mask problem per class on strided views, unless a bias, sinks, softcap,
@@ -119,7 +121,8 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     rows = BLOCK_Q
     if block_q is None and half_fused_rows(query, key, value, bias, softcap, dropout_p,
                                            sinks, params):
-        rows = tall_rows(mask, grid)
+        rows = tall_rows(mask, grid, causal_flag=scale > 0 and (
+            bias is None or bias.affine_below_diagonal))
     elif half_products:
         # the eager kernel on half products: its GEMMs of 256 rows run ~1.5x faster than
         # of 128 (bf16 softcap, causal at 8192: 513 -> 447 ms), for a float32 score
@@ -137,7 +140,10 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
         max_keys = max(MAX_SEGMENT_KEYS, block_q)
     tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge,
                        max_keys=max_keys)
-    if rows > BLOCK_Q and block_q > BLOCK_Q:
+    # the EXACT kernel for rows that see one key: only for what a forward alone does not
+    # need exactly (see Call.exact_single_keys)
+    exact_single_keys = need_lse or return_weights or backward_follows
+    if rows > BLOCK_Q and block_q > BLOCK_Q and exact_single_keys:
         # a tall tile with a row that may see one key runs EXACT, on the eager kernel:
         # such a tile (a causal pattern's first) loses its first BLOCK_Q rows to a tile
         # of their own, and the rest (which then sees a full block) stays fused
@@ -150,9 +156,11 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     if dropout_p > 0:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     cfg = Call(grid, tiles, mask, bias, float(scale), softcap, float(dropout_p), seed,
-               AdditiveTiles(grid, tiles, mask, bias, separable=query.dtype in HALF),
+               AdditiveTiles(grid, tiles, mask, bias, separable=query.dtype in HALF,
+                             causal_flag=scale > 0),
                half_products=half_products,
                sink_grad=backward_follows and sinks is not None and sinks.requires_grad,
+               exact_single_keys=exact_single_keys,
                fixed_scale=bounded_scores(softcap, bias, query.dtype if half_products
                                           else compute_dtype(query.dtype)))
     out, lse = _ChunkedAttention.apply(query, key, value, sinks, cfg, *params)
@@ -219,12 +227,14 @@ def planned_entries(mask: Mask | None, grid: Grid, rows: int = BLOCK_Q) -> int:
 TALL_WASTE = 1.5
 
 
-def tall_rows(mask: Mask | None, grid: Grid) -> int:
+def tall_rows(mask: Mask | None, grid: Grid, causal_flag: bool = False) -> int:
     """The query rows of tall tiles for this mask: the tallest of BLOCK_Q_HALF, half of
     it, ... down to BLOCK_Q whose tiles compute at most TALL_WASTE times the entries of
     BLOCK_Q-row tiles. A narrow band keeps short tiles (a +-256 window: 256 rows), a
     causal pattern or no mask the tallest. One block view at BLOCK_Q rows: a taller
-    tile's key blocks are the union of its short tiles' (their cuts align)."""
+    tile's key blocks are the union of its short tiles' (their cuts align).
+    ``causal_flag``: the bias (if any) lets a causal diagonal's square run on the
+    kernel's causal flag, which skips its upper triangle (see :func:`causal_prefix`)."""
     if mask is None or grid.q_len == 0 or grid.k_len == 0:
         return BLOCK_Q_HALF
     fine_q, block_k = tile_sizes(mask, rows=BLOCK_Q)
@@ -232,6 +242,8 @@ def tall_rows(mask: Mask | None, grid: Grid) -> int:
         return BLOCK_Q  # the mask sizes its own tiles
     qb, kb = cuts(grid, BLOCK_Q, block_k)
     view = block_view(mask, grid, qb, kb)
+    if causal_flag and mask.translation_invariant and causal_prefix(view):
+        return BLOCK_Q_HALF
     seen = view.seen.any(0).cpu()                                  # (tiles, key blocks)
     widths = torch.tensor(kb[1:]) - torch.tensor(kb[:-1])
     heights = torch.tensor(qb[1:]) - torch.tensor(qb[:-1])
@@ -249,6 +261,19 @@ def tall_rows(mask: Mask | None, grid: Grid) -> int:
             break
         rows //= 2
     return rows
+
+
+def causal_prefix(view) -> bool:
+    """Whether every row block sees a prefix of the key blocks, all FULL but its last (a
+    causal pattern from key 0 on, as ``masks.causal()`` draws it): tall tiles then
+    compute no more than short ones, their diagonal squares on the kernel's causal
+    flag (which skips the upper triangle) and everything left of them full."""
+    states = view.union_states.cpu()
+    seen = states != EMPTY
+    count = seen.sum(-1, keepdim=True)
+    index = torch.arange(states.shape[-1])
+    prefix = bool((seen == (index < count)).all())
+    return prefix and bool(((states == FULL) | (index >= count - 1)).all())
 
 
 def _head_index(heads: list[int] | None, device):

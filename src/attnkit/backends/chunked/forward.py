@@ -96,7 +96,7 @@ def forward(q, k, v, sinks, cfg: Call, params):
         if ti < done:
             continue
         run = runs.get(ti)
-        if could_see_one_key(cfg.bias, tile):
+        if cfg.exact_single_keys and could_see_one_key(cfg.bias, tile):
             adds = [cfg.additive.get(tile, seg, params, acc_dtype) for seg in tile.segments]
             if single_key_rows(tile, adds):
                 stop = run.stop if run is not None else ti + 1

@@ -81,6 +81,11 @@ class Call:
     #: every score lies in (-softcap, softcap) (see :func:`bounded_scores`): the eager
     #: kernel forms P = exp(s) on the fixed scale 0, without a row maximum
     fixed_scale: bool = False
+    #: tiles with a row that sees a single key run EXACT (see :mod:`.forward`): needed
+    #: where a backward, the log-sum-exp or the weights follow. Otherwise the fused
+    #: kernel's output for such a row is exact (its one weight is 1), and so is the
+    #: merge (the row's other parts are empty), and only its log-sum-exp is off
+    exact_single_keys: bool = True
     #: the eager kernel's reused score buffers (:class:`Workspace`)
     work: Workspace = field(default_factory=Workspace)
 
