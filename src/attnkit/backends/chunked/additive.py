@@ -103,8 +103,9 @@ class AdditiveTiles:
     def fused(self, tile: Tile, seg, params, dtype):
         """:class:`FusedAdd` for the fused kernel (``how``: PLAIN, REVERSED or CAUSAL). A
         translation-invariant term f(k - p) is a Toeplitz tile; over the tile's query
-        rows in *reverse* order it is a Hankel tile, ``H[i', j] = f(k0 - (p1 - 1) + i' + j)``, which is a strided view
-        (strides 1, 1) of one vector of offsets per head: nq + nk - 1 numbers that stay
+        rows in *reverse* order it is a Hankel tile, ``H[i', j] = f(k0 - (p1 - 1) + i' +
+        j)``, a strided view (strides 1, 1) of one vector of offsets per head: nq + nk - 1
+        numbers that stay
         in cache, instead of an (nq, nk) tile read from memory (the kernel reads masks
         through their strides). REVERSED: the caller runs the kernel on the query rows
         reversed and reverses its results back; ``alive`` is in the rows' own order.

@@ -27,8 +27,10 @@ from .additive import CAUSAL, NEG_INF, PLAIN, REVERSED, AdditiveTiles
 #: (see :attr:`Call.bounded`)
 FIXED_SCALE_SOFTCAP = 60.0
 
-__all__ = ["Call", "Workspace", "KeyValues", "Part", "fold", "unfold", "scores", "dropout_keep", "use_fused",
-           "fused_add_dtype", "bounded_scores", "FIXED_SCALE_SOFTCAP", "like_query", "segment_forward", "probabilities", "fused_backward"]
+__all__ = ["Call", "Workspace", "KeyValues", "Part", "fold", "unfold", "scores",
+           "dropout_keep", "use_fused", "fused_add_dtype", "bounded_scores",
+           "FIXED_SCALE_SOFTCAP", "like_query", "segment_forward", "probabilities",
+           "fused_backward"]
 
 
 class Workspace:
@@ -141,7 +143,8 @@ class KeyValues:
         B, Hkv, S, _ = dk.shape
         flat = self._flat_index(index)
         for acc, g in pairs:
-            acc.view(B, Hkv * S, -1).index_add_(1, flat, g.reshape(B, flat.numel(), -1).to(acc.dtype))
+            acc.view(B, Hkv * S, -1).index_add_(1, flat,
+                                                g.reshape(B, flat.numel(), -1).to(acc.dtype))
 
 
 def fold(x: Tensor, kv_heads: int) -> Tensor:
@@ -156,7 +159,8 @@ def unfold(x: Tensor, q_heads: int) -> Tensor:
     return x.reshape(B, q_heads, gn * x.shape[1] // q_heads, d)
 
 
-def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True, work: Workspace | None = None):
+def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True,
+           work: Workspace | None = None):
     """Scaled (and soft-capped) scores (B, Hq, nq, nk) in the compute dtype, plus
     x = scale * q k^T / softcap, from which the backward forms softcap's derivative
     (``keep_x=False``: not kept). The products are exact for half inputs (float32, as

@@ -23,9 +23,9 @@ from torch import Tensor
 from ...masks import EMPTY, FULL, PARTIAL, Grid, Mask
 from ...masks.grid import as_4d
 
-__all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_Q_EAGER_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS", "MERGE_KEYS", "MIN_BATCH_TILES",
-           "Segment", "Gathered", "Tile", "Run", "BlockView", "block_view", "cuts", "plan_tiles",
-           "batched_runs", "index_along"]
+__all__ = ["BLOCK_Q", "BLOCK_Q_HALF", "BLOCK_Q_EAGER_HALF", "BLOCK_K", "MAX_SEGMENT_KEYS",
+           "MERGE_KEYS", "MIN_BATCH_TILES", "Segment", "Gathered", "Tile", "Run", "BlockView",
+           "block_view", "cuts", "plan_tiles", "batched_runs", "index_along"]
 
 #: default tile sizes (query rows, key columns), chosen with ``attnkit bench``
 BLOCK_Q = 128
@@ -290,7 +290,8 @@ def _row_runs(states: Tensor, kb: list[int], merge_full_and_partial: bool,
         for a, b in zip(cuts, cuts[1:]):
             if kinds[i][a] == EMPTY:
                 continue
-            masked = bool(masked_any[i, a:b].any()) if merge_full_and_partial else kinds[i][a] != FULL
+            masked = (bool(masked_any[i, a:b].any()) if merge_full_and_partial
+                      else kinds[i][a] != FULL)
             start = a
             while start < b:  # split at MAX_SEGMENT_KEYS
                 stop = start + 1
