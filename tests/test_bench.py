@@ -58,6 +58,22 @@ def test_quick_run_exits_cleanly_and_prints_a_table(quick_run):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_quick_run_says_what_it_measures_and_sums_up_what_it_does_not(quick_run):
+    """A new user's first bench: the header says why it runs on one thread and where
+    sparse patterns start to pay; the sparse cases run at 512 and 2048, so the table
+    itself shows the trend; the targets it cannot measure at its sizes are one line."""
+    proc, json_path, _ = quick_run
+    assert "--quick times everything on 1 torch thread" in proc.stdout
+    assert "the gain over the dense peers starts with length" in proc.stdout
+    report = json.loads(json_path.read_text())
+    lengths = {c["name"]: c["lengths"] for c in report["cases"]}
+    for name in ("sliding_window", "longformer", "bigbird", "alibi"):
+        assert lengths[name] == [512, 2048], name
+    targets = proc.stdout.split("== targets from the issues")[1]
+    assert "n/a" not in targets
+    assert sum("more targets, at n =" in line for line in targets.splitlines()) == 1
+
+
 def test_quick_json_describes_the_machine(quick_run):
     _, json_path, _ = quick_run
     report = json.loads(json_path.read_text())

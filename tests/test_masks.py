@@ -116,8 +116,11 @@ def test_and_or_compose():
     a, b = masks.causal(), masks.sliding_window(2)
     assert torch.equal((a & b).materialize(8), a.materialize(8) & b.materialize(8))
     assert torch.equal((a | b).materialize(8), a.materialize(8) | b.materialize(8))
-    with pytest.raises(TypeError):
-        a & torch.ones(3, 3, dtype=torch.bool)
+    # a bool tensor joins as a dense mask (True = may attend); anything else is refused
+    dense = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal((a & dense).materialize(8), a.materialize(8) & dense)
+    with pytest.raises(TypeError, match="bool tensor"):
+        a & torch.ones(3, 3)
 
 
 ALL_MASKS = {

@@ -15,7 +15,11 @@ def close(a, b, tol=1e-5):
 @pytest.mark.parametrize("bias", [True, False])
 def test_from_torch_self_attention(batch_first, bias):
     t = nn.MultiheadAttention(16, 4, bias=bias, batch_first=batch_first).eval()
-    ours = MultiHeadAttention.from_torch(t).eval()
+    if batch_first:
+        ours = MultiHeadAttention.from_torch(t).eval()
+    else:
+        with pytest.warns(UserWarning, match="batch-first"):
+            ours = MultiHeadAttention.from_torch(t).eval()
     x = torch.randn(3, 7, 16)
     xt = x if batch_first else x.transpose(0, 1)
     pad = torch.zeros(3, 7, dtype=torch.bool)

@@ -14,8 +14,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"attnkit: error: {message}\n")
 
 
+def _mask_help() -> str:
+    """The epilog of ``attnkit plot --help``: every mask with its parameters and
+    defaults, read from the same table the parser uses."""
+    from .viz.specs import MASK_KINDS
+    width = max(map(len, MASK_KINDS))
+    lines = ["masks and their parameters (defaults scale with --length):"]
+    for name, (_, _, text) in MASK_KINDS.items():
+        lines.append(f"  {name:<{width}}  {text}")
+    lines += ["", "examples:", "  attnkit plot causal sliding_window:left=8,right=0 --out masks.png",
+              "  attnkit plot 'global:indices=0+31|sliding_window:left=4' --length 128 "
+              "--out longformer.png",
+              "each panel is titled with its parameters written out, defaults included."]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = _Parser(prog="attnkit", description="Attention mechanisms, computed for real.")
+    p.add_argument("--version", action="version", version=f"attnkit {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     t = sub.add_parser("tour", help="walk through attention step by step with real numbers")
     t.add_argument("--lang", choices=["zh", "en"], default=None,
@@ -23,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="attnkit-tour", help="folder for the pictures")
     t.add_argument("--seed", type=int, default=0, help="random seed")
 
-    pl = sub.add_parser("plot", help="draw mask patterns side by side")
+    from .viz.specs import MASK_KINDS
+    pl = sub.add_parser("plot", help="draw mask patterns side by side", epilog=_mask_help(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     pl.add_argument("masks", nargs="+", metavar="MASK",
-                    help="NAME[:key=value,...] with NAME one of causal, padding, "
-                         "sliding_window, dilated, global, bigbird, document; join terms "
-                         "with & and |")
+                    help=f"NAME[:key=value,...] with NAME one of {', '.join(MASK_KINDS)}; "
+                         f"lists of integers with + (indices=0+31); join terms with & and |, "
+                         f"group with parentheses")
     pl.add_argument("--length", type=int, default=64, help="sequence length (default 64)")
     pl.add_argument("--out", required=True, help="output PNG file")
 

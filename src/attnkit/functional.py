@@ -62,6 +62,11 @@ def _number(name, x, *, positive=False):
     return x
 
 
+def _check_enable_gqa(enable_gqa) -> None:
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+
+
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
              sinks, return_weights, return_lse, backend) -> SimpleNamespace:
     """Validate a call and reduce it to one Mask, one Bias, plain numbers and the
@@ -146,14 +151,15 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, so
 
 
 def explain(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
-            dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, *,
-            bias=None, softcap: float | None = None, sinks: Tensor | None = None,
+            dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+            enable_gqa: bool = False, *, bias=None, softcap: float | None = None, sinks: Tensor | None = None,
             return_weights: bool = False, return_lse: bool = False,
             backend: str = "auto") -> Choice:
     """Which backend :func:`scaled_dot_product_attention` would run this call on, and why,
     without running it: ``print(attnkit.explain(q, k, v, mask))``. The returned
     :class:`~attnkit.backends.dispatch.Choice` has ``backend``, ``reason`` and, per
     backend that cannot run the call, ``rejected[name]`` (its reasons)."""
+    _check_enable_gqa(enable_gqa)
     c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
                  sinks, return_weights, return_lse, backend)
     return choose(c.problem, backend)
@@ -161,11 +167,17 @@ def explain(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
                                  dropout_p: float = 0.0, is_causal: bool = False,
-                                 scale: float | None = None, *, bias=None,
+                                 scale: float | None = None, enable_gqa: bool = False, *,
+                                 bias=None,
                                  softcap: float | None = None, sinks: Tensor | None = None,
                                  return_weights: bool = False, return_lse: bool = False,
                                  backend: str = "auto"):
     r"""Attention ``softmax(scale * Q K^T + bias, masked) V``.
+
+    A drop-in for ``torch.nn.functional.scaled_dot_product_attention``: its arguments,
+    positional and keyword, with torch's meaning, and one intended difference: with
+    ``is_causal`` and L != S the last query sees every key (bottom-right alignment, as
+    in decoding with a cache), where torch's causal mask is top-left.
 
     Args:
         query: (..., Hq, L, D).
@@ -178,6 +190,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         is_causal: query row i at position p = i + (S - L) sees keys 0..p (bottom-right,
             unlike torch's top-left when L != S); combines with ``attn_mask``.
         scale: score scale, default 1/sqrt(D).
+        enable_gqa: torch's flag, accepted so that torch's calls run unchanged. attnkit
+            computes grouped-query attention whenever Hkv divides Hq, so True and False
+            give the same result (torch raises for unequal heads without it).
         bias: a float tensor broadcastable to (..., Hq, L, S) or an :mod:`attnkit.bias`
             object, added to the scores unscaled.
         softcap: scores become ``softcap * tanh(s / softcap)`` before bias and mask.
@@ -191,6 +206,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out (..., Hq, L, Dv), followed by the weights and lse when asked, as a tuple.
         A query row that may attend to nothing gets zeros.
     """
+    _check_enable_gqa(enable_gqa)
     c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
                  sinks, return_weights, return_lse, backend)
     backend = choose(c.problem, backend).backend

@@ -259,6 +259,12 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     print(f"{dtype} GEMM peak (torch.mm 4096x4096, {machine['torch_threads']} threads): "
           f"{gemm_peak:.0f} GFLOP/s; copy bandwidth {copy_gbs:.1f} GB/s", file=stream,
           flush=True)
+    if quick:
+        print(f"--quick times everything on {machine['torch_threads']} torch thread, so "
+              f"that a machine busy with other work distorts it little; the full run uses "
+              f"the {machine['cores']} cores. Sparse masks and biases are timed at 512 and "
+              f"2048: at 512 their patterns cover most of the matrix, and the gain over the "
+              f"dense peers starts with length", file=stream, flush=True)
 
     targets = tuple(t for t in suite.targets if t.dtype == dtype)
     jobs, rows, case_notes = plan_runs(mode, gemm_peak, selected, targets, cfg)

@@ -75,6 +75,12 @@ BIGBIRD = dict(d_model=512, heads=H, block=64, random_blocks=3)
 MISTRAL = dict(d_model=512, heads=H, kv_heads=2, window=512)
 
 
+#: --quick lengths of the sparse cases: at 512 a +-256 window or BigBird's 3 + 2 + 3
+#: blocks of 64 cover most of the matrix (no sparsity to exploit, only the tiled engine's
+#: overhead), at 2048 they cover a quarter or less; both rows show where the gain starts
+SPARSE_QUICK = (512, 2048)
+
+
 def longformer_mask(n):
     """Longformer's pattern: window +-256 or one of the first 16 (global) tokens."""
     return M.sliding_window(256) | M.global_tokens(list(range(16)))
@@ -128,23 +134,24 @@ CASES: tuple[Case, ...] = (
                    Variant("eager softcap", "peer", peers.softcap_eager, work="dense",
                            mem=scores_bytes(3), max_length=8192))),
     Case("alibi", "ALiBi bias, causal", alibi_setup(causal=True), causal=True,
-         lengths=FULL_LENGTHS[:5], variants=(AUTO, _sdpa_bias(), REF, flex_variant())),
+         lengths=FULL_LENGTHS[:5], quick_lengths=SPARSE_QUICK, variants=(AUTO, _sdpa_bias(), REF, flex_variant())),
     Case("t5", "T5 relative bias, bidirectional (scale 1)", t5_setup,
          lengths=FULL_LENGTHS[:5], variants=(AUTO, _sdpa_bias(), REF, flex_variant())),
     Case("sliding_window", "sliding window +-256", plain_setup(lambda n: M.sliding_window(256)),
-         mask=lambda n: M.sliding_window(256),
+         mask=lambda n: M.sliding_window(256), quick_lengths=SPARSE_QUICK,
          variants=(AUTO, SPARSE_CHUNKED, sdpa_mask_variant(), REF,
                    flex_variant(lengths=(2048, 8192, 16384, 32768)))),
     Case("dilated", "dilated window +-128, dilation 1,1,2,2,4,4,8,8 per head",
          plain_setup(lambda n: M.dilated(128, 128, DILATIONS)),
-         mask=lambda n: M.dilated(128, 128, DILATIONS),
+         mask=lambda n: M.dilated(128, 128, DILATIONS), quick_lengths=SPARSE_QUICK,
          variants=(AUTO, SPARSE_CHUNKED, sdpa_mask_variant(per_head=True), REF,
                    flex_variant(FLEX_SPARSE))),
     Case("longformer", "Longformer mask: window +-256 | 16 global tokens",
-         plain_setup(longformer_mask), mask=longformer_mask,
+         plain_setup(longformer_mask), mask=longformer_mask, quick_lengths=SPARSE_QUICK,
          variants=(AUTO, SPARSE_CHUNKED, sdpa_mask_variant(), REF, flex_variant(FLEX_SPARSE))),
     Case("bigbird", "BigBird mask: block 64, 3 window + 2 global + 3 random blocks",
          plain_setup(lambda n: M.bigbird(64)), mask=lambda n: M.bigbird(64),
+         quick_lengths=SPARSE_QUICK,
          variants=(AUTO, SPARSE_CHUNKED, sdpa_mask_variant(), REF, flex_variant(FLEX_SPARSE))),
     _decode_case("decode_mha", "decoding with a KV cache, MHA (8 kv heads)", H),
     _decode_case("decode_gqa", "decoding with a KV cache, GQA (2 kv heads)", 2),

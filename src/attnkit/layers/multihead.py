@@ -13,6 +13,8 @@ padding).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -145,7 +147,10 @@ class MultiHeadAttention(nn.Module):
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> "MultiHeadAttention":
-        """An equivalent batch-first layer holding a copy of ``module``'s weights.
+        """An equivalent layer holding a copy of ``module``'s weights. The layer is
+        always batch-first: inputs (B, L, E). A ``batch_first=False`` module (torch's
+        default) takes (L, B, E); feed the attnkit layer ``x.transpose(0, 1)`` and
+        transpose its output back (a UserWarning says so when such a module is given).
 
         Remember the mask conventions differ: torch's bool ``attn_mask`` marks keys that
         may NOT be attended; attnkit's marks keys that may (pass ``~mask``).
@@ -159,6 +164,11 @@ class MultiHeadAttention(nn.Module):
         if module.add_zero_attn:
             raise ValueError("from_torch: nn.MultiheadAttention with add_zero_attn=True has "
                              "no attnkit equivalent")
+        if not module.batch_first:
+            warnings.warn("from_torch: the module is batch_first=False and takes (L, B, E); "
+                          "the attnkit layer is batch-first and takes (B, L, E): pass "
+                          "x.transpose(0, 1) and transpose the output back", UserWarning,
+                          stacklevel=2)
         E = module.embed_dim
         has_bias = module.in_proj_bias is not None
         w = module.in_proj_weight

@@ -125,14 +125,31 @@ class Mask:
     def __or__(self, other: "Mask") -> "Mask":
         return OrMask(self, check_mask(other, "|"))
 
+    def __rand__(self, other) -> "Mask":
+        return AndMask(check_mask(other, "&"), self)
+
+    def __ror__(self, other) -> "Mask":
+        return OrMask(check_mask(other, "|"), self)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
 def check_mask(m, op: str) -> Mask:
-    if not isinstance(m, Mask):
-        raise TypeError(f"masks combine with {op} only with other masks, got {type(m).__name__}")
-    return m
+    """A mask to combine with ``op``: masks as they are; a bool tensor (True = may
+    attend) broadcastable to (B, H, L, S) as :class:`~attnkit.masks.TensorMask`."""
+    if isinstance(m, Mask):
+        return m
+    if isinstance(m, torch.Tensor):
+        if m.dtype != torch.bool or not 1 <= m.dim() <= 4:
+            raise TypeError(f"masks combine with {op} with other masks or with a bool tensor "
+                            f"(True = may attend) of 1 to 4 dims broadcastable to (B, H, L, S); "
+                            f"got a {m.dtype} tensor of shape {tuple(m.shape)}. A float "
+                            f"tensor is a bias: pass it as attn_mask or bias=")
+        from .dense import TensorMask
+        return TensorMask(m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)))
+    raise TypeError(f"masks combine with {op} with other masks or with a bool tensor "
+                    f"(True = may attend), got {type(m).__name__}")
 
 
 class Combined(Mask):

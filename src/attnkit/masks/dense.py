@@ -30,6 +30,12 @@ class TensorMask(Mask):
             m = m[:, :, :, k0:k1]
         return m
 
+    def validate(self, grid):
+        L, S = self.mask.shape[2:]
+        if L not in (1, grid.q_len) or S not in (1, grid.k_len):
+            raise ValueError(f"a bool tensor mask of shape {tuple(self.mask.shape)} does not "
+                             f"broadcast to the call's (L, S) = ({grid.q_len}, {grid.k_len})")
+
     # defined on query rows: these override the position-based defaults
 
     def tile(self, grid, r0, r1, k0, k1):

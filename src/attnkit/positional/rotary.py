@@ -28,6 +28,23 @@ class RotaryEmbedding(nn.Module):
     """Rotary embedding for heads of size ``head_dim``; plugs into
     ``attnkit.MultiHeadAttention(positional=RotaryEmbedding(...))``.
 
+    Pair k of a head (k = 0 .. rotary_dim/2 - 1) at position p is rotated by the angle
+    ``p * theta_k``, ``theta_k = base^(-2k / rotary_dim)``::
+
+        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+
+    Args:
+        head_dim: the size of each head's query and key vectors.
+        base: the wavelength base (10000 in RoFormer and Llama 2; larger for long
+            context, 500000 in Llama 3).
+        interleaved: how a head's coordinates pair up. False (GPT-NeoX, Llama in
+            transformers): coordinate i pairs with i + rotary_dim/2 (the two halves).
+            True (the RoFormer paper, GPT-J, Meta's original Llama code): coordinates
+            2k and 2k + 1 pair up.
+        rotary_dim: how many leading coordinates of each head rotate (even, at most
+            head_dim; default: all). The rest pass through unchanged (GPT-NeoX's and
+            Phi's partial rotary).
+
     ``cos``/``sin`` tables are computed once per device (angles in float64, stored as
     float32, or float64 for float64 inputs), grown by doubling as larger positions come,
     and applied in float32 (float64 for float64 inputs); outputs keep the input dtype.

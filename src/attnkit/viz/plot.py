@@ -11,7 +11,7 @@ from .. import masks as M
 from ..lang import default_lang
 from . import LABELS, drawing, new_figure, save, style
 from .heatmaps import mask_panel
-from .specs import parse_mask_spec
+from .specs import parse_mask_spec, resolve_mask_spec
 
 
 def _panels(mask: M.Mask, length: int, title: str, lang: str, limit: int = 4):
@@ -93,11 +93,14 @@ def plot_command(mask_specs: list[str], length: int = 64, out: str = "masks.png"
             mask.materialize(length, length)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{spec!r} at length {length}: {e}") from None
-        items.append((spec, mask))
+        items.append((resolve_mask_spec(spec, length), mask))
     suffix = Path(out).suffix.lower()
     if suffix not in (".png", ".svg", ".pdf"):
         raise ValueError(f"--out must end in .png (or .svg, .pdf), got {out!r}")
     with style():
         path = plot_masks(items, length, out, lang=lang or default_lang())
+    for spec, (resolved, _) in zip(mask_specs, items):
+        if resolved != spec.replace(" ", ""):  # say what the defaults filled in
+            print(f"{spec} = {resolved}")
     print(path)
     return 0

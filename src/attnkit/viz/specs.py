@@ -37,66 +37,107 @@ def _make_causal(p, L):
 
 
 def _make_padding(p, L):
-    return M.padding(_ints(p.get("lengths", L - L // 4)))
+    return M.padding(_ints(p["lengths"]))
 
 
 def _make_sliding_window(p, L):
-    left = _one(p.get("left", _default_window(L)), "left", "sliding_window")
-    return M.sliding_window(left, _one(p.get("right", left), "right", "sliding_window"))
+    return M.sliding_window(_one(p["left"], "left", "sliding_window"),
+                            _one(p["right"], "right", "sliding_window"))
 
 
 def _make_dilated(p, L):
-    left = _one(p.get("left", _default_window(L)), "left", "dilated")
-    right = _one(p.get("right", left), "right", "dilated")
-    d = p.get("dilation", 2)
-    return M.dilated(left, right, d if isinstance(d, list) else int(d))
+    d = p["dilation"]
+    return M.dilated(_one(p["left"], "left", "dilated"), _one(p["right"], "right", "dilated"),
+                     d if isinstance(d, list) else int(d))
 
 
 def _make_global(p, L):
-    return M.global_tokens(_ints(p.get("indices", 0)))
+    return M.global_tokens(_ints(p["indices"]))
 
 
 def _make_bigbird(p, L):
-    one = lambda k, default: _one(p.get(k, default), k, "bigbird")  # noqa: E731
+    one = lambda k: _one(p[k], k, "bigbird")  # noqa: E731
     heads = p.get("heads")
-    return M.bigbird(one("block_size", max(1, L // 16)), one("window", 3), one("global", 2),
-                     one("random", 3), one("seed", 0),
-                     None if heads is None else _one(heads, "heads", "bigbird"))
+    return M.bigbird(one("block_size"), one("window"), one("global"), one("random"),
+                     one("seed"), None if heads is None else _one(heads, "heads", "bigbird"))
 
 
-def _make_document(p, L):
-    sizes = _ints(p.get("sizes", [L // 4, L // 2]))
+def _document_sizes(p, L) -> list[int]:
+    sizes = _ints(p["sizes"])
     if any(s < 1 for s in sizes):
         raise ValueError(f"sizes must be >= 1, got {'+'.join(map(str, sizes))}")
     if sum(sizes) > L:
         raise ValueError(f"sizes add up to {sum(sizes)}, more than the length {L}")
-    if sum(sizes) < L:
-        sizes = sizes + [L - sum(sizes)]  # the rest is one more document
-    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    return M.document(ids)
+    return sizes + ([L - sum(sizes)] if sum(sizes) < L else [])  # the rest: one more
 
 
-#: NAME -> (constructor from (params, length), accepted keys, help text)
-MASK_KINDS: dict[str, tuple[Callable, tuple[str, ...], str]] = {
-    "causal": (_make_causal, (), "query i sees keys 0..i"),
-    "padding": (_make_padding, ("lengths",),
+def _make_document(p, L):
+    sizes = _document_sizes(p, L)
+    return M.document(torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)))
+
+
+def _make_block_sparse(p, L):
+    size = _one(p["block_size"], "block_size", "block_sparse")
+    density = _one(p["density"], "density", "block_sparse")
+    if size < 1:
+        raise ValueError(f"block_size must be >= 1, got {size}")
+    if not 0 <= density <= 100:
+        raise ValueError(f"density is a percentage in [0, 100], got {density}")
+    n = -(-L // size)
+    g = torch.Generator().manual_seed(_one(p["seed"], "seed", "block_sparse"))
+    layout = (torch.rand(n, n, generator=g) < density / 100) | torch.eye(n, dtype=torch.bool)
+    return M.block_sparse(layout, size)
+
+
+#: NAME -> (constructor from (params, length), the defaults of its parameters at a length
+#: (every accepted key, None: not set), help text)
+MASK_KINDS: dict[str, tuple[Callable, Callable, str]] = {
+    "causal": (_make_causal, lambda L: {}, "query i sees keys 0..i"),
+    "padding": (_make_padding, lambda L: {"lengths": L - L // 4},
                 "lengths=N+N+...: keys >= lengths[b] are padding (default 3/4 of the "
                 "length); several lengths = a batch, one panel each"),
-    "sliding_window": (_make_sliding_window, ("left", "right"),
+    "sliding_window": (_make_sliding_window,
+                       lambda L: {"left": _default_window(L), "right": None},
                        "left=, right=: keys i-left..i+right (default left=length/16, "
                        "right=left)"),
-    "dilated": (_make_dilated, ("left", "right", "dilation"),
+    "dilated": (_make_dilated,
+                lambda L: {"left": _default_window(L), "right": None, "dilation": 2},
                 "left=, right=, dilation=: keys i+t*dilation, t in [-left, right] "
                 "(default length/16, length/16, 2); dilation=1+2+4 gives one per head"),
-    "global": (_make_global, ("indices",),
+    "global": (_make_global, lambda L: {"indices": 0},
                "indices=0+31: those tokens see and are seen by all (default 0)"),
-    "bigbird": (_make_bigbird, ("block_size", "window", "global", "random", "seed", "heads"),
+    "bigbird": (_make_bigbird,
+                lambda L: {"block_size": max(1, L // 16), "window": 3, "global": 2,
+                           "random": 3, "seed": 0, "heads": None},
                 "block_size= (default length/16), window=3, global=2, random=3, seed=0, "
                 "heads= (one random draw per head)"),
-    "document": (_make_document, ("sizes",),
-                 "sizes=16+32: packed documents of those lengths, the rest one more "
-                 "(default length/4, length/2, rest)"),
+    "document": (_make_document, lambda L: {"sizes": [L // 4, L // 2]},
+                 "sizes=16+32: packed documents of those lengths; tokens left over form "
+                 "one more (default length/4, length/2, the rest)"),
+    "block_sparse": (_make_block_sparse,
+                     lambda L: {"block_size": max(1, L // 8), "density": 30, "seed": 0},
+                     "block_size=, density=, seed=: a random block layout, each block kept "
+                     "with probability density% plus the diagonal (default length/8, 30, "
+                     "0)"),
 }
+
+
+def _resolved(name: str, params: dict, length: int) -> dict:
+    """Every parameter of ``name`` with the defaults filled in (right = left, and the
+    document sizes with the leftover document)."""
+    full = {**MASK_KINDS[name][1](length), **params}
+    if "right" in full and full["right"] is None:
+        full["right"] = full["left"]
+    if name == "document":
+        full["sizes"] = _document_sizes(full, length)
+    return full
+
+
+def _text(name: str, params: dict) -> str:
+    """``name:key=value,...`` for the parameters that are set (lists joined with +)."""
+    shown = [f"{k}={'+'.join(map(str, _ints(v)))}" for k, v in params.items() if v is not None]
+    return name + (":" + ",".join(shown) if shown else "")
+
 
 _TOKEN = re.compile(r"\s*(?:([()&|])|([^()&|\s]+))")
 
@@ -116,13 +157,15 @@ def _tokens(spec: str) -> list[str]:
     return out
 
 
-def _atom(text: str, length: int, spec: str) -> M.Mask:
-    """Build the mask of one ``NAME[:key=value,...]`` atom."""
+def _atom(text: str, length: int, spec: str) -> tuple[M.Mask, str]:
+    """The mask of one ``NAME[:key=value,...]`` atom, and the atom with every parameter
+    written out (defaults included)."""
     name, _, rest = text.partition(":")
     if name not in MASK_KINDS:
         raise ValueError(f"unknown mask {name!r} in {spec!r}; choose from "
                          f"{', '.join(MASK_KINDS)}")
-    make, keys, _ = MASK_KINDS[name]
+    make, defaults, _ = MASK_KINDS[name]
+    keys = tuple(defaults(length))
     params: dict[str, int | list[int]] = {}
     if rest:
         for item in rest.split(","):
@@ -144,7 +187,8 @@ def _atom(text: str, length: int, spec: str) -> M.Mask:
     elif text.endswith(":"):
         raise ValueError(f"{name}: nothing after ':' in {spec!r}")
     try:
-        return make(params, length)
+        full = _resolved(name, params, length)
+        return make(full, length), _text(name, full)
     except (ValueError, TypeError) as e:
         where = f"{spec!r}" if text == spec else f"{text!r} in MASK spec {spec!r}"
         raise ValueError(f"{where}: {e}") from None
@@ -161,6 +205,18 @@ def parse_mask_spec(spec: str, length: int = 64) -> M.Mask:
     ``length`` sets the defaults that scale with it (window sizes, block size, padding
     and document lengths). Raises ValueError with a one-line message on a bad spec.
     """
+    return _parse(spec, length)[0]
+
+
+def resolve_mask_spec(spec: str, length: int = 64) -> str:
+    """The spec with every parameter written out, defaults included, as ``attnkit plot``
+    titles its panels: ``resolve_mask_spec("padding", 64) == "padding:lengths=48"``."""
+    return _parse(spec, length)[1]
+
+
+def _parse(spec: str, length: int) -> tuple[M.Mask, str]:
+    """(mask, resolved text) of a spec: the recursive-descent parser behind
+    :func:`parse_mask_spec` and :func:`resolve_mask_spec`."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("empty MASK spec; expected NAME[:key=value,...] with NAME one of "
                          + ", ".join(MASK_KINDS))
@@ -178,18 +234,20 @@ def parse_mask_spec(spec: str, length: int = 64) -> M.Mask:
         return toks[pos - 1]
 
     def expr():
-        m = term()
+        m, t = term()
         while peek() == "|":
             take()
-            m = m | term()
-        return m
+            m2, t2 = term()
+            m, t = m | m2, f"{t}|{t2}"
+        return m, t
 
     def term():
-        m = atom()
+        m, t = atom()
         while peek() == "&":
             take()
-            m = m & atom()
-        return m
+            m2, t2 = atom()
+            m, t = m & m2, f"{t}&{t2}"
+        return m, t
 
     def atom():
         tok = peek()
@@ -200,11 +258,11 @@ def parse_mask_spec(spec: str, length: int = 64) -> M.Mask:
                              f"name or '('")
         take()
         if tok == "(":
-            m = expr()
+            m, t = expr()
             if peek() != ")":
                 raise ValueError(f"unbalanced parentheses in MASK spec {spec!r}")
             take()
-            return m
+            return m, f"({t})"
         return _atom(tok, length, spec)
 
     mask = expr()
