@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .rope_scaling import check_scaling, scaled_frequencies
+
 __all__ = ["RotaryEmbedding"]
 
 
@@ -44,6 +46,13 @@ class RotaryEmbedding(nn.Module):
         rotary_dim: how many leading coordinates of each head rotate (even, at most
             head_dim; default: all). The rest pass through unchanged (GPT-NeoX's and
             Phi's partial rotary).
+        scaling: None, or a dict in transformers' ``rope_parameters`` form that
+            stretches the frequencies past the trained context (``{"rope_type":
+            "linear", "factor": 4.0}``; also "dynamic", "yarn", "llama3", "longrope":
+            see :mod:`attnkit.positional.rope_scaling`). Frequencies and the attention
+            factor (``attention_scaling``, multiplied into cos and sin) equal
+            transformers'; "dynamic" reads its context length from the dict's
+            ``max_position_embeddings``.
 
     ``cos``/``sin`` tables are computed once per device (angles in float64, stored as
     float32, or float64 for float64 inputs), grown by doubling as larger positions come,
@@ -51,7 +60,7 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = False,
-                 rotary_dim: int | None = None):
+                 rotary_dim: int | None = None, scaling: dict | None = None):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
@@ -65,28 +74,49 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"base must be a number > 1, got {base!r}")
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
         self.base, self.interleaved = float(base), bool(interleaved)
-        self._tables: dict = {}  # (device, dtype) -> (cos, sin), each (n, rotary_dim / 2)
+        self.scaling = check_scaling(scaling)
+        #: the factor transformers multiplies cos and sin by (YaRN, LongRoPE; else 1)
+        self.attention_scaling = scaled_frequencies(self.base, rotary_dim, self.scaling)[1]
+        self._tables: dict = {}  # (device, dtype, set) -> (cos, sin), each (n, rotary_dim / 2)
 
     def extra_repr(self) -> str:
+        extra = "" if self.scaling is None else f", scaling={self.scaling}"
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "
-                f"interleaved={self.interleaved}")
+                f"interleaved={self.interleaved}{extra}")
 
-    def inv_freq(self, device=None) -> Tensor:
-        """theta_k = base^(-2k / rotary_dim), k = 0 .. rotary_dim/2 - 1, float64."""
-        k = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=device)
-        return self.base ** (-k / self.rotary_dim)
+    def inv_freq(self, device=None, seq_len: int | None = None) -> Tensor:
+        """theta_k = base^(-2k / rotary_dim), k = 0 .. rotary_dim/2 - 1, float64, rescaled
+        by ``scaling`` (see :func:`scaled_frequencies`) for a call whose largest
+        position is ``seq_len - 1`` (dynamic NTK and LongRoPE depend on it)."""
+        return scaled_frequencies(self.base, self.rotary_dim, self.scaling, seq_len)[0].to(device)
+
+    def _frequency_set(self, seq_len: int):
+        """A key for the frequencies at ``seq_len``: one set, except past the original
+        context for dynamic NTK (one per length) and LongRoPE (the long factors)."""
+        kind = None if self.scaling is None else self.scaling["rope_type"]
+        if kind == "dynamic" and seq_len > self.scaling["max_position_embeddings"]:
+            return seq_len
+        if kind == "longrope" and seq_len > self.scaling["original_max_position_embeddings"]:
+            return "long"
+        return "base"
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32):
-        """(cos, sin) of ``positions * theta``: each (*positions.shape, rotary_dim / 2)."""
+        """(cos, sin) of ``positions * theta`` times ``attention_scaling``: each
+        (*positions.shape, rotary_dim / 2)."""
         positions = self._check_positions(positions)
-        key = (positions.device, dtype)
-        cos, sin = self._tables.get(key, (None, None))
         need = int(positions.max()) + 1 if positions.numel() else 0
+        which = self._frequency_set(need)
+        key = (positions.device, dtype, which)
+        cos, sin = self._tables.get(key, (None, None))
         if cos is None or cos.shape[0] < need:
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
+            if isinstance(which, int):  # dynamic NTK past the context: this length only
+                n = need
+                self._tables = {k: t for k, t in self._tables.items() if not isinstance(k[2], int)}
             angle = torch.outer(torch.arange(n, dtype=torch.float64, device=positions.device),
-                                self.inv_freq(positions.device))
-            cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+                                self.inv_freq(positions.device, need))
+            a = self.attention_scaling
+            cos, sin = (angle.cos() * a).to(dtype), (angle.sin() * a).to(dtype)
             self._tables[key] = (cos, sin)
         return cos[positions], sin[positions]
 
