@@ -44,11 +44,12 @@ from .dense import TensorMask
 from .documents import DocumentMask
 from .grid import EMPTY, FULL, PARTIAL, Grid
 from .tokens import GlobalTokensMask, KeyPaddingMask, PaddingMask
-from .windows import CausalMask, DilatedMask, SlidingWindowMask
+from .windows import CausalMask, ChunkedMask, DilatedMask, SlidingWindowMask
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Grid", "Mask",
-    "causal", "padding", "key_padding", "sliding_window", "dilated", "global_tokens",
+    "causal", "padding", "key_padding", "sliding_window", "chunked", "dilated",
+    "global_tokens", "ChunkedMask",
     "block_sparse", "document", "packed", "bigbird", "KeyPaddingMask",
     "CausalMask", "PaddingMask", "SlidingWindowMask", "DilatedMask", "GlobalTokensMask",
     "BlockSparseMask", "BigBirdMask", "DocumentMask", "TensorMask", "AndMask", "OrMask",
@@ -76,6 +77,14 @@ def sliding_window(left: int, right: int | None = None) -> SlidingWindowMask:
     ``sliding_window(W - 1, 0)``). A negative ``left`` or ``right`` moves that edge past
     p (one-sided windows); a window with ``left + right < 0`` sees nothing."""
     return SlidingWindowMask(left, right)
+
+
+def chunked(size: int) -> ChunkedMask:
+    """Llama 4's chunked attention: a query at position p sees the keys of its own chunk of
+    ``size`` positions up to itself (causal inside the chunk, nothing across chunks;
+    transformers' ``attention_chunk_size``). The engine skips the other chunks: cost and
+    memory are linear in the length."""
+    return ChunkedMask(size)
 
 
 def dilated(left: int, right: int, dilation) -> DilatedMask:

@@ -1,4 +1,4 @@
-"""Masks of bands in position space: causal, sliding windows, dilated windows."""
+"""Masks of bands in position space: causal, sliding windows, dilated windows, chunks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..checks import check_int
 from .base import Mask
 from .grid import EMPTY, FULL, PARTIAL, interval_states, pick
 
-__all__ = ["CausalMask", "SlidingWindowMask", "DilatedMask"]
+__all__ = ["CausalMask", "SlidingWindowMask", "DilatedMask", "ChunkedMask"]
 
 
 class CausalMask(Mask):
@@ -124,3 +124,42 @@ class DilatedMask(Mask):
     def __repr__(self):
         d = self.dilation.tolist()
         return f"dilated({self.left}, {self.right}, {d[0] if len(d) == 1 else d})"
+
+
+class ChunkedMask(Mask):
+    """Llama 4's chunked attention: positions are cut into chunks of ``size``; a query at
+    position p sees the keys of its own chunk up to itself,
+    ``p // size == k // size and k <= p``. Blocks outside a query's chunk are EMPTY, so
+    the engine's cost grows linearly with the length (``size`` keys per query at
+    most)."""
+
+    def __init__(self, size: int):
+        self.size = check_int("size (chunk)", size, minimum=1)
+        self.tile_hint = size if 16 <= size <= 512 else None
+
+    def mask_mod(self, grid, b, h, q, k):
+        return (torch.div(k, self.size, rounding_mode="floor")
+                == torch.div(q, self.size, rounding_mode="floor")) & (k <= q)
+
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        c = self.size
+        q_first, q_last = torch.div(q_lo, c, rounding_mode="floor"), torch.div(
+            q_hi - 1, c, rounding_mode="floor")
+        k_first, k_last = torch.div(k_lo, c, rounding_mode="floor"), torch.div(
+            k_hi - 1, c, rounding_mode="floor")
+        # some query of the block shares a chunk with some key at or before it: the
+        # chunks overlap and the first key is not after the last query
+        meets = (q_first <= k_last) & (k_first <= q_last) & (k_lo <= q_hi - 1)
+        whole = (q_first == q_last) & (k_first == k_last) & (q_first == k_first) & \
+            (k_hi - 1 <= q_lo)
+        return torch.where(whole, FULL, torch.where(meets, PARTIAL, EMPTY)).to(torch.int8)
+
+    def tile_signature(self, grid, r0, r1, k0, k1):
+        """Blocks at the same place in their chunk, with the same offset, are equal."""
+        if not grid.affine:
+            return None
+        p0 = r0 + grid.q_offset
+        return ("chunked", self.size, p0 % self.size, k0 - p0, r1 - r0, k1 - k0)
+
+    def __repr__(self):
+        return f"chunked({self.size})"

@@ -51,6 +51,10 @@ def _make_dilated(p, L):
                      d if isinstance(d, list) else int(d))
 
 
+def _make_chunked(p, L):
+    return M.chunked(_one(p["size"], "size", "chunked"))
+
+
 def _make_global(p, L):
     return M.global_tokens(_ints(p["indices"]))
 
@@ -100,6 +104,9 @@ MASK_KINDS: dict[str, tuple[Callable, Callable, str]] = {
                        lambda L: {"left": _default_window(L), "right": None},
                        "left=, right=: keys i-left..i+right (default left=length/16, "
                        "right=left)"),
+    "chunked": (_make_chunked, lambda L: {"size": max(1, L // 4)},
+                "size=: Llama 4's chunks, causal inside, nothing across (default "
+                "length/4)"),
     "dilated": (_make_dilated,
                 lambda L: {"left": _default_window(L), "right": None, "dilation": 2},
                 "left=, right=, dilation=: keys i+t*dilation, t in [-left, right] "
