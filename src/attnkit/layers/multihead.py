@@ -6,6 +6,11 @@
     o = attention(q, k, v)               query head h reads kv head h // (Hq / Hkv)
     y = concat_h(o) W_o
 
+Options of 2025's open models: ``qk_norm`` (per-head RMSNorm of q and k before RoPE:
+Qwen3; zero-centred, ``(1 + w)``, in Gemma 3 and Qwen3-Next) and ``output_gate``
+(Qwen3-Next: ``q_proj`` also yields a gate g per head, and ``o * sigmoid(g)`` replaces
+``o``).
+
 Inputs are batch-first (B, L, embed_dim). ``attn_mask`` follows attnkit's convention
 (True = may attend); ``key_padding_mask`` follows ``nn.MultiheadAttention`` (True marks
 padding).
@@ -41,11 +46,21 @@ class MultiHeadAttention(nn.Module):
         positional: where positions enter attention: a rotary embedding (anything with a
             ``rope(q, k, positions)`` method), an attnkit bias object (e.g. ALiBi), or a
             module with ``bias(q_len, k_len)`` returning one (e.g. T5's relative bias).
+        qk_norm: False; True for a per-head RMSNorm of queries and keys before the rotary
+            embedding, ``w * x / rms(x)`` with weights ``q_norm.weight``,
+            ``k_norm.weight`` (Qwen3); "zero_centered" for ``(1 + w) * x / rms(x)``
+            (Gemma 3, Qwen3-Next). The norm runs in float32, as transformers runs it.
+        norm_eps: the RMSNorm's epsilon.
+        output_gate: Qwen3-Next's gate: ``q_proj`` is (2 E, E), each head's d query rows
+            followed by its d gate rows (transformers' layout, so its weights load as
+            they are), and the attention output is multiplied by ``sigmoid(gate)``
+            before ``out_proj``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, *,
                  kdim: int | None = None, vdim: int | None = None, bias: bool = True,
-                 dropout: float = 0.0, positional=None, device=None, dtype=None):
+                 dropout: float = 0.0, positional=None, qk_norm: bool | str = False,
+                 norm_eps: float = 1e-6, output_gate: bool = False, device=None, dtype=None):
         super().__init__()
         positive_int("embed_dim", embed_dim)
         positive_int("num_heads", num_heads)
@@ -66,7 +81,17 @@ class MultiHeadAttention(nn.Module):
         self.dropout = float(dropout)
         kv_width = num_kv_heads * self.head_dim
         f = dict(device=device, dtype=dtype)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **f)
+        if qk_norm not in (False, True, "zero_centered"):
+            raise ValueError(f"qk_norm must be False, True or 'zero_centered', got {qk_norm!r}")
+        if not isinstance(output_gate, bool):
+            raise TypeError(f"output_gate must be a bool, got {type(output_gate).__name__}")
+        self.output_gate = output_gate
+        self.q_proj = nn.Linear(embed_dim, embed_dim * (2 if output_gate else 1), bias=bias, **f)
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            zero = qk_norm == "zero_centered"
+            self.q_norm = HeadRMSNorm(self.head_dim, norm_eps, zero, **f)
+            self.k_norm = HeadRMSNorm(self.head_dim, norm_eps, zero, **f)
         self.k_proj = nn.Linear(self.kdim, kv_width, bias=bias, **f)
         self.v_proj = nn.Linear(self.vdim, kv_width, bias=bias, **f)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **f)
@@ -113,9 +138,16 @@ class MultiHeadAttention(nn.Module):
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be an attnkit.KVCache, got {type(cache).__name__}")
 
-        q = self._heads(self.q_proj(query), self.num_heads)
+        gate = None
+        if self.output_gate:  # per head: d query rows, then d gate rows
+            q, gate = self.q_proj(query).view(B, L, self.num_heads, 2 * self.head_dim).chunk(2, -1)
+            q, gate = q.transpose(1, 2), gate.reshape(B, L, self.embed_dim)
+        else:
+            q = self._heads(self.q_proj(query), self.num_heads)
         k = self._heads(self.k_proj(key), self.num_kv_heads)
         v = self._heads(self.v_proj(value), self.num_kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         past = len(cache) if cache is not None else 0
         pos = self.positional
         if pos is not None and hasattr(pos, "rope"):
@@ -143,6 +175,8 @@ class MultiHeadAttention(nn.Module):
         if need_weights:
             out, weights = out
         out = out.transpose(1, 2).reshape(B, L, self.embed_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return self.out_proj(out), weights
 
     @classmethod
@@ -191,6 +225,30 @@ class MultiHeadAttention(nn.Module):
                 layer.out_proj.bias.copy_(module.out_proj.bias)
         layer.train(module.training)
         return layer
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head's d numbers, computed in float32 as transformers computes it:
+    ``w * (x / sqrt(mean(x^2) + eps))`` (Qwen3: the normalised x is cast back to x's dtype,
+    then scaled), or with ``zero_centered`` ``(1 + w) * ...`` scaled in float32 and cast
+    after (Gemma 3, Qwen3-Next; w starts at 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.eps, self.zero_centered = float(eps), zero_centered
+        init = torch.zeros if zero_centered else torch.ones
+        self.weight = nn.Parameter(init(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
 
 
 def _with_padding(attn_mask, key_padding_mask: Tensor, B: int, S: int):
