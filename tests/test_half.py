@@ -237,10 +237,10 @@ def test_half_precision_tiles_are_tall_where_half_products_are_fast(monkeypatch)
 @pytest.mark.parametrize("cap", [5.0, 50.0, 80.0])
 def test_softcap_inference_on_half_products_within_the_rule(dtype, cap, monkeypatch):
     """A softcapped forward that no backward follows runs the eager kernel on half
-    products (the scale folded into the half queries) and, for a softcap of at most
-    FIXED_SCALE_SOFTCAP without a bias, exponentiates on the fixed scale 0 (no row
-    maximum; float16, whose range ends at 65504, keeps it). Within the accuracy rule
-    either way, causal and L != S."""
+    products and, for a softcap of at most FIXED_SCALE_SOFTCAP without a bias,
+    exponentiates on the fixed scale 0 (no row maximum; float16, whose range ends at
+    65504, keeps it). Output and log-sum-exp within the accuracy rule either way, causal
+    and L != S, with scores large enough that the cap bites."""
     from attnkit.backends.chunked import attention as engine, kernels
     monkeypatch.setattr(engine, "matmul_dtype", lambda dtype, device="cpu": dtype)
     calls = []
@@ -252,14 +252,16 @@ def test_softcap_inference_on_half_products_within_the_rule(dtype, cap, monkeypa
     q, k, v, _ = _inputs(L=300, S=520)
     q = q * 4  # scores up to ~40: the cap bites
     with torch.no_grad():
-        got = sdpa(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, softcap=cap,
-                   backend="chunked")
+        got, lse = sdpa(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, softcap=cap,
+                        backend="chunked", return_lse=True)
     allowed, _ = _dense(None, None, 4, 300, 520, True)
-    exact = attention(q, k, v, allowed, None, scale=D ** -0.5, softcap=cap)[0]
+    exact = attention(q, k, v, allowed, None, scale=D ** -0.5, softcap=cap)
     same = attention(*(t.to(dtype) for t in (q, k, v)), allowed, None, scale=D ** -0.5,
-                     softcap=cap, fold_groups=True)[0]
-    ok, account = fa_close(got, exact, same, dtype)
-    assert ok, account
+                     softcap=cap, fold_groups=True)
+    for what, ours, want, peer in (("out", got, exact[0], same[0]),
+                                   ("lse", lse, exact[2], same[2])):
+        ok, account = fa_close(ours, want, peer, dtype)
+        assert ok, f"{what}: {account}"
     fixed = cap <= kernels.FIXED_SCALE_SOFTCAP and dtype == torch.bfloat16
     assert calls and set(calls) == {fixed}
 
@@ -289,3 +291,24 @@ def test_fixed_scale_keeps_rows_whose_scores_all_sit_at_minus_the_cap():
         wants = torch.autograd.grad(want.sum(), exact)
         for g_, w_ in zip(grads, wants):
             assert (g_.double() - w_).abs().max() <= 10 * tol * (1 + w_.abs().max()), dtype
+
+
+@pytest.mark.parametrize("cap", [30.0, 50.0])
+def test_softcap_inference_keeps_large_cancelling_scores_exact(cap):
+    """Large queries and keys whose products cancel (3 sigma, scale 20 / sqrt(D), caps
+    that bite): the half products are rounded once, after the sum, and the scale applied
+    in float32. Output and log-sum-exp within the accuracy rule."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 600, D, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    scale = 20 / D ** 0.5
+    qh, kh, vh = (t.to(torch.bfloat16) for t in (q, k, v))
+    with torch.no_grad():
+        got, lse = sdpa(qh, kh, vh, is_causal=True, scale=scale, softcap=cap,
+                        backend="chunked", return_lse=True)
+    allowed, _ = _dense(None, None, 2, 600, 600, True)
+    exact = attention(q, k, v, allowed, None, scale=scale, softcap=cap)
+    same = attention(qh, kh, vh, allowed, None, scale=scale, softcap=cap)
+    for what, ours, want, peer in (("out", got, exact[0], same[0]),
+                                   ("lse", lse, exact[2], same[2])):
+        ok, account = fa_close(ours, want, peer, torch.bfloat16)
+        assert ok, f"{what}: {account}"

@@ -260,9 +260,10 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
           f"{gemm_peak:.0f} GFLOP/s; copy bandwidth {copy_gbs:.1f} GB/s", file=stream,
           flush=True)
     if quick:
-        print(f"--quick times everything on {machine['torch_threads']} torch thread, so "
+        n = machine["torch_threads"]
+        print(f"--quick times everything on {n} torch thread{'s' if n != 1 else ''}, so "
               f"that a machine busy with other work distorts it little; the full run uses "
-              f"the {machine['cores']} cores. Sparse masks and biases are timed at 512 and "
+              f"the {machine['cores']} cores. Sparse masks and ALiBi are timed at 512 and "
               f"2048: at 512 their patterns cover most of the matrix, and the gain over the "
               f"dense peers starts with length", file=stream, flush=True)
 

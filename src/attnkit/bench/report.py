@@ -164,10 +164,14 @@ def format_targets(report: dict) -> str:
             lines.append(f"  {status} #{t['issue']} {t['case']} n={t['n']}: {t['text']}: "
                          f"{format_value(t)}")
     unmeasured = [t for t in targets if t["status"] == "n/a"]
-    if unmeasured:
+    if unmeasured and report.get("mode") == "quick":
         sizes = ", ".join(map(str, sorted({t["n"] for t in unmeasured})))
         lines.append(f"  {len(unmeasured)} more targets, at n = {sizes}, not measured in this "
                      f"run (`attnkit bench` without --quick measures them)")
+    else:  # a full run: each one says why (an optional package missing, say)
+        for t in unmeasured:
+            lines.append(f"  n/a    #{t['issue']} {t['case']} n={t['n']}: {t['text']} "
+                         f"({t['why']})")
     return "\n".join(lines)
 
 

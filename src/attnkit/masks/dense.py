@@ -31,6 +31,9 @@ class TensorMask(Mask):
         return m
 
     def validate(self, grid):
+        if self.mask.device != torch.device(grid.device):
+            raise ValueError(f"a bool tensor mask on {self.mask.device} cannot mask a call "
+                             f"on {grid.device}")
         L, S = self.mask.shape[2:]
         if L not in (1, grid.q_len) or S not in (1, grid.k_len):
             raise ValueError(f"a bool tensor mask of shape {tuple(self.mask.shape)} does not "

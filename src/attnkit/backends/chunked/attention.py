@@ -118,11 +118,12 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
         t is not None and t.requires_grad for t in (query, key, value, sinks, *params))
     half_products = (query.dtype in HALF and not backward_follows
                      and matmul_dtype(query.dtype, query.device) == query.dtype)
-    rows = BLOCK_Q
+    rows, tall = BLOCK_Q, False
     if block_q is None and half_fused_rows(query, key, value, bias, softcap, dropout_p,
                                            sinks, params):
         rows = tall_rows(mask, grid, causal_flag=scale > 0 and (
             bias is None or bias.affine_below_diagonal))
+        tall = rows > BLOCK_Q  # fused tiles taller than the default
     elif half_products:
         # the eager kernel on half products: its GEMMs of 256 rows run ~1.5x faster than
         # of 128 (bf16 softcap, causal at 8192: 513 -> 447 ms), for a float32 score
@@ -132,20 +133,20 @@ def chunked_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask |
     # a bias's full blocks carry its tile anyway: merged with their partial neighbours
     # they make one call; tall tiles keep them apart, for the causal flag on the diagonal
     # (a translation-invariant bias is a Hankel view there, not a tile)
-    merge = bias is not None and not (rows > BLOCK_Q and bias.translation_invariant)
+    merge = bias is not None and not (tall and bias.translation_invariant)
     # tall tiles of translation-invariant terms carry no tiles (Hankel views): their
     # segments may be twice as wide as the tiles are tall, so a diagonal square stays
     # whole and the kernel's calls stay few (bf16 at 8192: one call per tile row, T5
     # 282 -> 261 ms, dense 249 -> 233, against 4096-key segments)
     max_keys = MAX_SEGMENT_KEYS
-    if rows > BLOCK_Q and all(o is None or o.translation_invariant for o in (mask, bias)):
+    if tall and all(o is None or o.translation_invariant for o in (mask, bias)):
         max_keys = max(MAX_SEGMENT_KEYS, 2 * block_q)
     tiles = plan_tiles(mask, grid, block_q, block_k, merge_full_and_partial=merge,
                        max_keys=max_keys)
     # the EXACT kernel for rows that see one key: only for what a forward alone does not
     # need exactly (see Call.exact_single_keys)
     exact_single_keys = need_lse or return_weights or backward_follows
-    if rows > BLOCK_Q and block_q > BLOCK_Q and exact_single_keys:
+    if tall and block_q > BLOCK_Q and exact_single_keys:
         # a tall tile with a row that may see one key runs EXACT, on the eager kernel:
         # such a tile (a causal pattern's first) loses its first BLOCK_Q rows to a tile
         # of their own, and the rest (which then sees a full block) stays fused

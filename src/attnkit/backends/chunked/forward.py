@@ -113,7 +113,9 @@ def forward(q, k, v, sinks, cfg: Call, params):
         mode = cfg.modes[ti]
         tile_forward(cfg, ti, tile, q, kv, params, fused_dtype if mode == FUSED else acc_dtype,
                       mode, out, shift, rel, acc_dtype, sink)
-    if fused_ok:  # fused tiles whose log-sum-exp is too large to recompute P from
+    # fused tiles whose log-sum-exp is too large to recompute P from: only where P is
+    # recomputed later or the log-sum-exp is returned (the output itself is fine)
+    if fused_ok and cfg.exact_single_keys:
         large = (shift + rel).abs()
         large = large.masked_fill(~torch.isfinite(large), 0.0) >= LARGE_LSE[acc_dtype]
         if bool(large.any()):

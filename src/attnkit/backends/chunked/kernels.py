@@ -24,7 +24,7 @@ from . import fused
 from .additive import CAUSAL, NEG_INF, PLAIN, REVERSED, AdditiveTiles
 
 #: the largest softcap whose scores the eager kernel exponentiates on a fixed scale
-#: (see :attr:`Call.bounded`)
+#: (see :attr:`Call.fixed_scale`)
 FIXED_SCALE_SOFTCAP = 60.0
 
 __all__ = ["Call", "Workspace", "KeyValues", "Part", "fold", "unfold", "scores",
@@ -165,10 +165,10 @@ def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True,
     x = scale * q k^T / softcap, from which the backward forms softcap's derivative
     (``keep_x=False``: not kept). The products are exact for half inputs (float32, as
     torch's fused kernel forms them: forward, backward and the fused tiles' statistics
-    agree; ``cfg.half_products``: see :class:`Call`, and the scale is folded into the
-    half queries, rounded once as torch's own math rounds its scaled queries), and the
-    elementwise steps run in place on them; with ``work``, in its buffers (the result is
-    valid until the next call with it)."""
+    agree; ``cfg.half_products``: see :class:`Call`, the products rounded once to the
+    half dtype, and a scale that is a power of two folded into the queries, exactly),
+    and the elementwise steps run in place on them; with ``work``, in its buffers (the
+    result is valid until the next call with it)."""
     cdt = compute_dtype(qt.dtype)
     mdt = qt.dtype if cfg.half_products else cdt
     c = cfg.softcap
@@ -178,7 +178,9 @@ def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True,
     sig = c is not None and qt.dtype in HALF and not cfg.fixed_scale
     a = cfg.scale if c is None else cfg.scale / c * (2 if sig else 1)
     qm = qt.to(mdt)
-    if cfg.half_products:
+    if cfg.half_products and a > 0 and math.frexp(a)[0] == 0.5:
+        # exact in any float dtype; another scale would round every query element, an
+        # error that does not cancel where the products do (it stays a float32 pass)
         qm, a = qm * a, 1.0
     km = ks.to(mdt)
     if mdt in HALF:  # a half GEMM copies a strided batch of keys itself, ~2x slower
@@ -208,7 +210,10 @@ def scores(qt: Tensor, ks: Tensor, cfg: Call, keep_x: bool = True,
 
 
 def _differentiable_scores(s: Tensor, dtype: torch.dtype, cfg: Call):
-    """:func:`scores`' elementwise steps out of place, for autograd (the weights pass)."""
+    """:func:`scores`' elementwise steps out of place, for autograd (the weights pass).
+    Never on half products (they are for a forward no backward follows), so the scale
+    is still to apply."""
+    assert not cfg.half_products
     if cfg.softcap is None:
         return s * cfg.scale, None
     c = cfg.softcap
@@ -224,7 +229,7 @@ def bounded_scores(softcap: float | None, bias, p_dtype: torch.dtype) -> bool:
     in (-softcap, softcap), so exp(s) lies in [e^-60, e^60], normal in float32 and
     bfloat16, and no pass finds or subtracts a row maximum. ``p_dtype``: the dtype P is
     multiplied with V in (float16, whose range ends at 65504, keeps the row maximum)."""
-    return (softcap is not None and softcap <= FIXED_SCALE_SOFTCAP and bias is None
+    return (softcap is not None and 0 < softcap <= FIXED_SCALE_SOFTCAP and bias is None
             and p_dtype != torch.float16)
 
 
