@@ -47,7 +47,7 @@ MASK_EXAMPLES = {
     M.SlidingWindowMask: lambda: [M.sliding_window(3, 1), M.sliding_window(-2, 5),
                                   M.sliding_window(2, -4)],
     M.DilatedMask: lambda: [M.dilated(2, 2, 3), M.dilated(3, 0, [1, 2, 2, 3])],
-    M.ChunkedMask: lambda: [M.chunked(4), M.chunked(7), M.chunked(1)],
+    M.ChunkedMask: lambda: [M.chunked(4), M.chunked(7), M.chunked(1), M.chunked(3)],
     M.GlobalTokensMask: lambda: [M.global_tokens([0, 5])],
     M.PaddingMask: lambda: [M.padding([17, 9, 0]), M.padding([17, 9, 13], [5, 9, 13])],
     M.KeyPaddingMask: lambda: [M.key_padding(torch.rand(2, S) < 0.3)],

@@ -1,7 +1,8 @@
 """QK-norm and the gated attention output of MultiHeadAttention against the models that
 use them: Qwen3's attention (per-head RMSNorm of q and k before RoPE) and Qwen3-Next's
 (zero-centred norms, a sigmoid gate from q_proj, partial rotary), both tiny random
-configs with the HF weights copied in by name."""
+configs with the HF weights copied in by name. As in the real models, Hq * head_dim
+differs from the hidden size (4 x 32 against 64)."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention,  # noqa: E
 from attnkit import MultiHeadAttention  # noqa: E402
 from attnkit.positional import RotaryEmbedding  # noqa: E402
 
-E, H, HKV, D = 64, 4, 2, 16
+E, H, HKV, D = 64, 4, 2, 32
 
 
 def _randomize(module, seed=0):
@@ -48,7 +49,7 @@ def test_qk_norm_equals_qwen3_attention(dtype):
     hf = Qwen3Attention(config, layer_idx=0).eval()
     _randomize(hf)
     theta = config.rope_parameters["rope_theta"]
-    ours = MultiHeadAttention(E, H, HKV, bias=False, qk_norm=True, norm_eps=1e-6,
+    ours = MultiHeadAttention(E, H, HKV, bias=False, qk_norm=True, norm_eps=1e-6, head_dim=D,
                               positional=RotaryEmbedding(D, base=theta)).eval()
     _copy(hf, ours)
     hf, ours = hf.to(dtype), ours.to(dtype)
@@ -72,11 +73,12 @@ def test_zero_centered_norms_and_the_output_gate_equal_qwen3_next_attention():
     rope = config.rope_parameters
     ours = MultiHeadAttention(
         E, H, HKV, bias=False, qk_norm="zero_centered", norm_eps=1e-6, output_gate=True,
+        head_dim=D,
         positional=RotaryEmbedding(D, base=rope["rope_theta"],
                                    rotary_dim=int(D * rope.get("partial_rotary_factor", 0.5)))
     ).eval()
     _copy(hf, ours)
-    assert ours.q_proj.weight.shape == (2 * E, E)
+    assert ours.q_proj.weight.shape == (2 * H * D, E) and ours.out_proj.weight.shape == (E, H * D)
     x = torch.randn(2, 9, E, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = _hf_forward(hf, next_.Qwen3NextRotaryEmbedding(config), x)

@@ -63,12 +63,14 @@ def test_frequencies_and_attention_factor_equal_transformers(name, seq_len):
 @pytest.mark.parametrize("name", list(SCALINGS))
 def test_cos_and_sin_equal_a_llama_rotary_embedding_past_the_context(name):
     """Positions up to 4x the original context in one call, as a long prompt gives them
-    (dynamic NTK and LongRoPE switch frequencies there), and a short call again."""
+    (dynamic NTK and LongRoPE switch frequencies there), then shorter calls: dynamic NTK
+    keeps its grown frequencies until a call shorter than the context resets them, as
+    transformers' embedding keeps them."""
     scaling = SCALINGS[name]
     max_positions = CONTEXT if name == "dynamic" else 4 * CONTEXT
     hf = LlamaRotaryEmbedding(_config(scaling, max_positions))
     rope = _ours(scaling, max_positions)
-    for n in (4 * CONTEXT, CONTEXT // 2):
+    for n in (4 * CONTEXT, 2 * CONTEXT + 88, CONTEXT, CONTEXT // 2, 3 * CONTEXT):
         positions = torch.arange(n)
         x = torch.zeros(1, n, HEAD_DIM)
         cos, sin = hf(x, positions.view(1, -1))
@@ -103,6 +105,10 @@ def test_bad_scaling_is_refused_by_name():
         RotaryEmbedding(HEAD_DIM, scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(TypeError, match="dict"):
         RotaryEmbedding(HEAD_DIM, scaling="yarn")
+    with pytest.raises(ValueError, match="pass base=500000"):
+        RotaryEmbedding(HEAD_DIM, scaling={**SCALINGS["linear"], "rope_theta": 500000.0})
+    with pytest.raises(ValueError, match="rotary_dim 32"):
+        RotaryEmbedding(HEAD_DIM, scaling={**SCALINGS["linear"], "partial_rotary_factor": 0.5})
     with pytest.raises(ValueError, match="longrope factors"):
         RotaryEmbedding(HEAD_DIM, scaling={**SCALINGS["longrope"], "short_factor": [1.0]})
     assert math.isfinite(RotaryEmbedding(HEAD_DIM).attention_scaling)

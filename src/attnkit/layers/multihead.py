@@ -51,7 +51,9 @@ class MultiHeadAttention(nn.Module):
             ``k_norm.weight`` (Qwen3); "zero_centered" for ``(1 + w) * x / rms(x)``
             (Gemma 3, Qwen3-Next). The norm runs in float32, as transformers runs it.
         norm_eps: the RMSNorm's epsilon.
-        output_gate: Qwen3-Next's gate: ``q_proj`` is (2 E, E), each head's d query rows
+        head_dim: each head's width d (default E / Hq); Qwen3 and Qwen3-Next have
+            Hq * d != E, so q_proj is (Hq d, E) and out_proj (E, Hq d), as theirs.
+        output_gate: Qwen3-Next's gate: ``q_proj`` is (2 Hq d, E), each head's d query rows
             followed by its d gate rows (transformers' layout, so its weights load as
             they are), and the attention output is multiplied by ``sigmoid(gate)``
             before ``out_proj``.
@@ -60,13 +62,14 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, *,
                  kdim: int | None = None, vdim: int | None = None, bias: bool = True,
                  dropout: float = 0.0, positional=None, qk_norm: bool | str = False,
-                 norm_eps: float = 1e-6, output_gate: bool = False, device=None, dtype=None):
+                 norm_eps: float = 1e-6, output_gate: bool = False,
+                 head_dim: int | None = None, device=None, dtype=None):
         super().__init__()
         positive_int("embed_dim", embed_dim)
         positive_int("num_heads", num_heads)
-        if embed_dim % num_heads:
+        if head_dim is None and embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
-                             f"({num_heads})")
+                             f"({num_heads}), or give head_dim")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
@@ -75,7 +78,9 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else positive_int(
+            "head_dim", head_dim)
+        inner = num_heads * self.head_dim  # the attention's width (E unless head_dim says)
         self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else positive_int("vdim", vdim)
         self.dropout = float(dropout)
@@ -86,7 +91,8 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(output_gate, bool):
             raise TypeError(f"output_gate must be a bool, got {type(output_gate).__name__}")
         self.output_gate = output_gate
-        self.q_proj = nn.Linear(embed_dim, embed_dim * (2 if output_gate else 1), bias=bias, **f)
+        self.inner_dim = inner
+        self.q_proj = nn.Linear(embed_dim, inner * (2 if output_gate else 1), bias=bias, **f)
         self.q_norm = self.k_norm = None
         if qk_norm:
             zero = qk_norm == "zero_centered"
@@ -94,7 +100,7 @@ class MultiHeadAttention(nn.Module):
             self.k_norm = HeadRMSNorm(self.head_dim, norm_eps, zero, **f)
         self.k_proj = nn.Linear(self.kdim, kv_width, bias=bias, **f)
         self.v_proj = nn.Linear(self.vdim, kv_width, bias=bias, **f)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **f)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **f)
         self.positional = positional
 
     def extra_repr(self) -> str:
@@ -141,7 +147,7 @@ class MultiHeadAttention(nn.Module):
         gate = None
         if self.output_gate:  # per head: d query rows, then d gate rows
             q, gate = self.q_proj(query).view(B, L, self.num_heads, 2 * self.head_dim).chunk(2, -1)
-            q, gate = q.transpose(1, 2), gate.reshape(B, L, self.embed_dim)
+            q, gate = q.transpose(1, 2), gate.reshape(B, L, self.inner_dim)
         else:
             q = self._heads(self.q_proj(query), self.num_heads)
         k = self._heads(self.k_proj(key), self.num_kv_heads)
@@ -174,7 +180,7 @@ class MultiHeadAttention(nn.Module):
         weights = None
         if need_weights:
             out, weights = out
-        out = out.transpose(1, 2).reshape(B, L, self.embed_dim)
+        out = out.transpose(1, 2).reshape(B, L, self.inner_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.out_proj(out), weights

@@ -75,6 +75,18 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
         self.base, self.interleaved = float(base), bool(interleaved)
         self.scaling = check_scaling(scaling)
+        if self.scaling is not None:  # transformers' rope_parameters carry these too
+            theta = self.scaling.get("rope_theta")
+            if theta is not None and float(theta) != self.base:
+                raise ValueError(f"scaling['rope_theta'] = {theta} but base = {self.base}: "
+                                 f"pass base={theta}")
+            part = self.scaling.get("partial_rotary_factor")
+            if part is not None and int(head_dim * part) != rotary_dim:
+                raise ValueError(f"scaling['partial_rotary_factor'] = {part} means rotary_dim "
+                                 f"{int(head_dim * part)}, but rotary_dim = {rotary_dim}")
+        # dynamic NTK, as transformers keeps it: the longest call seen past the context,
+        # until a call shorter than the context resets it
+        self._dynamic_len = 0
         #: the factor transformers multiplies cos and sin by (YaRN, LongRoPE; else 1)
         self.attention_scaling = scaled_frequencies(self.base, rotary_dim, self.scaling)[1]
         self._tables: dict = {}  # (device, dtype, set) -> (cos, sin), each (n, rotary_dim / 2)
@@ -91,11 +103,19 @@ class RotaryEmbedding(nn.Module):
         return scaled_frequencies(self.base, self.rotary_dim, self.scaling, seq_len)[0].to(device)
 
     def _frequency_set(self, seq_len: int):
-        """A key for the frequencies at ``seq_len``: one set, except past the original
-        context for dynamic NTK (one per length) and LongRoPE (the long factors)."""
+        """A key for the frequencies of a call whose largest position is ``seq_len - 1``:
+        one set, except past the original context for LongRoPE (the long factors) and for
+        dynamic NTK. Dynamic NTK follows transformers' state: it grows to the longest
+        call seen past the context N and keeps that, until a call shorter than N resets
+        it (the frequencies of length ``_dynamic_len``)."""
         kind = None if self.scaling is None else self.scaling["rope_type"]
-        if kind == "dynamic" and seq_len > self.scaling["max_position_embeddings"]:
-            return seq_len
+        if kind == "dynamic":
+            N = self.scaling["max_position_embeddings"]
+            if seq_len > max(self._dynamic_len, N):
+                self._dynamic_len = seq_len
+            elif seq_len < N:
+                self._dynamic_len = 0
+            return self._dynamic_len if self._dynamic_len > N else "base"
         if kind == "longrope" and seq_len > self.scaling["original_max_position_embeddings"]:
             return "long"
         return "base"
@@ -110,11 +130,12 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._tables.get(key, (None, None))
         if cos is None or cos.shape[0] < need:
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
-            if isinstance(which, int):  # dynamic NTK past the context: this length only
-                n = need
+            length = need
+            if isinstance(which, int):  # dynamic NTK past the context: one grown length
+                n = length = which
                 self._tables = {k: t for k, t in self._tables.items() if not isinstance(k[2], int)}
             angle = torch.outer(torch.arange(n, dtype=torch.float64, device=positions.device),
-                                self.inv_freq(positions.device, need))
+                                self.inv_freq(positions.device, length))
             a = self.attention_scaling
             cos, sin = (angle.cos() * a).to(dtype), (angle.sin() * a).to(dtype)
             self._tables[key] = (cos, sin)
