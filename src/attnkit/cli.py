@@ -22,7 +22,8 @@ def _mask_help() -> str:
     lines = ["masks and their parameters (defaults scale with --length):"]
     for name, (_, _, text) in MASK_KINDS.items():
         lines.append(f"  {name:<{width}}  {text}")
-    lines += ["", "examples:", "  attnkit plot causal sliding_window:left=8,right=0 --out masks.png",
+    lines += ["", "examples:",
+              "  attnkit plot causal sliding_window:left=8,right=0 --out masks.png",
               "  attnkit plot 'global:indices=0+31|sliding_window:left=4' --length 128 "
               "--out longformer.png",
               "each panel is titled with its parameters written out, defaults included."]

@@ -152,8 +152,8 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, so
 
 def explain(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-            enable_gqa: bool = False, *, bias=None, softcap: float | None = None, sinks: Tensor | None = None,
-            return_weights: bool = False, return_lse: bool = False,
+            enable_gqa: bool = False, *, bias=None, softcap: float | None = None,
+            sinks: Tensor | None = None, return_weights: bool = False, return_lse: bool = False,
             backend: str = "auto") -> Choice:
     """Which backend :func:`scaled_dot_product_attention` would run this call on, and why,
     without running it: ``print(attnkit.explain(q, k, v, mask))``. The returned
