@@ -15,9 +15,10 @@ Where things live:
 * ``attnkit.positional``: positions inside attention: RoPE (``RotaryEmbedding``), T5's
   relative bias, ALiBi, sinusoidal and learned embeddings, Transformer-XL's terms;
 * ``attnkit.layers``: modules: ``MultiHeadAttention`` (MHA, GQA, MQA, self- and
-  cross-attention, KV cache), ``TransformerXLAttention``, ``LongformerAttention``,
-  ``BigBirdAttention``;
-* ``attnkit.KVCache``, ``attnkit.SlidingWindowCache``: caches for decoding;
+  cross-attention, KV cache), ``MultiHeadLatentAttention`` (DeepSeek's MLA),
+  ``TransformerXLAttention``, ``LongformerAttention``, ``BigBirdAttention``;
+* ``attnkit.KVCache``, ``attnkit.SlidingWindowCache``, ``attnkit.LatentCache``: caches
+  for decoding (the last MLA's compressed one);
 * ``attnkit.distributed``: ring and Ulysses attention over torch.distributed;
 * ``attnkit.integrations.hf``: transformers models on attnkit (``register()``,
   ``patch()``);
@@ -33,11 +34,11 @@ flex), ``attnkit.tour`` and ``attnkit.viz`` (the command's teaching and drawing 
 """
 
 from . import bias, layers, masks, positional
-from .cache import KVCache, SlidingWindowCache
+from .cache import KVCache, LatentCache, SlidingWindowCache
 from .functional import explain, scaled_dot_product_attention
 from .layers import MultiHeadAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "explain", "MultiHeadAttention", "KVCache", "SlidingWindowCache",
-           "masks", "bias", "positional", "layers", "__version__"]
+__all__ = ["scaled_dot_product_attention", "explain", "MultiHeadAttention", "KVCache",
+           "SlidingWindowCache", "LatentCache", "masks", "bias", "positional", "layers", "__version__"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache", "SlidingWindowCache"]
+__all__ = ["KVCache", "SlidingWindowCache", "LatentCache"]
 
 
 class KVCache:
@@ -75,17 +75,9 @@ class KVCache:
             self._v = torch.cat([old_v, value], 2)
             self.length += n
             return self._k, self._v
-        need = self.length + n
-        if need > self._k.shape[2]:  # the first step stored the caller's tensor: never written into
-            cap = max(need, 2 * self._k.shape[2], 16)
-            k_new = key.new_empty(*key.shape[:2], cap, key.shape[3])
-            v_new = value.new_empty(*value.shape[:2], cap, value.shape[3])
-            k_new[:, :, :self.length] = old_k
-            v_new[:, :, :self.length] = old_v
-            self._k, self._v = k_new, v_new
-        self._k[:, :, self.length:need] = key
-        self._v[:, :, self.length:need] = value
-        self.length = need
+        self._k = _append(self._k, self.length, key)
+        self._v = _append(self._v, self.length, value)
+        self.length += n
         return self.keys, self.values
 
 
@@ -201,6 +193,82 @@ class SlidingWindowCache(KVCache):
     def __repr__(self) -> str:
         return (f"SlidingWindowCache(window={self.window}, seen={self.length}, "
                 f"kept={self._end - self._start})")
+
+
+class LatentCache:
+    """Multi-head latent attention's cache (DeepSeek-V2/V3): per token and layer one
+    latent of ``kv_lora_rank + qk_rope_head_dim`` numbers, ``[c | k_rope]``: the
+    normalised compressed key/value ``c`` and the rotated key part shared by all heads.
+
+    MHA caches ``2 * H * d`` numbers per token; MLA's keys and values are rebuilt from
+    ``c`` (``k_nope = c W_UK``, ``v = c W_UV``), or never built at all in the absorbed
+    form (see :class:`attnkit.layers.MultiHeadLatentAttention`). Latents are stored as
+    one (B, 1, S, r + dr) tensor, a single "key head" that every query head reads, so the
+    absorbed attention reads them as they are: keys ``z`` and values ``z[..., :r]``.
+
+    ``update(z)`` appends this step's (B, 1, n, r + dr) latents in place (storage grows by
+    doubling) and returns all of them so far; under autograd it concatenates instead.
+    One cache per layer, as :class:`KVCache`.
+    """
+
+    def __init__(self):
+        self._z: Tensor | None = None
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def latents(self) -> Tensor | None:
+        """(B, 1, S, r + dr): every cached token's ``[c | k_rope]``."""
+        return None if self._z is None else self._z[:, :, :self.length]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached latents (not the spare capacity)."""
+        return 0 if self._z is None else self.latents.numel() * self._z.element_size()
+
+    def reset(self) -> None:
+        self._z = None
+        self.length = 0
+
+    def update(self, latent: Tensor) -> Tensor:
+        """Append (B, 1, n, r + dr) latents; return all so far, (B, 1, S, r + dr)."""
+        if not isinstance(latent, Tensor):
+            raise TypeError(f"LatentCache.update takes a tensor, got {type(latent).__name__}")
+        if latent.dim() != 4 or latent.shape[1] != 1:
+            raise ValueError(f"LatentCache.update takes latents (B, 1, n, kv_lora_rank + "
+                             f"qk_rope_head_dim), got {tuple(latent.shape)}")
+        old = self.latents
+        if old is not None and (latent.shape[0] != old.shape[0] or latent.shape[3] != old.shape[3]
+                                or latent.dtype != old.dtype):
+            raise ValueError(f"LatentCache holds latents {tuple(old.shape)} ({old.dtype}); "
+                             f"cannot append {tuple(latent.shape)} ({latent.dtype})")
+        if old is None:
+            self._z = latent
+        elif torch.is_grad_enabled() and (latent.requires_grad or old.requires_grad):
+            self._z = torch.cat([old, latent], 2)
+        else:
+            self._z = _append(self._z, self.length, latent)
+        self.length += latent.shape[2]
+        return self.latents
+
+    def __repr__(self) -> str:
+        width = None if self._z is None else self._z.shape[-1]
+        return f"LatentCache(length={self.length}, width={width})"
+
+
+def _append(buf: Tensor, length: int, x: Tensor) -> Tensor:
+    """Write x (B, h, n, D) after the first ``length`` positions (dim 2) of ``buf``; return
+    the buffer, a new one twice as large (at least) when ``buf`` has no room. A buffer
+    that is the caller's own tensor (``length == buf.shape[2]``) is never written into."""
+    need = length + x.shape[2]
+    if need > buf.shape[2]:
+        grown = x.new_empty(*x.shape[:2], max(need, 2 * buf.shape[2], 16), x.shape[3])
+        grown[:, :, :length] = buf[:, :, :length]
+        buf = grown
+    buf[:, :, length:need] = x
+    return buf
 
 
 def _check_update(key, value, old_k, old_v, who: str) -> None:

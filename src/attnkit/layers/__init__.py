@@ -1,6 +1,8 @@
 """Attention layers (``nn.Module``s) built on :func:`attnkit.scaled_dot_product_attention`.
 
 * :class:`MultiHeadAttention` - MHA / GQA / MQA, self and cross, KV cache;
+* :class:`MultiHeadLatentAttention` - DeepSeek's MLA: low-rank latent K/V, compressed
+  cache, absorbed decoding;
 * :class:`TransformerXLAttention` - relative attention with segment-level memory;
 * :class:`LongformerAttention` - sliding window + global tokens (Longformer);
 * :class:`BigBirdAttention` - block-sparse window + global + random blocks (BigBird).
@@ -11,8 +13,9 @@ them, their call conventions) live in :mod:`attnkit.integrations.hf`.
 
 from .bigbird import BigBirdAttention
 from .longformer import LongformerAttention
+from .latent import MultiHeadLatentAttention
 from .multihead import MultiHeadAttention
 from .transformer_xl import TransformerXLAttention
 
-__all__ = ["MultiHeadAttention", "TransformerXLAttention", "LongformerAttention",
+__all__ = ["MultiHeadAttention", "MultiHeadLatentAttention", "TransformerXLAttention", "LongformerAttention",
            "BigBirdAttention"]

@@ -29,7 +29,7 @@ from ..functional import scaled_dot_product_attention
 from ..masks import KeyPaddingMask, Mask
 from ..checks import positive_int
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["MultiHeadAttention", "HeadRMSNorm", "with_key_padding"]
 
 
 
@@ -173,7 +173,7 @@ class MultiHeadAttention(nn.Module):
             bias = pos.bias(L, S)
 
         if key_padding_mask is not None:
-            attn_mask = _with_padding(attn_mask, key_padding_mask, B, S)
+            attn_mask = with_key_padding(attn_mask, key_padding_mask, B, S)
         out = scaled_dot_product_attention(
             q, k, v, attn_mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal, bias=bias, return_weights=need_weights)
@@ -257,7 +257,7 @@ class HeadRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
 
 
-def _with_padding(attn_mask, key_padding_mask: Tensor, B: int, S: int):
+def with_key_padding(attn_mask, key_padding_mask: Tensor, B: int, S: int):
     """Fold a (B, S) key padding mask (True = padding, or float added) into attn_mask."""
     if not isinstance(key_padding_mask, Tensor):
         raise TypeError(f"key_padding_mask must be a tensor, got "

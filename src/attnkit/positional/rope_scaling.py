@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["ROPE_TYPES", "check_scaling", "scaled_frequencies"]
+__all__ = ["ROPE_TYPES", "check_scaling", "scaled_frequencies", "yarn_mscale"]
 
 #: the key each RoPE type needs in ``scaling`` (beyond ``rope_type``)
 _REQUIRED = {
@@ -103,7 +103,9 @@ def scaled_frequencies(base: float, dim: int, scaling: dict | None,
     return theta / ext, float(attention)
 
 
-def _mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude factor for a context stretched ``scale`` times (its Eq. 21):
+    ``0.1 * mscale * ln(scale) + 1``, and 1 for ``scale <= 1``."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -111,8 +113,8 @@ def _yarn(theta, base, dim, factor, N, scaling):
     attention = scaling.get("attention_factor")
     mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if attention is None:
-        attention = (_mscale(factor, mscale) / _mscale(factor, mscale_all)
-                     if mscale and mscale_all else _mscale(factor))
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+                     if mscale and mscale_all else yarn_mscale(factor))
     beta_fast = scaling.get("beta_fast") or 32
     beta_slow = scaling.get("beta_slow") or 1
 

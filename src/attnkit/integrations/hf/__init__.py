@@ -55,7 +55,7 @@ def register() -> None:
 # cannot make linear in memory - T5 (relative bias computed tile by tile, shared across
 # layers), Longformer (local + global) and BigBird (block-sparse, and its full-attention
 # fallback) - with attnkit modules holding the same weights under the same state_dict
-# keys. patch.py finds them; t5.py, longformer.py and bigbird.py replace them.
+# keys. patch.py finds them; t5.py, longformer.py, bigbird.py and deepseek.py replace them.
 # --------------------------------------------------------------------------------------
 from .patch import SUPPORTED, patch  # noqa: E402
 

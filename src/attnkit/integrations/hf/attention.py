@@ -33,7 +33,7 @@ from torch import Tensor
 from ...functional import scaled_dot_product_attention
 from .mask_interface import PreparedMask
 
-__all__ = ["attention_forward"]
+__all__ = ["attention_forward", "attention_mask_for"]
 
 
 def _wants_weights(module, kwargs) -> bool:
@@ -43,7 +43,7 @@ def _wants_weights(module, kwargs) -> bool:
     return bool(flag)
 
 
-def _attn_mask(module, attention_mask, is_causal, L: int, S: int):
+def attention_mask_for(module, attention_mask, is_causal, L: int, S: int):
     """(attn_mask, is_causal) for attnkit from what the layer received."""
     if isinstance(attention_mask, PreparedMask):
         if (attention_mask.q_length, attention_mask.kv_length) != (L, S):
@@ -90,7 +90,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
             f"this model passes `sinks` of shape {tuple(kwargs['sinks'].shape)} (per token); "
             f"attnkit's sinks are one logit per head (s_aux, as GPT-OSS passes them)")
     L, S = query.shape[-2], key.shape[-2]
-    attn_mask, causal = _attn_mask(module, attention_mask, is_causal, L, S)
+    attn_mask, causal = attention_mask_for(module, attention_mask, is_causal, L, S)
     want_weights = _wants_weights(module, kwargs)
     result = scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal,

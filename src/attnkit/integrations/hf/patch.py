@@ -1,6 +1,7 @@
-"""``patch(model)``: attnkit modules in place of T5's, Longformer's and BigBird's attention.
+"""``patch(model)``: attnkit modules in place of T5's, Longformer's, BigBird's and
+DeepSeek-V3's attention.
 
-:func:`register` reaches every layer that calls transformers' ``AttentionInterface``. Three
+:func:`register` reaches every layer that calls transformers' ``AttentionInterface``. Four
 families need more than that; each has a module here that knows its transformers classes
 and how to replace them (:func:`patch` only finds them and dispatches):
 
@@ -9,6 +10,9 @@ and how to replace them (:func:`patch` only finds them and dispatches):
   layer reuses; here the bias is an attnkit object evaluated tile by tile.
 * **Longformer** (:mod:`.longformer`) and **BigBird** (:mod:`.bigbird`) compute attention
   in their own modules (``set_attn_implementation`` does nothing for them).
+* **DeepSeek-V3** (:mod:`.deepseek`) routes through the interface, but its module rebuilds
+  every cached token's keys and values from the compressed cache at each step; here
+  decoding attends to the latents themselves (MLA's absorbed form).
 
 =====================================  ==============================================
 transformers module                    replaced by (same parameter names)
@@ -20,6 +24,8 @@ transformers module                    replaced by (same parameter names)
                                        (:class:`attnkit.layers.BigBirdAttention`,
                                        ``pattern="hf"``: HF's layout and eval plan)
 ``BigBirdSelfAttention`` (full)        :class:`~.bigbird.AttnkitBigBirdSelfAttention`
+``DeepseekV3Attention``                :class:`~.deepseek.AttnkitDeepseekV3Attention`
+                                       (:class:`attnkit.layers.MultiHeadLatentAttention`)
 =====================================  ==============================================
 
 The replacements take over the very ``nn.Linear`` / ``nn.Embedding`` modules of the ones
@@ -33,27 +39,30 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import bigbird, longformer, t5
+from . import bigbird, deepseek, longformer, t5
 # the classes by their former home, so that models pickled with them still load
 from .bigbird import (AttnkitBigBirdBlockSparseAttention, AttnkitBigBirdSelfAttention,
                       BigBirdAttentionSwitch)
+from .deepseek import AttnkitDeepseekV3Attention
 from .longformer import AttnkitLongformerSelfAttention
 from .t5 import AttnkitT5Attention
 
 __all__ = ["patch", "SUPPORTED", "FAMILIES", "AttnkitT5Attention",
            "AttnkitLongformerSelfAttention", "AttnkitBigBirdBlockSparseAttention",
-           "AttnkitBigBirdSelfAttention", "BigBirdAttentionSwitch"]
+           "AttnkitBigBirdSelfAttention", "BigBirdAttentionSwitch", "AttnkitDeepseekV3Attention"]
 
 #: what :func:`patch` replaces, for error messages and the docs
 SUPPORTED = ("T5 and mT5 (T5Attention / MT5Attention: encoder and decoder self-attention "
              "with the shared relative position bias, cross-attention, KV caches)",
              "Longformer (LongformerSelfAttention: sliding window + global tokens)",
-             "BigBird (BigBirdAttention: block-sparse, and the full-attention fallback)")
+             "BigBird (BigBirdAttention: block-sparse, and the full-attention fallback)",
+             "DeepSeek-V3 (DeepseekV3Attention: MLA, absorbed decoding from the compressed "
+             "cache)")
 
 #: one module per model family, each with ``hf_classes()`` (the transformers classes it
 #: replaces), ``replace(parent, name, child)``, ``MODULES`` (its attnkit modules) and
 #: ``USES_MASK_INTERFACE`` (whether the model must switch to the "attnkit" masks)
-FAMILIES = (t5, longformer, bigbird)
+FAMILIES = (t5, longformer, bigbird, deepseek)
 
 ATTNKIT_MODULES = tuple(m for family in FAMILIES for m in family.MODULES)
 
@@ -74,9 +83,9 @@ def _unsupported(model: nn.Module) -> ValueError:
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Replace, in place, the attention modules of T5 / mT5, Longformer and BigBird models by
-    attnkit modules holding the same parameters under the same ``state_dict`` keys; returns
-    ``model``.
+    """Replace, in place, the attention modules of T5 / mT5, Longformer, BigBird and
+    DeepSeek-V3 models by attnkit modules holding the same parameters under the same
+    ``state_dict`` keys; returns ``model``.
 
     T5: every ``T5Attention`` becomes :class:`AttnkitT5Attention` (relative position bias
     evaluated tile by tile, shared across layers as an attnkit bias object), and the model
@@ -84,6 +93,8 @@ def patch(model: nn.Module) -> nn.Module:
     padding and causal masks reach the layers as attnkit mask objects, not (B, 1, L, S)
     tensors. Longformer: every ``LongformerSelfAttention`` becomes
     :class:`AttnkitLongformerSelfAttention`. BigBird: see the module docstring.
+    DeepSeek-V3: every ``DeepseekV3Attention`` becomes :class:`AttnkitDeepseekV3Attention`
+    (MLA; absorbed decoding from transformers' compressed cache).
 
     Calling it again is harmless. Raises TypeError if ``model`` is not an ``nn.Module``,
     ValueError (listing what is supported) if it holds none of these modules.
