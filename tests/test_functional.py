@@ -126,6 +126,39 @@ def test_value_head_dim_may_differ(kernel):
         close(sdpa(q, k, v, backend=backend), want)
 
 
+@pytest.mark.parametrize("D, Dv", [(24, 16), (16, 24)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unequal_head_dims_on_the_fused_kernels(D, Dv, causal, monkeypatch):
+    """From 16 query rows on, D != Dv runs torch's fused kernel on zero-padded heads (MLA's
+    192 / 128): outputs, lse and gradients still equal the reference's, and the kernel
+    sees equal head dims."""
+    from attnkit.backends.chunked import fused
+    seen = []
+    real = fused.forward
+    monkeypatch.setattr(fused, "forward", lambda q, k, v, *a, **kw: seen.append(
+        (q.shape[-1], v.shape[-1])) or real(q, k, v, *a, **kw))
+    q, k, v = qkv(L=40, S=40, D=D, Dv=Dv, dtype=torch.float64, requires_grad=True)
+    mask = masks.sliding_window(9, 0) if causal else None
+    grads = []
+    for backend in ("reference", "chunked", "torch"):
+        out, lse = sdpa(q, k, v, mask, is_causal=causal, backend=backend, return_lse=True) \
+            if backend != "torch" else (sdpa(q, k, v, mask, is_causal=causal, backend=backend),
+                                        None)
+        out.square().sum().backward()
+        grads.append((out.detach(), lse, [t.grad.clone() for t in (q, k, v)]))
+        for t in (q, k, v):
+            t.grad = None
+    (want, want_lse, want_g), *others = grads
+    for out, lse, g in others:
+        assert out.shape[-1] == Dv
+        close(out, want)
+        if lse is not None:
+            close(lse, want_lse)
+        for a, b in zip(g, want_g):
+            close(a, b)
+    assert seen and all(d == dv == max(D, Dv) for d, dv in seen)
+
+
 @pytest.mark.parametrize("scale", [None, 0.37, 1.0])
 def test_scale(scale, kernel):
     q, k, v = qkv()
