@@ -175,16 +175,19 @@ class MultiHeadLatentAttention(nn.Module):
         B, H, L, _ = q_nope.shape
         w_uk, w_uv = self._up_weights()
         q = torch.cat([torch.einsum("bhld,hdr->bhlr", q_nope, w_uk), q_rope], -1)
-        c = z[..., :self.kv_lora_rank]
+        # values: the latents c; passed as all of z, whose last dr output columns are
+        # dropped, so that q, k and v share one head dim (torch's fused kernel needs it,
+        # and z is then read in place: no copy of the cache)
         one_row = L == 1 and (attn_mask is None or (
             isinstance(attn_mask, Tensor) and attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1)))
         if one_row:  # one query row per head sees the same keys: heads become rows (one GEMM)
-            out = scaled_dot_product_attention(q.transpose(1, 2), z, c, attn_mask,
+            out = scaled_dot_product_attention(q.transpose(1, 2), z, z, attn_mask,
                                                dropout_p=dropout_p, scale=self.scaling)
-            out = out.transpose(1, 2)  # (B, 1, H, r) -> (B, H, 1, r)
+            out = out.transpose(1, 2)  # (B, 1, H, r + dr) -> (B, H, 1, r + dr)
         else:
-            out = scaled_dot_product_attention(q, z, c, attn_mask, dropout_p=dropout_p,
+            out = scaled_dot_product_attention(q, z, z, attn_mask, dropout_p=dropout_p,
                                                is_causal=is_causal, scale=self.scaling)
+        out = out[..., :self.kv_lora_rank]
         return torch.einsum("bhlr,hvr->bhlv", out, w_uv)
 
     def prefers_absorbed(self, L: int, S: int) -> bool:
