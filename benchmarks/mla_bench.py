@@ -16,8 +16,9 @@ weights, eval mode). The cache holds n tokens; each call decodes 8 tokens one at
   n cached tokens' keys and values (``kv_b_proj``) before attending;
 * ``hf DeepseekV3 sdpa``: transformers' ``DeepseekV3Attention`` with a DynamicCache of
   the same latents (it rebuilds keys and values at every step, as ``decompressed``);
-* ``mha cache``: what a model without the latent would cache: the expanded keys
-  (16 x 192) and values (16 x 128) of every token, read by SDPA (5120 numbers per token).
+* ``mha cache``, ``gqa-4 cache``: a layer of the same width without the latent:
+  :class:`attnkit.MultiHeadAttention` (2048, 16 query heads of 128) with 16 or 4 K/V
+  heads, decoding from a :class:`attnkit.KVCache` (8192 or 2048 numbers per token).
 
 The rows report the cache's bytes per token. Measured by ``attnkit.bench``
 (benchmarks/README.md); options: ``--help``.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit import KVCache, LatentCache
+from attnkit import KVCache, LatentCache, MultiHeadAttention
 from attnkit.bench import script
 from attnkit.bench.spec import Case, Setup, Variant
 from attnkit.bench.targets import Target
@@ -103,38 +104,31 @@ def hf_deepseek(s: Setup):
     return call
 
 
-def mha_cache(s: Setup):
-    """The expanded cache an MHA model keeps: keys (1, 16, n, 192), values (1, 16, n, 128);
-    each step projects the new token (the layer's own weights) and reads them all."""
-    layer, x = _layer(s), s.extra
-    r, H = LITE["kv_lora_rank"], LITE["num_heads"]
-    with torch.no_grad():
-        z = x["latents"]
-        kv = layer.kv_b_proj(z[0, 0, :, :r]).view(1, s.n, H, 256).transpose(1, 2)
-        k_nope, v = kv.split([128, 128], -1)
-        k = torch.cat([k_nope, z[..., r:].expand(-1, H, -1, -1)], -1).contiguous()
-    cache = KVCache()
-    cache.update(k, v.contiguous())
-    n = s.n
+def _mha_decoder(kv_heads: int):
+    """An attention layer of the same width without the latent: attnkit's
+    MultiHeadAttention(2048, 16 heads of 128, ``kv_heads`` K/V heads) decoding from a
+    KVCache of n random tokens (MHA: 16 K/V heads, 8192 numbers per token; GQA: 4, 2048)."""
+    def build(s: Setup):
+        torch.manual_seed(0)
+        dtype = s.extra["latents"].dtype
+        layer = MultiHeadAttention(LITE["hidden_size"], LITE["num_heads"], kv_heads,
+                                   bias=False).eval().to(dtype)
+        g = torch.Generator().manual_seed(1)
+        cache = KVCache()
+        cache.update(torch.randn(1, kv_heads, s.n, 128, generator=g).to(dtype),
+                     torch.randn(1, kv_heads, s.n, 128, generator=g).to(dtype))
+        x, n = s.extra, s.n
 
-    def call():
-        with torch.no_grad():
-            for t in range(STEPS):
-                h = x["new"][t]
-                pos = torch.tensor([n + t])
-                q_nope, q_rope = layer.queries(h, pos)
-                zt = layer.latents(h, pos)
-                kvt = layer.kv_b_proj(zt[0, 0, :, :r]).view(1, 1, H, 256).transpose(1, 2)
-                kt_nope, vt = kvt.split([128, 128], -1)
-                kt = torch.cat([kt_nope, zt[..., r:].expand(-1, H, -1, -1)], -1)
-                keys, values = cache.update(kt, vt)
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    torch.cat([q_nope, q_rope], -1), keys, values, scale=layer.scaling)
-                out = layer.o_proj(o.transpose(1, 2).reshape(1, 1, -1))
-            cache.length = n
-            return out
-    call.cache_bytes = cache.nbytes
-    return call
+        def call():
+            with torch.no_grad():
+                for t in range(STEPS):
+                    out, _ = layer(x["new"][t], cache=cache, is_causal=True)
+                cache.length = n
+                return out
+        call.cache_bytes = cache.nbytes
+        return call
+    build.__name__ = f"mha_{kv_heads}"
+    return build
 
 
 HF = ("transformers",)
@@ -146,12 +140,14 @@ CASES = (
                    Variant("decompressed", "peer", _latent_decoder(False)),
                    Variant("hf DeepseekV3 sdpa", "peer", hf_deepseek, needs=HF,
                            preload=("transformers.models.deepseek_v3.modeling_deepseek_v3",)),
-                   Variant("mha cache", "peer", mha_cache))),
+                   Variant("mha cache", "peer", _mha_decoder(16)),
+                   Variant("gqa-4 cache", "peer", _mha_decoder(4)))),
 )
 TARGETS = (
-    Target(17, "mla_decode", 4096, "absorbed", "speedup", 1.0, "decompressed"),
-    Target(17, "mla_decode", 16384, "absorbed", "speedup", 1.0, "decompressed"),
-    Target(17, "mla_decode", 16384, "absorbed", "speedup", 1.0, "hf DeepseekV3 sdpa"),
+    Target(17, "mla_decode", 4096, "absorbed", "speedup", 10, "decompressed"),
+    Target(17, "mla_decode", 16384, "absorbed", "speedup", 10, "decompressed"),
+    Target(17, "mla_decode", 16384, "absorbed", "speedup", 10, "hf DeepseekV3 sdpa"),
+    Target(17, "mla_decode", 16384, "absorbed", "speedup", 1, "mha cache"),
 )
 
 if __name__ == "__main__":

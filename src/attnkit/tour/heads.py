@@ -1,11 +1,12 @@
-"""Section 4 of the tour: multi-head, multi-query and grouped-query attention, with
-parameter counts and KV-cache sizes of real models."""
+"""Section 4 of the tour: multi-head, multi-query, grouped-query and latent attention,
+with parameter counts and KV-cache sizes of real models."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import KVCache, MultiHeadAttention, scaled_dot_product_attention, viz
+from .. import KVCache, LatentCache, MultiHeadAttention, scaled_dot_product_attention, viz
+from ..layers import MultiHeadLatentAttention
 from .qkv import qkv_example
 from .session import Tour, randn
 from .terminal import matrix, table
@@ -17,7 +18,30 @@ REAL_MODELS = [
     ("Llama-3-8B (GQA)", 4096, 32, 32, 8),
     ("MQA, same sizes", 4096, 32, 32, 1),
 ]
+#: multi-head latent attention (the cache holds kv_lora_rank + qk_rope_head_dim numbers)
+LATENT_MODELS = [
+    # name, hidden_size, num_hidden_layers, num_attention_heads, q_lora_rank,
+    # kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+    ("MLA, same sizes", 4096, 32, 32, None, 512, 128, 64, 128),
+    ("DeepSeek-V3 (MLA)", 7168, 61, 128, 1536, 512, 128, 64, 128),
+]
 KV_CONTEXT = 8192  # Llama-3-8B's context length
+
+
+def latent_cache_bytes_per_token(num_layers: int, kv_lora_rank: int, qk_rope_head_dim: int,
+                                 dtype=torch.float16) -> int:
+    """Bytes one token adds to a whole MLA model's cache, measured with LatentCache."""
+    cache = LatentCache()
+    cache.update(torch.zeros(1, 1, 1, kv_lora_rank + qk_rope_head_dim, dtype=dtype))
+    return cache.nbytes * num_layers
+
+
+def latent_attention_params(hidden: int, heads: int, q_lora_rank, kv_lora_rank: int,
+                            nope: int, rope: int, v: int) -> int:
+    """Parameters of one MLA layer (projections and the two norms), on the meta device."""
+    layer = MultiHeadLatentAttention(hidden, heads, q_lora_rank, kv_lora_rank, nope, rope, v,
+                                     device="meta")
+    return sum(p.numel() for p in layer.parameters())
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
@@ -78,9 +102,21 @@ def section_heads(tour: Tour) -> None:
         rows.append([name, heads, kv, head_dim, f"{p / 1e6:.1f} M", f"{p * layers / 1e9:.2f} B",
                      _bytes(per_tok), _bytes(per_tok * KV_CONTEXT)])
         bars.append((name, per_tok, p))
+    for name, hidden, layers, heads, q_rank, r, nope, rope, v in LATENT_MODELS:
+        p = latent_attention_params(hidden, heads, q_rank, r, nope, rope, v)
+        per_tok = latent_cache_bytes_per_token(layers, r, rope)
+        rows.append([tour.t("mla_name") if hidden == REAL_MODELS[0][1] else name, heads,
+                     tour.t("latent_kv", n=r + rope), f"{nope}+{rope}", f"{p / 1e6:.1f} M",
+                     f"{p * layers / 1e9:.2f} B", _bytes(per_tok), _bytes(per_tok * KV_CONTEXT)])
+        if hidden == REAL_MODELS[0][1]:
+            bars.append((tour.t("mla_name"), per_tok, p))
     tour.show(table(tour.T["heads_headers"], rows))
     ratio = bars[0][1] / bars[1][1], bars[0][1] / bars[2][1]
     tour.say("heads_outro", r_gqa=ratio[0], r_mqa=ratio[1])
+    mla = bars[3][1]
+    tour.say("heads_mla", r_mha=bars[0][1] / mla, r_gqa=bars[1][1] / mla,
+             r_mqa=mla / bars[2][1], n=LATENT_MODELS[0][5] + LATENT_MODELS[0][7],
+             kv=2 * REAL_MODELS[1][4] * REAL_MODELS[1][1] // REAL_MODELS[1][3])
 
     fig = viz.new_figure(9.5, 4.2)
     axes = fig.subplots(1, H)
@@ -94,7 +130,7 @@ def section_heads(tour: Tour) -> None:
     fig = viz.new_figure(11, 4.4)
     a, b = fig.subplots(1, 2)
     names = [n for n, _, _ in bars]
-    colors = ["#4c72b0", "#55a868", "#c44e52"]
+    colors = ["#4c72b0", "#55a868", "#c44e52", "#8172b2"]
     kib = [x / 1024 for _, x, _ in bars]
     rects = a.bar(names, kib, color=colors)
     a.bar_label(rects, labels=[f"{x:.0f} KiB" for x in kib], padding=2)

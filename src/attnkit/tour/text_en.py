@@ -160,11 +160,22 @@ EN = {
     "heads_headers": ["model", "Q heads", "K/V heads", "head dim", "attn params/layer",
                       "all layers", "KV cache/token", "KV cache, 8192 tok"],
     "mqa_name": "MQA, same sizes",
+    "mla_name": "MLA, same sizes",
+    "latent_kv": "latent {n}",
     "heads_outro":
         "GQA with 8 K/V heads makes the cache {r_gqa:.0f}x smaller than MHA; MQA {r_mqa:.0f}x,\n"
         "at some cost in quality. The GQA paper (Ainslie et al., 2023) found GQA close to\n"
         "MHA in quality and close to MQA in speed, which is why Llama 3, Mistral and Qwen2\n"
         "use it.",
+    "heads_mla":
+        "MLA (multi-head latent attention, DeepSeek-V2 and V3) caches neither K nor V: each\n"
+        "token leaves one latent of {n} numbers per layer (512 compressed K/V + 64 for a\n"
+        "rotary key part all heads share), against GQA-8's {kv}. Each head's keys and values\n"
+        "are linear maps of that latent, so decoding can fold the key map into the query and\n"
+        "attend to the latents themselves (attnkit.layers.MultiHeadLatentAttention, the\n"
+        "absorbed form). At the sizes above its cache is {r_mha:.1f}x smaller than MHA's and\n"
+        "{r_gqa:.1f}x smaller than GQA-8's; MQA's is still {r_mqa:.2f}x smaller, but every\n"
+        "head of an MLA layer keeps keys and values of its own.",
     "fig_heads_suptitle": "Two heads of MultiHeadAttention({E}, {H}) attend differently",
     "fig_kv_per_token": "KV cache per token (KiB, fp16)",
     "fig_kv_title": "KV cache per token, whole model",

@@ -155,10 +155,19 @@ ZH = {
     "heads_headers": ["模型", "Q 头数", "K/V 头数", "每头维度", "每层注意力参数", "全部层",
                       "每词 KV 缓存", "8192 词 KV 缓存"],
     "mqa_name": "MQA（同尺寸）",
+    "mla_name": "MLA（同尺寸）",
+    "latent_kv": "潜向量 {n}",
     "heads_outro":
         "用 8 个 K/V 头的 GQA，KV 缓存只有 MHA 的 1/{r_gqa:.0f}；MQA 更是只有 1/{r_mqa:.0f}，\n"
         "但质量会有些损失。GQA 论文（Ainslie 等，2023）的结论是：GQA 的质量接近 MHA，\n"
         "速度接近 MQA。所以 Llama 3、Mistral、Qwen2 这些模型都选了 GQA。",
+    "heads_mla":
+        "MLA（多头潜在注意力，DeepSeek-V2 和 V3）既不缓存 K 也不缓存 V：每个 token 在每层\n"
+        "只留下一个 {n} 维的潜向量（512 维压缩的 K/V，加上所有头共用的 64 维旋转键），\n"
+        "GQA-8 则是 {kv} 个数。每个头的键和值都是这个潜向量的线性映射，所以解码时可以把\n"
+        "键的映射并进查询，直接对潜向量做注意力（attnkit.layers.MultiHeadLatentAttention\n"
+        "的吸收形式）。在上面的尺寸下，它的缓存比 MHA 小 {r_mha:.1f} 倍，比 GQA-8 小\n"
+        "{r_gqa:.1f} 倍；MQA 的缓存仍要再小 {r_mqa:.2f} 倍，但 MLA 的每个头都有自己的键和值。",
     "fig_heads_suptitle": "MultiHeadAttention({E}, {H}) 的两个头关注点不同",
     "fig_kv_per_token": "每个词的 KV 缓存（KiB，fp16）",
     "fig_kv_title": "整个模型每个词的 KV 缓存",
