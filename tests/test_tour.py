@@ -148,7 +148,7 @@ def test_entropy_independent_of_attnkit():
 def test_kv_cache_and_parameters_match_config_arithmetic(runs):
     text = runs["en"]["stdout"]
     lines = _block(text, "Llama-3-8B's context")[2:]
-    assert len(lines) == len(tour.REAL_MODELS)
+    assert len(lines) == len(tour.REAL_MODELS) + len(tour.LATENT_MODELS)
     for name, hidden, layers, heads, kv in tour.REAL_MODELS:
         head_dim = hidden // heads
         per_token = 2 * layers * kv * head_dim * 2          # K and V, fp16
@@ -159,6 +159,19 @@ def test_kv_cache_and_parameters_match_config_arithmetic(runs):
         assert tour.kv_cache_bytes_per_token(layers, kv, head_dim) == per_token
         assert tour.attention_params(hidden, heads, kv) == params
     assert "512 KiB" in text and "128 KiB" in text and "16 KiB" in text
+    # MLA: one latent of r + dr numbers per token and layer; parameters from the shapes
+    for name, hidden, layers, heads, q_rank, r, nope, rope, v in tour.LATENT_MODELS:
+        per_token = layers * (r + rope) * 2                   # fp16
+        q = hidden * heads * (nope + rope) if q_rank is None else (
+            hidden * q_rank + q_rank + q_rank * heads * (nope + rope))
+        params = q + hidden * (r + rope) + r + r * heads * (nope + v) + heads * v * hidden
+        line = next(l for l in lines if re.search(rf"\s{heads}\s+\D+{r + rope}\s+{nope}\+{rope}\s", l))
+        assert f"{params / 1e6:.1f} M" in line, line
+        assert tour.latent_cache_bytes_per_token(layers, r, rope) == per_token
+        assert tour.latent_attention_params(hidden, heads, q_rank, r, nope, rope, v) == params
+    m = re.search(r"cache is ([\d.]+)x smaller than MHA's and\s+([\d.]+)x smaller than GQA-8's", text)
+    assert m and float(m.group(1)) == pytest.approx(8192 / 576, abs=0.05)
+    assert float(m.group(2)) == pytest.approx(2048 / 576, abs=0.05)
 
 
 def test_padding_weights_are_exactly_zero(runs):

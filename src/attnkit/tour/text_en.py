@@ -175,7 +175,8 @@ EN = {
         "attend to the latents themselves (attnkit.layers.MultiHeadLatentAttention, the\n"
         "absorbed form). At the sizes above its cache is {r_mha:.1f}x smaller than MHA's and\n"
         "{r_gqa:.1f}x smaller than GQA-8's; MQA's is still {r_mqa:.2f}x smaller, but every\n"
-        "head of an MLA layer keeps keys and values of its own.",
+        "head of an MLA layer keeps keys and values of its own. (The MLA rows count an\n"
+        "attnkit.layers.MultiHeadLatentAttention and an attnkit.LatentCache.)",
     "fig_heads_suptitle": "Two heads of MultiHeadAttention({E}, {H}) attend differently",
     "fig_kv_per_token": "KV cache per token (KiB, fp16)",
     "fig_kv_title": "KV cache per token, whole model",

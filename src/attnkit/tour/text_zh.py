@@ -167,7 +167,8 @@ ZH = {
         "GQA-8 则是 {kv} 个数。每个头的键和值都是这个潜向量的线性映射，所以解码时可以把\n"
         "键的映射并进查询，直接对潜向量做注意力（attnkit.layers.MultiHeadLatentAttention\n"
         "的吸收形式）。在上面的尺寸下，它的缓存比 MHA 小 {r_mha:.1f} 倍，比 GQA-8 小\n"
-        "{r_gqa:.1f} 倍；MQA 的缓存仍要再小 {r_mqa:.2f} 倍，但 MLA 的每个头都有自己的键和值。",
+        "{r_gqa:.1f} 倍；MQA 的缓存仍要再小 {r_mqa:.2f} 倍，但 MLA 的每个头都有自己的键和值。\n"
+        "（MLA 两行的数字来自 attnkit.layers.MultiHeadLatentAttention 和 attnkit.LatentCache。）",
     "fig_heads_suptitle": "MultiHeadAttention({E}, {H}) 的两个头关注点不同",
     "fig_kv_per_token": "每个词的 KV 缓存（KiB，fp16）",
     "fig_kv_title": "整个模型每个词的 KV 缓存",
