@@ -139,9 +139,11 @@ def _env() -> dict:
     return env
 
 
-def _gemm_peak(cfg: dict, repeats: int, dtype: str = "float32") -> tuple[float, int, float]:
+def _gemm_peak(cfg: dict, repeats: int, dtype: str = "float32"
+               ) -> tuple[float, int, float, int]:
     """The GEMM peak in ``dtype`` and the copy bandwidth, measured in a worker process
-    (same environment and threads as the measurements): (GFLOP/s, threads, GB/s)."""
+    (same environment and threads as the measurements): (GFLOP/s, threads, GB/s, the
+    product size n: 4096 unless the dtype is too slow here, see ``gemm_size``)."""
     plan = {"jobs": [], "threads": cfg["threads"],
             "gemm": {"n": 4096, "repeats": repeats, "dtype": dtype}}
     proc = subprocess.run([sys.executable, "-m", "attnkit.bench.worker"], input=json.dumps(plan),
@@ -149,7 +151,7 @@ def _gemm_peak(cfg: dict, repeats: int, dtype: str = "float32") -> tuple[float, 
     for line in proc.stdout.splitlines():
         event = json.loads(line)
         if event["type"] == "gemm":
-            return event["gflops"], event["threads"], event["copy_gbs"]
+            return event["gflops"], event["threads"], event["copy_gbs"], event["n"]
     raise OSError(f"the GEMM peak measurement failed: {proc.stderr.strip()[-300:]}")
 
 
@@ -254,9 +256,10 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     print(f"{suite.name} ({mode}) on {machine['cpu_model']}, {machine['cores']} cores, "
           f"torch {machine['torch_version']}, load average {machine['load_average_at_start'][0]:.1f}",
           file=stream, flush=True)
-    gemm_peak, machine["torch_threads"], copy_gbs = _gemm_peak(cfg, 1 if quick else 3, dtype)
+    gemm_peak, machine["torch_threads"], copy_gbs, gemm_n = _gemm_peak(cfg, 1 if quick else 3,
+                                                                        dtype)
     machine["worker_environment"] = {k: _env()[k] for k in (*WORKER_ENV_DEFAULTS, *WORKER_ENV)}
-    print(f"{dtype} GEMM peak (torch.mm 4096x4096, {machine['torch_threads']} threads): "
+    print(f"{dtype} GEMM peak (torch.mm {gemm_n}x{gemm_n}, {machine['torch_threads']} threads): "
           f"{gemm_peak:.0f} GFLOP/s; copy bandwidth {copy_gbs:.1f} GB/s", file=stream,
           flush=True)
     if quick:
@@ -293,7 +296,7 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     by_name = {c.name: c for c in selected}
     gemm_runs = [gemm_peak]
     if not quick:  # the load may have changed: the peak is the best the machine showed
-        again, _, copy_again = _gemm_peak(cfg, 3, dtype)
+        again, _, copy_again, _ = _gemm_peak(cfg, 3, dtype)
         gemm_runs.append(again)
         gemm_peak, copy_gbs = max(gemm_runs), max(copy_gbs, copy_again)
         print(f"{dtype} GEMM peak measured again at the end: {gemm_runs[-1]:.0f} GFLOP/s; "

@@ -40,7 +40,7 @@ import torch
 from ..dtypes import matmul_rate
 
 __all__ = ["Sample", "warm_up", "interleave", "timed", "PeakRSS", "Allocator", "rss_bytes",
-           "peak_live_bytes", "profile_table", "gemm_peak_gflops", "copy_bandwidth_gbs",
+           "peak_live_bytes", "profile_table", "gemm_peak_gflops", "gemm_size", "copy_bandwidth_gbs",
            "describe_machine",
            "WORKER_ENV", "WORKER_ENV_DEFAULTS", "worker_env"]
 
@@ -255,6 +255,17 @@ def profile_table(call, rows: int = 12) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         timed(call)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def gemm_size(n: int, dtype: str = "float32", seconds: float = 20.0) -> int:
+    """``n``, or a smaller size where one (n x n) product in ``dtype`` would take more than
+    ``seconds``: a half dtype this CPU has no fast kernels for (bf16 on an AMD EPYC:
+    ~1 GFLOP/s, two minutes per 4096^3 product) is measured on products of about a
+    second each instead."""
+    probe = matmul_rate(getattr(torch, dtype), 256, 1)
+    if 2 * n ** 3 / probe <= seconds:
+        return n
+    return max(256, int((probe / 2) ** (1 / 3)) // 128 * 128)
 
 
 def gemm_peak_gflops(n: int = 4096, repeats: int = 3, dtype: str = "float32") -> float:

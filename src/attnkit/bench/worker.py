@@ -33,8 +33,8 @@ import traceback
 import torch
 
 from .cases import SOURCE, case_by_name
-from .measurement import (Allocator, Sample, copy_bandwidth_gbs, gemm_peak_gflops, interleave,
-                          profile_table, rss_bytes, warm_up)
+from .measurement import (Allocator, Sample, copy_bandwidth_gbs, gemm_peak_gflops, gemm_size,
+                          interleave, profile_table, rss_bytes, warm_up)
 from .spec import DTYPES, cast, missing_optional
 
 
@@ -214,7 +214,9 @@ def main() -> int:
     if plan.get("threads"):
         torch.set_num_threads(plan["threads"])
     if plan.get("gemm"):
-        _emit(channel, type="gemm", gflops=gemm_peak_gflops(**plan["gemm"]),
+        gemm = dict(plan["gemm"])
+        gemm["n"] = gemm_size(gemm["n"], gemm.get("dtype", "float32"))
+        _emit(channel, type="gemm", gflops=gemm_peak_gflops(**gemm), n=gemm["n"],
               copy_gbs=copy_bandwidth_gbs(), threads=torch.get_num_threads())
     run_plan(plan, channel)
     _emit(channel, type="done")
