@@ -18,7 +18,7 @@ weights, eval mode). The cache holds n tokens; each call decodes 8 tokens one at
   the same latents (it rebuilds keys and values at every step, as ``decompressed``);
 * ``mha cache``, ``gqa-4 cache``: a layer of the same width without the latent:
   :class:`attnkit.MultiHeadAttention` (2048, 16 query heads of 128) with 16 or 4 K/V
-  heads, decoding from a :class:`attnkit.KVCache` (8192 or 2048 numbers per token).
+  heads, decoding from a :class:`attnkit.KVCache` (4096 or 1024 numbers per token).
 
 The rows report the cache's bytes per token. Measured by ``attnkit.bench``
 (benchmarks/README.md); options: ``--help``.
@@ -107,7 +107,7 @@ def hf_deepseek(s: Setup):
 def _mha_decoder(kv_heads: int):
     """An attention layer of the same width without the latent: attnkit's
     MultiHeadAttention(2048, 16 heads of 128, ``kv_heads`` K/V heads) decoding from a
-    KVCache of n random tokens (MHA: 16 K/V heads, 8192 numbers per token; GQA: 4, 2048)."""
+    KVCache of n random tokens (MHA: 16 K/V heads, 4096 numbers per token; GQA: 4, 1024)."""
     def build(s: Setup):
         torch.manual_seed(0)
         dtype = s.extra["latents"].dtype

@@ -132,11 +132,16 @@ def test_unequal_head_dims_on_the_fused_kernels(D, Dv, causal, monkeypatch):
     """From 16 query rows on, D != Dv runs torch's fused kernel on zero-padded heads (MLA's
     192 / 128): outputs, lse and gradients still equal the reference's, and the kernel
     sees equal head dims."""
+    from attnkit.backends import torch_sdpa
     from attnkit.backends.chunked import fused
-    seen = []
+    seen, seen_torch = [], []
     real = fused.forward
     monkeypatch.setattr(fused, "forward", lambda q, k, v, *a, **kw: seen.append(
         (q.shape[-1], v.shape[-1])) or real(q, k, v, *a, **kw))
+    torch_sdpa_call = torch_sdpa.F.scaled_dot_product_attention
+    monkeypatch.setattr(torch_sdpa.F, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: seen_torch.append((q.shape[-1], v.shape[-1]))
+                        or torch_sdpa_call(q, k, v, *a, **kw))
     q, k, v = qkv(L=40, S=40, D=D, Dv=Dv, dtype=torch.float64, requires_grad=True)
     mask = masks.sliding_window(9, 0) if causal else None
     grads = []
@@ -157,6 +162,7 @@ def test_unequal_head_dims_on_the_fused_kernels(D, Dv, causal, monkeypatch):
         for a, b in zip(g, want_g):
             close(a, b)
     assert seen and all(d == dv == max(D, Dv) for d, dv in seen)
+    assert seen_torch and all(d == dv == max(D, Dv) for d, dv in seen_torch)
 
 
 @pytest.mark.parametrize("scale", [None, 0.37, 1.0])

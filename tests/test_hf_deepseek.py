@@ -19,6 +19,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds  # noqa: 
 import attnkit.integrations.hf as ak_hf  # noqa: E402
 from attnkit.integrations.hf.deepseek import AttnkitDeepseekV3Attention  # noqa: E402
 from attnkit.layers import MultiHeadLatentAttention  # noqa: E402
+from attnkit.layers import latent as latent_module  # noqa: E402
 from conftest import assert_equal_where_real, padded_ids  # noqa: E402
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -124,8 +125,12 @@ def test_patched_logits_equal_eager(side, forms):
     assert forms == ["decompressed"] * 2  # no cache: keys rebuilt, as in training
 
 
-def test_patched_greedy_decoding_equals_eager_from_the_compressed_cache(forms):
+def test_patched_greedy_decoding_equals_eager_from_the_compressed_cache(forms, monkeypatch):
     eager, ours = _pair()
+    rows = []
+    sdpa = latent_module.scaled_dot_product_attention
+    monkeypatch.setattr(latent_module, "scaled_dot_product_attention",
+                        lambda q, *a, **k: rows.append(q.shape[-2]) or sdpa(q, *a, **k))
     ids, keep = padded_ids(2, 7, "left", 128, real=(4,), last_row_full=True)
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
               attention_mask=keep)
@@ -134,6 +139,9 @@ def test_patched_greedy_decoding_equals_eager_from_the_compressed_cache(forms):
         got = ours.generate(ids, **kw)
     assert torch.equal(got, want)
     assert forms.count("absorbed") == 2 * 9  # every step after the prompt, in each layer
+    # ... each one multi-query call with the 4 heads as rows (the model's mask object,
+    # padding included, is shared by the heads)
+    assert rows.count(4) == 2 * 9
 
     # the cache after a prompt holds what transformers' own module stores: per layer
     # the normalised latent c (r = 16 numbers) and the rotated shared key (dr = 8), at

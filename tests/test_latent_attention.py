@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import attnkit
+from attnkit import masks
 from attnkit.layers import MultiHeadLatentAttention
+from attnkit.layers import latent as latent_module
 
 # a small MLA: 4 heads, query rank 32, latent r = 16, rope part 8, nope 16, values 12
 SIZES = dict(hidden_size=48, num_heads=4, q_lora_rank=32, kv_lora_rank=16,
@@ -173,3 +175,85 @@ def test_bad_input_is_named():
         MultiHeadLatentAttention(**{**SIZES, "qk_rope_head_dim": 7})
     with pytest.raises(ValueError, match="kv_lora_rank"):
         MultiHeadLatentAttention(**{**SIZES, "kv_lora_rank": 0})
+
+
+def test_one_row_decoding_folds_heads_into_rows_with_mask_objects(monkeypatch):
+    """A decoding step (L == 1) whose mask every head shares (a mask object, a (B, S)
+    padding) runs as one multi-query call with the H heads as rows; a mask that differs
+    by head does not; both equal the decompressed form."""
+    layer = _layer(torch.float64)
+    x = _x(L=8, dtype=torch.float64)
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[0, :2] = True
+    per_head = torch.rand(2, 4, 1, 8, generator=torch.Generator().manual_seed(3)) > 0.3
+    per_head[..., -1] = True
+    rows = []
+    real = latent_module.scaled_dot_product_attention
+    monkeypatch.setattr(latent_module, "scaled_dot_product_attention",
+                        lambda q, *a, **k: rows.append(q.shape[-2]) or real(q, *a, **k))
+    for mask, folded in ((masks.causal() & masks.key_padding(~pad), True),
+                         (~pad[:, None, None, :], True), (per_head, False)):
+        cache = attnkit.LatentCache()
+        with torch.no_grad():
+            layer(x[:, :7], cache=cache, absorb=False)
+            z = cache.latents
+            rows.clear()
+            got = layer(x[:, 7:], cache=cache, attn_mask=mask, absorb=True)
+        assert rows == [4 if folded else 1]
+        cache = attnkit.LatentCache()
+        cache.update(z)
+        with torch.no_grad():
+            want = layer(x[:, 7:], cache=cache, attn_mask=mask, absorb=False)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_wrapped_up_projection_is_never_folded():
+    """LoRA or quantized wrappers of kv_b_proj are called, not read: decoding takes the
+    decompressed form, and forcing the absorbed one is refused."""
+    layer = _layer()
+
+    class Wrapped(torch.nn.Module):  # a stand-in for a LoRA / quantized linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with torch.no_grad():
+        want = layer(_x())
+    layer.kv_b_proj = Wrapped(layer.kv_b_proj)
+    assert not layer.can_absorb
+    cache = attnkit.LatentCache()
+    with torch.no_grad():
+        steps = [layer(_x()[:, i:i + 1], cache=cache) for i in range(10)]
+    torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        layer(_x(), absorb=True)
+
+
+def test_latent_cache_under_autograd_and_the_callers_tensor():
+    """The first update keeps the caller's tensor and never writes into it; under autograd
+    the cache concatenates, so gradients reach every step's latents."""
+    first = torch.randn(1, 1, 3, 24)
+    kept = first.clone()
+    cache = attnkit.LatentCache()
+    cache.update(first)
+    for _ in range(40):
+        cache.update(torch.randn(1, 1, 1, 24))
+    assert torch.equal(first, kept) and len(cache) == 43
+    a, b = torch.randn(1, 1, 2, 24, requires_grad=True), torch.randn(1, 1, 1, 24, requires_grad=True)
+    cache = attnkit.LatentCache()
+    cache.update(a)
+    cache.update(b).sum().backward()
+    assert torch.equal(a.grad, torch.ones_like(a)) and torch.equal(b.grad, torch.ones_like(b))
+
+
+def test_positions_and_yarn_without_factor():
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"positions must be integers \(10,\) or \(2, 10\)"):
+        layer(_x(), torch.zeros(3, 10, dtype=torch.long))
+    yarn = {"rope_type": "yarn", "original_max_position_embeddings": 64,
+            "max_position_embeddings": 256, "mscale": 1.0, "mscale_all_dim": 1.0}
+    m = 0.1 * torch.log(torch.tensor(4.0)).item() + 1
+    assert _layer(rope_scaling=yarn).scaling == pytest.approx(24 ** -0.5 * m * m)

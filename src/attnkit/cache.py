@@ -204,7 +204,8 @@ class LatentCache:
     ``c`` (``k_nope = c W_UK``, ``v = c W_UV``), or never built at all in the absorbed
     form (see :class:`attnkit.layers.MultiHeadLatentAttention`). Latents are stored as
     one (B, 1, S, r + dr) tensor, a single "key head" that every query head reads, so the
-    absorbed attention reads them as they are: keys ``z`` and values ``z[..., :r]``.
+    absorbed attention reads them where they lie: keys ``z``, and values ``c = z[..., :r]``
+    (passed as all of ``z``, the last dr output columns dropped).
 
     ``update(z)`` appends this step's (B, 1, n, r + dr) latents in place (storage grows by
     doubling) and returns all of them so far; under autograd it concatenates instead.

@@ -225,7 +225,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         # this CPU multiplies this half dtype slowly (no native kernels): the fast
         # backends run on float32 copies, more accurate and several times faster there
         q, k, v = q.float(), k.float(), v.float()
-    if backend in ("chunked", "torch") and D != Dv and L >= 16 and q.device.type == "cpu":
+    if (backend in ("chunked", "torch") and D != Dv and L >= 16 and q.device.type == "cpu"
+            and dropout_p == 0 and softcap is None and not return_weights):  # fused-kernel calls
         q, k, v = _equal_head_dims(q, k, v)
     if L == 0 or S == 0 or B == 0:
         out, weights, lse = _empty(q, v, S, sinks)

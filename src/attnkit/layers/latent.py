@@ -37,12 +37,31 @@ from torch import Tensor, nn
 from ..cache import LatentCache
 from ..checks import positive_int
 from ..functional import scaled_dot_product_attention
+from ..masks import Mask
 from ..positional.rope_scaling import yarn_mscale
 from ..positional.rotary import RotaryEmbedding
 from .common import check_dropout
 from .multihead import HeadRMSNorm, with_key_padding
 
 __all__ = ["MultiHeadLatentAttention"]
+
+_PER_HEAD = object()  # a mask that differs between heads: no folding of heads into rows
+
+
+def _one_row_mask(attn_mask, L: int, S: int, device):
+    """For one query row (L == 1): the mask as a (B|1, 1, 1, S) tensor every head shares
+    (None: no mask), or ``_PER_HEAD`` when it depends on the head."""
+    if attn_mask is None:
+        return None
+    if isinstance(attn_mask, Mask):
+        attn_mask = attn_mask.materialize(L, S, device)
+    if not isinstance(attn_mask, Tensor):
+        return _PER_HEAD
+    if attn_mask.dim() <= 2:
+        return attn_mask.reshape(1, 1, 1, S) if attn_mask.numel() == S else _PER_HEAD
+    if attn_mask.dim() == 4 and attn_mask.shape[1] == 1 and attn_mask.shape[2] == 1:
+        return attn_mask
+    return _PER_HEAD
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -112,7 +131,9 @@ class MultiHeadLatentAttention(nn.Module):
         scaling = self.rotary.scaling
         if scaling is not None and scaling["rope_type"] != "default" and scaling.get(
                 "mscale_all_dim"):
-            m = yarn_mscale(scaling["factor"], scaling["mscale_all_dim"])
+            factor = scaling.get("factor") or (scaling["max_position_embeddings"]
+                                               / scaling["original_max_position_embeddings"])
+            m = yarn_mscale(factor, scaling["mscale_all_dim"])
             self.scaling *= m * m
 
     def extra_repr(self) -> str:
@@ -173,15 +194,20 @@ class MultiHeadLatentAttention(nn.Module):
         queries and W_UV applied after: returns (B, H, L, dv), equal to
         :meth:`decompressed` up to rounding."""
         B, H, L, _ = q_nope.shape
+        S = z.shape[2]
+        if not self.can_absorb:
+            raise ValueError(f"the absorbed form needs kv_b_proj as a plain nn.Linear with "
+                             f"floating-point weights, got {type(self.kv_b_proj).__name__}; "
+                             f"use the decompressed form (absorb=False)")
         w_uk, w_uv = self._up_weights()
         q = torch.cat([torch.einsum("bhld,hdr->bhlr", q_nope, w_uk), q_rope], -1)
-        # values: the latents c; passed as all of z, whose last dr output columns are
-        # dropped, so that q, k and v share one head dim (torch's fused kernel needs it,
-        # and z is then read in place: no copy of the cache)
-        one_row = L == 1 and (attn_mask is None or (
-            isinstance(attn_mask, Tensor) and attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1)))
-        if one_row:  # one query row per head sees the same keys: heads become rows (one GEMM)
-            out = scaled_dot_product_attention(q.transpose(1, 2), z, z, attn_mask,
+        # values: the latents c, passed as all of z, whose last dr output columns are
+        # dropped: q, k and v then share one head dim (torch's fused kernel needs it) and
+        # the cache is read where it lies
+        shared = _one_row_mask(attn_mask, L, S, z.device) if L == 1 else _PER_HEAD
+        if shared is not _PER_HEAD:  # every head's one row sees the same keys: heads
+            # become the rows of one multi-query call (one GEMM over the cache)
+            out = scaled_dot_product_attention(q.transpose(1, 2), z, z, shared,
                                                dropout_p=dropout_p, scale=self.scaling)
             out = out.transpose(1, 2)  # (B, 1, H, r + dr) -> (B, H, 1, r + dr)
         else:
@@ -189,6 +215,17 @@ class MultiHeadLatentAttention(nn.Module):
                                                is_causal=is_causal, scale=self.scaling)
         out = out[..., :self.kv_lora_rank]
         return torch.einsum("bhlr,hvr->bhlv", out, w_uv)
+
+    @property
+    def can_absorb(self) -> bool:
+        """Whether kv_b_proj's weight can be folded into the queries: a plain ``nn.Linear``
+        with a floating-point (H (dn + dv), r) weight. A wrapped or quantized projection
+        (LoRA, FP8, 4-bit) is only called as a module: the decompressed form."""
+        w = getattr(self.kv_b_proj, "weight", None)
+        return (type(self.kv_b_proj) is nn.Linear and isinstance(w, Tensor)
+                and w.is_floating_point() and w.dtype.itemsize >= 2
+                and tuple(w.shape) == (self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
+                                       self.kv_lora_rank))
 
     def prefers_absorbed(self, L: int, S: int) -> bool:
         """Whether the absorbed form costs fewer multiply-adds for L queries over S keys:
@@ -236,6 +273,13 @@ class MultiHeadLatentAttention(nn.Module):
         past = len(cache) if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + L, device=x.device)
+        elif not isinstance(positions, Tensor) or positions.is_floating_point() or not (
+                (positions.dim() == 1 and positions.shape[0] == L)
+                or (positions.dim() == 2 and positions.shape[1] == L
+                    and positions.shape[0] in (1, B))):
+            raise ValueError(f"positions must be integers ({L},) or ({B}, {L}) for x "
+                             f"{tuple(x.shape)}, got "
+                             f"{tuple(positions.shape) if isinstance(positions, Tensor) else positions!r}")
         q_nope, q_rope = self.queries(x, positions)
         z = self.latents(x, positions)
         if cache is not None:
@@ -244,7 +288,7 @@ class MultiHeadLatentAttention(nn.Module):
         if key_padding_mask is not None:
             attn_mask = with_key_padding(attn_mask, key_padding_mask, B, S)
         if absorb is None:
-            absorb = cache is not None and self.prefers_absorbed(L, S)
+            absorb = cache is not None and self.can_absorb and self.prefers_absorbed(L, S)
         attend = self.absorbed if absorb else self.decompressed
         out = attend(q_nope, q_rope, z, attn_mask, is_causal,
                      self.dropout if self.training else 0.0)

@@ -88,7 +88,9 @@ class AttnkitDeepseekV3Attention(MultiHeadLatentAttention):
         if position_ids is None:
             positions = torch.arange(past, past + L, device=hidden_states.device)
         else:
-            positions = position_ids[0] if position_ids.shape[0] == 1 else position_ids
+            positions = position_ids
+            if positions.dim() == 2 and positions.shape[0] == 1:
+                positions = positions[0]
         q_nope, q_rope = self.queries(hidden_states, positions)
         z = self.latents(hidden_states, positions)
         if self.rotary.interleaved:  # the scores only need q and k paired alike
@@ -101,7 +103,7 @@ class AttnkitDeepseekV3Attention(MultiHeadLatentAttention):
             z = torch.cat([c, k_rope], -1)
         S = z.shape[2]
         mask, causal = attention_mask_for(self, attention_mask, None, L, S)
-        absorbed = cache is not None and self.prefers_absorbed(L, S)
+        absorbed = cache is not None and self.can_absorb and self.prefers_absorbed(L, S)
         attend = self.absorbed if absorbed else self.decompressed
         out = attend(q_nope, q_rope, z, mask, causal, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), None
