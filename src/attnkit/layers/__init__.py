@@ -1,5 +1,7 @@
 """Attention layers (``nn.Module``s) built on :func:`attnkit.scaled_dot_product_attention`.
 
+* :class:`AdditiveAttention`, :class:`LuongAttention` - the score functions of RNN
+  encoder-decoders (Bahdanau's additive; Luong's dot, general, concat);
 * :class:`MultiHeadAttention` - MHA / GQA / MQA, self and cross, KV cache;
 * :class:`MultiHeadLatentAttention` - DeepSeek's MLA: low-rank latent K/V, compressed
   cache, absorbed decoding;
@@ -11,11 +13,12 @@ Nothing here imports transformers: adapters to its modules (building these layer
 them, their call conventions) live in :mod:`attnkit.integrations.hf`.
 """
 
+from .additive import AdditiveAttention, LuongAttention
 from .bigbird import BigBirdAttention
 from .longformer import LongformerAttention
 from .latent import MultiHeadLatentAttention
 from .multihead import MultiHeadAttention
 from .transformer_xl import TransformerXLAttention
 
-__all__ = ["MultiHeadAttention", "MultiHeadLatentAttention", "TransformerXLAttention", "LongformerAttention",
+__all__ = ["AdditiveAttention", "LuongAttention", "MultiHeadAttention", "MultiHeadLatentAttention", "TransformerXLAttention", "LongformerAttention",
            "BigBirdAttention"]

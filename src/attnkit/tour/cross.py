@@ -89,4 +89,4 @@ def section_self_cross(tour: Tour) -> None:
                 xlabel=tour.t("fig_key_enc"), ylabel=tour.t("fig_query_dec"), vmin=0, vmax=1,
                 cbar_label=tour.t("fig_weight"))
     fig.suptitle(tour.t("fig_cross_suptitle"))
-    tour.picture(fig, "03_self_cross.png")
+    tour.picture(fig, "04_self_cross.png")

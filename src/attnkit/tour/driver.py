@@ -1,4 +1,4 @@
-"""Run the whole tour: the seven sections in order, each with a numbered title."""
+"""Run the whole tour: the eight sections in order, each with a numbered title."""
 
 from __future__ import annotations
 
@@ -17,20 +17,21 @@ from .memory import MemoryProbe
 from .padding import section_padding
 from .positions import section_positions
 from .qkv import section_qkv
+from .seq2seq import section_seq2seq
 from .session import TEXT, Tour
 from .terminal import display_width, utf8_stdout
 from .why import section_why
 
 #: every picture the tour writes, by section
 PICTURES = [
-    "01_why_attention.png", "02_qkv_scores.png", "02_scaling.png", "03_self_cross.png",
-    "04_heads.png", "04_kv_cache.png", "05_padding.png", "06_t5_buckets.png",
-    "06_alibi.png", "06_rope.png", "06_transformer_xl.png", "07_sparse_masks.png",
-    "07_memory.png",
+    "01_why_attention.png", "02_seq2seq.png", "03_qkv_scores.png", "03_scaling.png", "04_self_cross.png",
+    "05_heads.png", "05_kv_cache.png", "06_padding.png", "07_t5_buckets.png",
+    "07_alibi.png", "07_rope.png", "07_transformer_xl.png", "08_sparse_masks.png",
+    "08_memory.png",
 ]
 
 #: (title key, section function), in the order they run
-SECTIONS = [("sec_why", section_why), ("sec_qkv", section_qkv),
+SECTIONS = [("sec_why", section_why), ("sec_seq2seq", section_seq2seq), ("sec_qkv", section_qkv),
             ("sec_cross", section_self_cross), ("sec_heads", section_heads),
             ("sec_padding", section_padding), ("sec_positions", section_positions),
             ("sec_long", section_long)]

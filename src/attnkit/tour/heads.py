@@ -125,7 +125,7 @@ def section_heads(tour: Tour) -> None:
                     vmax=1, digits=3, xlabel=tour.t("fig_key"), ylabel=tour.t("fig_query"),
                     cbar_label=tour.t("fig_weight"))
     fig.suptitle(tour.t("fig_heads_suptitle", E=E, H=H))
-    tour.picture(fig, "04_heads.png")
+    tour.picture(fig, "05_heads.png")
 
     fig = viz.new_figure(11, 4.4)
     a, b = fig.subplots(1, 2)
@@ -146,4 +146,4 @@ def section_heads(tour: Tour) -> None:
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=9)
         ax.grid(axis="y", alpha=0.3)
-    tour.picture(fig, "04_kv_cache.png")
+    tour.picture(fig, "05_kv_cache.png")

@@ -29,9 +29,9 @@ def section_long(tour: Tour) -> None:
     dense_row = [tour.t("long_dense"), "-", "100.0%", "100.0%", "100.0%"]
     print(table(tour.T["long_headers"], [dense_row] + rows))
     viz.plot_masks([(f"{name}\n{spec}", m) for name, spec, m in patterns], n,
-                   tour.out / "07_sparse_masks.png", lang=tour.lang,
+                   tour.out / "08_sparse_masks.png", lang=tour.lang,
                    suptitle=tour.t("fig_long_suptitle", n=n))
-    tour.pictures.append(tour.out / "07_sparse_masks.png")
+    tour.pictures.append(tour.out / "08_sparse_masks.png")
     print(f"  -> {tour.t('picture', path=tour.out / '07_sparse_masks.png')}", flush=True)
 
     tour.say("mem_intro", d=MEMORY_HEAD_DIM, w=MEMORY_WINDOW)
@@ -68,4 +68,4 @@ def section_long(tour: Tour) -> None:
     ax.set_title(tour.t("fig_mem_title", d=MEMORY_HEAD_DIM))
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    tour.picture(fig, "07_memory.png")
+    tour.picture(fig, "08_memory.png")

@@ -67,4 +67,4 @@ def section_padding(tour: Tour) -> None:
                 vmax=1, digits=2, xlabel=tour.t("fig_key"), ylabel=tour.t("fig_query"),
                 cbar_label=tour.t("fig_weight"))
     fig.suptitle(tour.t("fig_pad_suptitle"))
-    tour.picture(fig, "05_padding.png")
+    tour.picture(fig, "06_padding.png")

@@ -54,7 +54,7 @@ def section_positions(tour: Tour) -> None:
     viz.heatmap(b, grid_b.float(), title=tour.t("fig_t5_title2", L=L), cmap="viridis",
                 annotate=False, xlabel=tour.t("fig_key"), ylabel=tour.t("fig_query"),
                 cbar_label=tour.t("fig_t5_bucket"))
-    tour.picture(fig, "06_t5_buckets.png")
+    tour.picture(fig, "07_t5_buckets.png")
 
     # ALiBi
     s8, s12 = B.alibi_slopes(8), B.alibi_slopes(12)
@@ -75,7 +75,7 @@ def section_positions(tour: Tour) -> None:
                     annotate=False, cmap="magma", xlabel=tour.t("fig_key"),
                     ylabel=tour.t("fig_query"), cbar_label=tour.t("fig_bias"))
     fig.suptitle(tour.t("fig_alibi_suptitle"))
-    tour.picture(fig, "06_alibi.png")
+    tour.picture(fig, "07_alibi.png")
 
     # RoPE
     d, P = 8, 32
@@ -106,7 +106,7 @@ def section_positions(tour: Tour) -> None:
     b.set_ylabel(tour.t("fig_rope_score"))
     b.set_title(tour.t("fig_rope_title2"))
     b.grid(alpha=0.3)
-    tour.picture(fig, "06_rope.png")
+    tour.picture(fig, "07_rope.png")
     _transformer_xl(tour, g)
 
 
@@ -167,4 +167,4 @@ def _transformer_xl(tour: Tour, g) -> None:
                 xlabel=tour.t("fig_key"), ylabel=tour.t("fig_query"),
                 cbar_label=tour.t("fig_weight"))
     b.axvline(M - 0.5, color="#c44e52", lw=2)
-    tour.picture(fig, "06_transformer_xl.png")
+    tour.picture(fig, "07_transformer_xl.png")

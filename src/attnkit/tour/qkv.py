@@ -71,7 +71,7 @@ def section_qkv(tour: Tour) -> None:
     viz.heatmap(axes[2], w, tok, tok, title=tour.t("fig_weights_title"), vmin=0, vmax=1,
                 digits=3, cbar_label=tour.t("fig_weight"), **lab)
     fig.suptitle(tour.t("fig_qkv_suptitle"))
-    tour.picture(fig, "02_qkv_scores.png")
+    tour.picture(fig, "03_qkv_scores.png")
     _scaling(tour)
 
 
@@ -130,4 +130,4 @@ def _scaling(tour: Tour) -> None:
     b.set_title(tour.t("fig_scale_title2", n=keys))
     b.legend()
     b.grid(alpha=0.3)
-    tour.picture(fig, "02_scaling.png")
+    tour.picture(fig, "03_scaling.png")

@@ -18,6 +18,7 @@ EN = {
     "tokens": ["cat", "on", "tree"],
 
     "sec_why": "Why attention",
+    "sec_seq2seq": "Where attention came from: an RNN encoder-decoder, trained",
     "sec_qkv": "Q, K and V, from a three-word sentence",
     "sec_cross": "Self-attention and cross-attention",
     "sec_heads": "Multi-head, multi-query and grouped-query attention",
@@ -53,6 +54,54 @@ EN = {
     "fig_why_attn_layer": "one attention layer",
     "fig_why_grad": "‖∂ out_n / ∂ x₁‖",
     "fig_why_title2": "Influence of token 1 on position n",
+
+    # 1b -----------------------------------------------------------------------------
+    "s2s_intro":
+        "Where attention came from: RNN encoder-decoders for translation. Three of them are\n"
+        "trained now, on this machine, to reverse a sequence of letters ({v} different\n"
+        "letters, lengths {lo} to {hi}): a bidirectional GRU encoder, a GRU decoder of\n"
+        "{hidden} numbers, the same seed, batches and budget ({steps} Adam steps of {batch}\n"
+        "sentences) for each:\n"
+        "  no attention  the decoder gets one vector, the encoder's final state (Sutskever\n"
+        "                et al. 2014, Cho et al. 2014), and must carry the whole sentence in it;\n"
+        "  additive      every step scores every encoder state, v^T tanh(W_q s + W_k h_j)\n"
+        "                (Bahdanau et al. 2015: attnkit.layers.AdditiveAttention);\n"
+        "  general       the score is s^T W h_j (Luong et al. 2015: LuongAttention).\n"
+        "Exact match (every output letter right) on 200 held-out sentences per length:",
+    "s2s_variant": "decoder",
+    "s2s_bucket": "len {b}",
+    "s2s_loss": "final loss",
+    "s2s_time": "trained in",
+    "s2s_label_None": "no attention",
+    "s2s_label_additive": "additive",
+    "s2s_label_general": "general",
+    "s2s_falls":
+        "Without attention accuracy falls from {a0:.0%} on {b0} letters to {a1:.0%} on {b1}:\n"
+        "one vector of the decoder's width cannot hold a long sentence.",
+    "s2s_not_falls":
+        "Without attention accuracy goes from {a0:.0%} on {b0} letters to {a1:.0%} on {b1}:\n"
+        "with this seed the bottleneck does not show as a fall.",
+    "s2s_holds":
+        "With {name} attention it stays at {low:.0%} or more at every length ({last:.0%} on\n"
+        "{b1} letters, {gain:+.0f} points over no attention).",
+    "s2s_weak":
+        "With {name} attention the worst length reaches only {low:.0%} ({last:.0%} on {b1}\n"
+        "letters, {gain:+.0f} points over no attention).",
+    "s2s_result": "{plain}\n{attended}",
+    "s2s_alignment":
+        "The picture's right panel is the additive model's attention while it reverses one\n"
+        "held-out sentence of {n} letters: output step t puts {share:.0%} of its weight on the\n"
+        "source letter it is writing (n - t), where spreading evenly would give {uniform:.0%}.\n"
+        "Nobody told it where to look: the alignment is learned from the loss alone.",
+    "s2s_outro":
+        "Attention removed the one-vector bottleneck, and the Transformer (2017) then removed\n"
+        "the recurrence too: the rest of this tour is that attention, scaled dot-product.",
+    "fig_s2s_length": "source length (letters)",
+    "fig_s2s_accuracy": "exact-match accuracy",
+    "fig_s2s_title1": "Reversing sequences, {steps} training steps each",
+    "fig_s2s_title2": "Additive attention while reversing",
+    "fig_s2s_source": "source letter",
+    "fig_s2s_output": "output step",
 
     # 2 ------------------------------------------------------------------------------
     "qkv_embed":
