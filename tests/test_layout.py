@@ -9,7 +9,8 @@ import attnkit
 ROOT = pathlib.Path(attnkit.__file__).parent
 #: lowest first: a package may import only packages at or below its own rank
 ORDER = ["checks", "dtypes", "lang", "masks", "bias", "backends", "functional",
-         "positional", "cache", "layers", "distributed", "integrations", "bench", "viz",
+         "positional", "cache", "layers", "distributed", "seq2seq", "integrations", "bench",
+         "viz",
          "tour", "cli", "fonts"]
 RANK = {name: i for i, name in enumerate(ORDER)}
 

@@ -83,8 +83,11 @@ def test_languages_differ_and_chinese_is_chinese(runs):
 def test_every_picture_is_a_real_png(runs, lang):
     import matplotlib.image as mpimg
     folder = runs[lang]["dir"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(tour.PICTURES)
-    for name in tour.PICTURES:
+    names = [tour.picture_name(n, lang) for n in tour.PICTURES]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+    if lang == "zh":
+        assert names[0] == "01_why_attention.zh.png"  # no clash with an English run
+    for name in names:
         path = folder / name
         assert path.read_bytes()[:8] == PNG_MAGIC, name
         img = mpimg.imread(path)[..., :3]
@@ -327,3 +330,39 @@ def test_pictures_need_no_installed_cjk_font(monkeypatch, tmp_path, recwarn):
         viz.save(fig, tmp_path / "labels.png")
     assert viz.font_family()[:2] == [viz.SHIPPED_FAMILY, "DejaVu Sans"]
     assert not [w for w in recwarn if "missing from font" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- words follow numbers
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_why_sentences_follow_the_table(seed):
+    """Seed 7's summary cosine rises from n = 32 to 64: the text must not call the fall
+    steady there, and every figure it quotes is the table's."""
+    from attnkit.tour.session import Tour
+    from attnkit.tour.why import why_measurements, why_words
+    res = why_measurements(seed, d=64, trials=8)
+    summary = [r["summary_cos"] for r in res]
+    steady = all(b < a for a, b in zip(summary, summary[1:]))
+    for lang in ("en", "zh"):
+        text = why_words(Tour(lang, None, seed), res, 8)
+        assert (TEXT[lang]["why_summary_steady"].split("{")[0] in text) == steady
+        assert f"{summary[0]:.3f}" in text and f"{summary[-1]:.3f}" in text
+        assert f"{min(r['attn_cos'] for r in res):.3f}" in text
+        grads = [r["attn_grad"] for r in res]
+        assert f"{grads[0] / grads[-1]:.0f}" in text
+        assert (TEXT[lang]["why_not_every_step"].strip() in text) == (
+            not all(b < a for a, b in zip(grads, grads[1:])))
+    if seed == 7:
+        assert not steady  # the case the issue reported
+
+
+def test_memory_and_window_sentences_compare_what_they_claim(runs):
+    text = runs["en"]["stdout"]
+    m = re.search(r"puts (\d+)% of its weight on\s+the \d memory positions .*?, (more|less) "
+                  r"than the (\d+)% an even", text, re.S)
+    assert m and (m.group(2) == "more") == (int(m.group(1)) > int(m.group(3)))
+    saved = re.search(r"one call took ([\d.]+) ms with the window\s+against ([\d.]+) ms", text)
+    not_saved = re.search(r"did not save time in this run: ([\d.]+) ms against ([\d.]+) ms", text)
+    assert (saved is None) != (not_saved is None)
+    tw, tc = map(float, (saved or not_saved).groups())
+    assert (tw < tc) == (saved is not None)

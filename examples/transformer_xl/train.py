@@ -167,9 +167,14 @@ def main(argv=None):
           f"({with_mem / ln2:.3f} bits/char)")
     print(f"held-out loss without memory (M=0):  {without:.4f} nats/char "
           f"({without / ln2:.3f} bits/char)")
-    print(f"memory lowers the held-out loss by {without - with_mem:.4f} nats/char "
-          f"({100 * (without - with_mem) / without:.1f}%); at the first position of a "
-          f"segment: {pos_without[0]:.3f} without vs {pos_with[0]:.3f} with memory")
+    gain = without - with_mem
+    verb = "lowers" if gain > 0 else "raises" if gain < 0 else "does not change"
+    print(f"memory {verb} the held-out loss" + (f" by {abs(gain):.4f} nats/char "
+          f"({100 * abs(gain) / without:.1f}%)" if gain else "") + "; at the first position "
+          f"of a segment: {pos_without[0]:.3f} without vs {pos_with[0]:.3f} with memory")
+    if args.steps < 200:
+        print(f"({args.steps} steps are a quick look: too few for the model to learn to use "
+              f"its memory; the README's figures are from 300 steps)")
     plot(losses, pos_with, pos_without, with_mem, without, args)
     print(f"wrote {args.out}  ({time.time() - t0:.0f} s in all)")
     return with_mem, without

@@ -17,7 +17,9 @@ put a tanh between the query and key terms: every (query, key) pair needs its ow
 ``hidden_dim``-wide vector ``tanh(W_q q_i + W_k k_j)``, L * S * hidden_dim numbers that no
 matrix multiply produces, so they cannot use a fused dot-product kernel. Here they are
 computed for 256 queries at a time, so memory stays at 256 * S * hidden_dim numbers.
-These modules return the weights, so all of them form the (B, L, S) scores.
+These modules return the weights, so all of them form the (B, L, S) scores. Measured
+(benchmarks/additive_bench.py, one sentence of 2048 tokens, width 64, AMD EPYC 2 cores):
+additive 1538 ms, Luong general 11.8 ms, torch's fused SDPA 8.8 ms.
 
 Padding: ``key_padding_mask`` (B, S) marks padded source tokens with True (as
 ``nn.MultiheadAttention``); their scores become -inf before the softmax, so they get

@@ -16,6 +16,7 @@ Pictures are drawn with :mod:`attnkit.viz`.
 
 from ..lang import default_lang
 from .driver import PICTURES, SECTIONS, run
+from .session import picture_name
 from .heads import (LATENT_MODELS, REAL_MODELS, attention_params, kv_cache_bytes_per_token,
                     latent_attention_params, latent_cache_bytes_per_token)
 from .memory import MEMORY_LENGTHS, MemoryProbe, peak_allocated
@@ -26,5 +27,5 @@ from .text_en import EN
 from .text_zh import ZH
 from .why import why_measurements
 
-__all__ = ["run", "default_lang", "PICTURES", "SECTIONS", "qkv_example", "REAL_MODELS",
+__all__ = ["run", "default_lang", "PICTURES", "SECTIONS", "picture_name", "qkv_example", "REAL_MODELS",
            "LATENT_MODELS"]

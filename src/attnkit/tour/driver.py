@@ -22,7 +22,7 @@ from .session import TEXT, Tour
 from .terminal import display_width, utf8_stdout
 from .why import section_why
 
-#: every picture the tour writes, by section
+#: every picture the tour writes, by section (in English; see ``picture_name``)
 PICTURES = [
     "01_why_attention.png", "02_seq2seq.png", "03_qkv_scores.png", "03_scaling.png", "04_self_cross.png",
     "05_heads.png", "05_kv_cache.png", "06_padding.png", "07_t5_buckets.png",

@@ -1,11 +1,11 @@
-"""Section 7 of the tour: sparse patterns for long sequences, and how the peak memory
+"""Section 8 of the tour: sparse patterns for long sequences, and how the peak memory
 of dense and chunked attention grows with the length."""
 
 from __future__ import annotations
 
 from .. import masks, viz
-from .memory import MEMORY_HEAD_DIM, MEMORY_LENGTHS, MEMORY_WINDOW, MemoryProbe
-from .session import Tour
+from .memory import MEMORY_HEAD_DIM, MEMORY_LENGTHS, MEMORY_WINDOW, MemoryProbe, window_mask
+from .session import Tour, picture_name
 from .terminal import table
 
 
@@ -28,16 +28,16 @@ def section_long(tour: Tour) -> None:
         rows.append([name, spec] + [f"{x:.1%}" for x in dens])
     dense_row = [tour.t("long_dense"), "-", "100.0%", "100.0%", "100.0%"]
     print(table(tour.T["long_headers"], [dense_row] + rows))
-    viz.plot_masks([(f"{name}\n{spec}", m) for name, spec, m in patterns], n,
-                   tour.out / "08_sparse_masks.png", lang=tour.lang,
-                   suptitle=tour.t("fig_long_suptitle", n=n))
-    tour.pictures.append(tour.out / "08_sparse_masks.png")
-    print(f"  -> {tour.t('picture', path=tour.out / '07_sparse_masks.png')}", flush=True)
+    path = tour.out / picture_name("08_sparse_masks.png", tour.lang)
+    viz.plot_masks([(f"{name}\n{spec}", m) for name, spec, m in patterns], n, path,
+                   lang=tour.lang, suptitle=tour.t("fig_long_suptitle", n=n))
+    tour.pictures.append(path)
+    print(f"  -> {tour.t('picture', path=path)}", flush=True)
 
     tour.say("mem_intro", d=MEMORY_HEAD_DIM, w=MEMORY_WINDOW)
     print(f"  {tour.t('mem_running')}", flush=True)
     mem = (tour.memory or MemoryProbe()).result()
-    mib = {k: [x / 2 ** 20 for x in v] for k, v in mem.items()}
+    mib = {k: [x / 2 ** 20 for x in v] for k, v in mem.items() if k != "seconds"}
     rows = [[L, f"{mib['dense'][i]:.1f}", f"{mib['chunked_causal'][i]:.1f}",
              f"{mib['chunked_window'][i]:.1f}",
              f"{mem['dense'][i] / max(mem['chunked_window'][i], 1):.0f}x"]
@@ -45,7 +45,14 @@ def section_long(tour: Tour) -> None:
     print(table(tour.T["mem_headers"], rows))
     growth = mem["dense"][-1] / mem["dense"][-2]
     growth_c = mem["chunked_window"][-1] / max(mem["chunked_window"][-2], 1)
+    ms = {k: v[-1] * 1e3 for k, v in mem["seconds"].items()}
+    Lmax = MEMORY_LENGTHS[-1]
+    share = float(window_mask().materialize(Lmax, Lmax).sum()) / (Lmax * (Lmax + 1) / 2)
     tour.say("mem_outro", g=growth, gc=growth_c)
+    tour.say("mem_time_saved" if ms["chunked_window"] < ms["chunked_causal"] else
+             "mem_time_not_saved", L=MEMORY_LENGTHS[-1], tw=ms["chunked_window"],
+             tc=ms["chunked_causal"], td=ms["dense"], r=ms["chunked_causal"] / ms["chunked_window"],
+             f=share)
 
     fig = viz.new_figure(7.5, 4.8)
     ax = fig.subplots()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -15,6 +16,11 @@ from ..bench.measurement import peak_live_bytes
 MEMORY_LENGTHS = [512, 1024, 2048, 4096]
 MEMORY_HEAD_DIM = 64
 MEMORY_WINDOW = 128
+
+
+def window_mask(window: int = MEMORY_WINDOW) -> masks.Mask:
+    """The sparse pattern measured: a window of +-``window`` and global token 0."""
+    return masks.sliding_window(window) | masks.global_tokens([0])
 
 
 def peak_allocated(fn) -> int:
@@ -31,17 +37,24 @@ def memory_child() -> None:
     lengths, d, w = json.loads(sys.argv[1])
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    sparse = masks.sliding_window(w) | masks.global_tokens([0])
+    sparse = window_mask(w)
     cases = {"dense": dict(attn_mask=sparse, backend="reference"),
              "chunked_causal": dict(is_causal=True, backend="chunked"),
              "chunked_window": dict(attn_mask=sparse, backend="chunked")}
-    res = {}
+    res, seconds = {}, {}
     for L in lengths:
         q, k, v = (torch.randn(1, 1, L, d) for _ in range(3))
         for name, kw in cases.items():
             scaled_dot_product_attention(q[..., :64, :], k[..., :64, :], v[..., :64, :], **kw)
             res.setdefault(name, []).append(
                 peak_allocated(lambda: scaled_dot_product_attention(q, k, v, **kw)))
+            times = []
+            for _ in range(3):  # the median of three calls, after the measured one
+                t0 = time.perf_counter()
+                scaled_dot_product_attention(q, k, v, **kw)
+                times.append(time.perf_counter() - t0)
+            seconds.setdefault(name, []).append(sorted(times)[1])
+    res["seconds"] = seconds
     print(json.dumps(res))
 
 
@@ -56,8 +69,9 @@ class MemoryProbe:
             [sys.executable, "-c", code, json.dumps([list(lengths), head_dim, window])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def result(self, timeout: float = 300) -> dict[str, list[int]]:
-        """Wait for the measurement: {case: [peak bytes per length]}."""
+    def result(self, timeout: float = 300) -> dict:
+        """Wait for the measurement: {case: [peak bytes per length], "seconds": {case:
+        [median seconds of one call per length]}}."""
         out, err = self.proc.communicate(timeout=timeout)
         if self.proc.returncode != 0:
             raise RuntimeError(f"memory measurement failed: {err.strip()[-500:]}")

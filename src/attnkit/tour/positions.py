@@ -70,9 +70,10 @@ def section_positions(tour: Tour) -> None:
                                                          float("nan"))
     fig = viz.new_figure(13.5, 4.3)
     axes = fig.subplots(1, 3)
+    lowest = float(full[[0, 3, 7]].nan_to_num(0.0).min())  # one colour scale for all heads
     for ax, h in zip(axes, (0, 3, 7)):
         viz.heatmap(ax, full[h], title=tour.t("fig_alibi_head", h=h + 1, s=float(s8[h])),
-                    annotate=False, cmap="magma", xlabel=tour.t("fig_key"),
+                    annotate=False, cmap="magma", vmin=lowest, vmax=0.0, xlabel=tour.t("fig_key"),
                     ylabel=tour.t("fig_query"), cbar_label=tour.t("fig_bias"))
     fig.suptitle(tour.t("fig_alibi_suptitle"))
     tour.picture(fig, "07_alibi.png")
@@ -95,6 +96,8 @@ def section_positions(tour: Tour) -> None:
     ones = torch.ones(1, 1, 256, 64)
     r1, r2 = RotaryEmbedding(64).rope(ones, ones, torch.arange(256))
     decay = (r1[0, 0, :1] @ r2[0, 0].T)[0] / 64                       # q at 0, k at n
+    tour.say("rope_decay", d16=float(decay[16]), d64=float(decay[64]), d255=float(decay[255]),
+             low=float(decay.min()), at=int(decay.argmin()))
 
     fig = viz.new_figure(11.5, 4.4)
     a, b = fig.subplots(1, 2)
@@ -154,7 +157,10 @@ def _transformer_xl(tour: Tour, g) -> None:
             for jj in range(S)]
     print(table(tour.T["txl_headers"], rows))
     tour.say("txl_check", e=float((y_ref - y[0]).abs().max()))
-    tour.say("txl_memory", w=float(weights[0, :M].sum()), M=M)
+    seen = int(allowed[0].sum())  # the keys x0 may attend to: the memory and itself
+    w_mem, even = float(weights[0, :M].sum()), M / seen
+    tour.say("txl_memory", w=w_mem, M=M, n=seen, u=even,
+             cmp=tour.t("txl_more" if w_mem > even else "txl_less"))
 
     fig = viz.new_figure(11.5, 4.2)
     a, b = fig.subplots(1, 2)

@@ -115,6 +115,9 @@ def _scaling(tour: Tour) -> None:
     a.plot(dims, dims, "k:", lw=1, label="d_k")
     a.set_xscale("log", base=2)
     a.set_yscale("log", base=2)
+    a.set_xticks(dims, [str(x) for x in dims])  # plain numbers, as in the table
+    from matplotlib.ticker import FuncFormatter
+    a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     a.set_xlabel("d_k")
     a.set_ylabel(tour.t("fig_variance"))
     a.set_title(tour.t("fig_scale_title1"))
@@ -124,6 +127,7 @@ def _scaling(tour: Tour) -> None:
     b.plot(dims, [r["entropy_scaled"] for r in res], "s-", label=tour.t("fig_scaled"))
     b.axhline(math.log(keys), color="k", ls=":", lw=1, label=tour.t("fig_uniform", n=keys))
     b.set_xscale("log", base=2)
+    b.set_xticks(dims, [str(x) for x in dims])
     b.set_ylim(0, math.log(keys) * 1.1)
     b.set_xlabel("d_k")
     b.set_ylabel(tour.t("fig_entropy"))

@@ -18,6 +18,12 @@ from .text_zh import ZH
 TEXT = {"en": EN, "zh": ZH}
 
 
+def picture_name(name: str, lang: str) -> str:
+    """The file a picture is written to: ``name`` in English, ``01_x.zh.png`` in another
+    language, so that runs in two languages into one folder keep both sets."""
+    return name if lang == "en" else name.replace(".png", f".{lang}.png")
+
+
 class Tour:
     """Shared state of one run: language, output folder, seed, pictures written."""
 
@@ -46,7 +52,7 @@ class Tour:
 
     def picture(self, fig, name: str) -> None:
         """Save ``fig`` as ``name`` in the output folder and say where it went."""
-        path = viz.save(fig, self.out / name)
+        path = viz.save(fig, self.out / picture_name(name, self.lang))
         self.pictures.append(path)
         print(f"  -> {self.t('picture', path=path)}", flush=True)
 

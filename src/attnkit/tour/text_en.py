@@ -41,11 +41,30 @@ EN = {
         "and for one attention layer.",
     "why_headers": ["n", "summary cos", "attention cos", "weight on x_1",
                     "RNN |dh_n/dx_1|", "attention |dy_n/dx_1|"],
-    "why_outro":
-        "The mean keeps less and less of token 1 (about 1/sqrt(n)); attention still finds it.\n"
-        "In the RNN the signal from token 1 crosses n-1 nonlinear steps and fades\n"
-        "geometrically; in attention every token is one step from every other, so long-range\n"
-        "dependencies need no recurrence, and all positions are computed in parallel.",
+    "why_summary_steady":
+        "The mean keeps less of token 1 at every length: its cosine falls from {s0:.3f}\n"
+        "(n = {n0}) to {s1:.3f} (n = {n1}), near 1/sqrt(n) ({e0:.3f} to {e1:.3f}).",
+    "why_summary_noisy":
+        "The mean keeps less of token 1 as n grows, {s0:.3f} at n = {n0} against {s1:.3f}\n"
+        "at n = {n1} (1/sqrt(n): {e0:.3f} to {e1:.3f}), though not at every step: with\n"
+        "{trials} random sentences per length the cosine is noisy (n = {na}: {sa:.3f},\n"
+        "n = {nb}: {sb:.3f}).",
+    "why_summary_flat":
+        "Here the mean's cosine with token 1 does not fall ({s0:.3f} at n = {n0}, {s1:.3f}\n"
+        "at n = {n1}); 1/sqrt(n) would go from {e0:.3f} to {e1:.3f}.",
+    "why_attn_keeps":
+        "Attention still finds token 1: its output keeps a cosine of at least {low:.3f}.",
+    "why_rnn":
+        "In the RNN, |dh_n/dx_1| falls {f:.1e}-fold from n = {n0} to n = {n1}: the signal\n"
+        "from token 1 crosses n - 1 steps, each multiplying it by W and by tanh' < 1, so\n"
+        "it fades geometrically.",
+    "why_attn_grad":
+        "Attention's |dy_n/dx_1| falls too, {f:.0f}-fold, but for another reason:\n"
+        "position n's query spreads its softmax over n keys, so token 1 gets about 1/n of\n"
+        "the weight, and 1/n falls {nf:.0f}-fold from n = {n0} to n = {n1}. That fall is\n"
+        "polynomial, not geometric: every token stays one step from every other, so\n"
+        "long-range dependencies need no recurrence, and all positions run in parallel.{steady}",
+    "why_not_every_step": "\n(Its fall is not steady: each length draws new random sentences.)",
     "fig_why_summary": "fixed-size summary (mean)",
     "fig_why_attn": "attention, q = x₁",
     "fig_why_n": "sequence length n",
@@ -300,6 +319,12 @@ EN = {
     "rope_outro":
         "Equal offsets, equal scores: along every diagonal of the {P} x {P} score matrix the\n"
         "largest spread is {e:.1e}; different offsets give different scores.",
+    "rope_decay":
+        "The picture's right panel: q = k = all ones (d = 64), so the score after RoPE is\n"
+        "the mean of cos(n theta_k) over the 32 frequencies: 1 at distance 0, {d16:.2f} at\n"
+        "16, {d64:.2f} at 64, {d255:.2f} at 255 (lowest {low:.2f}, at {at}). Rotation alone\n"
+        "makes far tokens score lower for such a pair, with ripples (RoFormer's long-range\n"
+        "decay); learned q and k can still score far tokens high.",
     "fig_rope_title1": "q_m · k_n after RoPE (d = {d}): constant along diagonals",
     "fig_key_pos_n": "key position n",
     "fig_query_pos_m": "query position m",
@@ -313,14 +338,19 @@ EN = {
         "the {M} memory positions, causally. Positions are relative, and the score splits into\n"
         "four terms (R: sinusoidal encoding of the distance i - j; u, v: learned biases):\n"
         "  (a) q.k content   (b) q.W_r R content-position   (c) u.k global content\n"
-        "  (d) v.W_r R global position.   For the first query of segment 2 (x0):",
+        "  (d) v.W_r R global position.\n"
+        "For the first query of segment 2 (x0):",
     "txl_headers": ["key", "(a)", "(b)", "(c)", "(d)", "sum/sqrt(d)", "weight"],
     "txl_check":
         "Softmax of these four terms, times V and o_net, reproduces\n"
         "attnkit.layers.TransformerXLAttention(x, mems): max |diff| = {e:.1e}",
     "txl_memory":
-        "Memory extends the context: the first token of segment 2 puts {w:.0%} of its\n"
-        "weight on the {M} memory positions (m0..m3, the previous segment).",
+        "Memory extends the context: without it, x0 (the first token of segment 2) could\n"
+        "attend only to itself. With it, x0 sees {n} keys and puts {w:.0%} of its weight on\n"
+        "the {M} memory positions (m0..m3, the previous segment), {cmp} the {u:.0%} an even\n"
+        "spread over those {n} keys would give them.",
+    "txl_more": "more than",
+    "txl_less": "less than",
     "fig_txl_mask": "causal with memory: {L} queries, {M} memory + {L} keys",
     "fig_txl_weights": "Transformer-XL weights, segment 2",
 
@@ -348,8 +378,17 @@ EN = {
                     "dense / window"],
     "mem_outro":
         "Dense memory grows about {g:.1f}x each time L doubles (L^2 scores); chunked grows\n"
-        "about {gc:.1f}x (only O(L) outputs and statistics). The window also saves time: the\n"
+        "about {gc:.1f}x (only O(L) outputs and statistics).",
+    "mem_time_saved":
+        "The window also saves time: at L = {L} one call took {tw:.1f} ms with the window\n"
+        "against {tc:.1f} ms for full causal attention ({r:.1f}x) and {td:.1f} ms dense: the\n"
         "tiled engine skips the tiles the mask rules out.",
+    "mem_time_not_saved":
+        "At L = {L} the window did not save time in this run: {tw:.1f} ms against {tc:.1f} ms\n"
+        "for full causal attention ({td:.1f} ms dense). It allows {f:.0%} of the entries\n"
+        "causal attention computes, but spread over many small tiles along the diagonal,\n"
+        "which torch's fused kernel runs at a much lower rate per entry than causal's\n"
+        "large ones.",
     "fig_mem_dense": "dense (materialised scores)",
     "fig_mem_chunked_causal": "chunked, causal",
     "fig_mem_chunked_window": "chunked, sliding window",

@@ -67,6 +67,34 @@ def why_measurements(seed: int, lengths=(4, 8, 16, 32, 64), d: int = 64, d_rnn: 
     return res
 
 
+def _falls_every_step(xs) -> bool:
+    return all(b < a for a, b in zip(xs, xs[1:]))
+
+
+def why_words(tour: Tour, res: list[dict], trials: int) -> str:
+    """The section's conclusions, each computed from the table: a trend is called steady
+    only when every step of it is, and a fall is stated with its own size."""
+    first, last = res[0], res[-1]
+    n0, n1 = first["n"], last["n"]
+    summary = [r["summary_cos"] for r in res]
+    kw = dict(n0=n0, n1=n1, s0=summary[0], s1=summary[-1], e0=n0 ** -0.5, e1=n1 ** -0.5)
+    if _falls_every_step(summary):
+        lines = [tour.t("why_summary_steady", **kw)]
+    elif summary[-1] < summary[0]:
+        up = next(i for i in range(1, len(res)) if summary[i] >= summary[i - 1])
+        lines = [tour.t("why_summary_noisy", trials=trials, na=res[up - 1]["n"],
+                        sa=summary[up - 1], nb=res[up]["n"], sb=summary[up], **kw)]
+    else:
+        lines = [tour.t("why_summary_flat", **kw)]
+    lines.append(tour.t("why_attn_keeps", low=min(r["attn_cos"] for r in res)))
+    lines.append(tour.t("why_rnn", n0=n0, n1=n1, f=first["rnn_grad"] / last["rnn_grad"]))
+    grads = [r["attn_grad"] for r in res]
+    steady = "" if _falls_every_step(grads) else tour.t("why_not_every_step")
+    lines.append(tour.t("why_attn_grad", f=grads[0] / grads[-1], steady=steady,
+                        nf=n1 / n0, n0=n0, n1=n1))
+    return "\n".join("  " + line for text in lines for line in text.split("\n"))
+
+
 def section_why(tour: Tour) -> None:
     """Print and plot what a summary, an RNN and attention keep of token 1."""
     d, trials = 64, 8
@@ -75,7 +103,7 @@ def section_why(tour: Tour) -> None:
     rows = [[r["n"], f"{r['summary_cos']:.3f}", f"{r['attn_cos']:.3f}", f"{r['weight']:.3f}",
              f"{r['rnn_grad']:.1e}", f"{r['attn_grad']:.1e}"] for r in res]
     tour.show(table(tour.T["why_headers"], rows))
-    tour.say("why_outro")
+    tour.show(why_words(tour, res, trials))
     lengths = [r["n"] for r in res]
     series = {"summary": [r["summary_cos"] for r in res], "attn": [r["attn_cos"] for r in res],
               "rnn": [r["rnn_grad"] for r in res], "attn_grad": [r["attn_grad"] for r in res]}
@@ -85,6 +113,7 @@ def section_why(tour: Tour) -> None:
     a.plot(lengths, series["summary"], "o-", label=tour.t("fig_why_summary"))
     a.plot(lengths, series["attn"], "s-", label=tour.t("fig_why_attn"))
     a.set_xscale("log", base=2)
+    a.set_xticks(lengths, [str(n) for n in lengths])  # 4, 8, ... as the table says
     a.set_ylim(0, 1.05)
     a.set_xlabel(tour.t("fig_why_n"))
     a.set_ylabel(tour.t("fig_why_cos"))
@@ -94,6 +123,7 @@ def section_why(tour: Tour) -> None:
     b.plot(lengths, series["rnn"], "o-", label="RNN")
     b.plot(lengths, series["attn_grad"], "s-", label=tour.t("fig_why_attn_layer"))
     b.set_xscale("log", base=2)
+    b.set_xticks(lengths, [str(n) for n in lengths])
     b.set_yscale("log")
     b.set_xlabel(tour.t("fig_why_n"))
     b.set_ylabel(tour.t("fig_why_grad"))

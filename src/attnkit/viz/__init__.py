@@ -40,7 +40,7 @@ LABELS = {
            "masked": "masked", "density": "{p:.0%} of entries allowed",
            "batch": "batch {b}", "head": "head {h}", "shown": "(first {n} of {total} panels)"},
     "zh": {"query": "查询位置 i", "key": "键位置 j", "allowed": "可以关注", "masked": "被屏蔽",
-           "density": "放行 {p:.0%} 的位置", "batch": "第 {b} 条样本", "head": "第 {h} 个头",
+           "density": "保留 {p:.0%} 的位置", "batch": "第 {b} 条样本", "head": "第 {h} 个头",
            "shown": "（只画前 {n} 个，共 {total} 个）"},
 }
 
