@@ -169,6 +169,13 @@ def test_a_translation_invariant_term_reaches_the_kernel_as_a_hankel_view(dtype,
     assert all(s in ((1, 1), None) for _, shape, s, _ in seen if shape and shape[-2] > 1)
 
 
+def native_half(monkeypatch) -> None:
+    """Run half precision natively, as where this CPU multiplies it fast (an AMX Xeon):
+    otherwise the functional call hands the engine float32 copies (an AMD EPYC)."""
+    from attnkit import dtypes
+    monkeypatch.setattr(dtypes, "half_matmul_is_fast", lambda dtype: True)
+
+
 def test_the_causal_diagonal_runs_on_the_kernels_own_causal_flag(monkeypatch):
     """In half precision the square tiles on a causal diagonal skip their upper triangle
     (the kernel's causal flag, no mask); with ALiBi they carry a per-key bias (1 row) and
@@ -176,6 +183,7 @@ def test_the_causal_diagonal_runs_on_the_kernels_own_causal_flag(monkeypatch):
     accuracy rule."""
     from attnkit.backends.chunked import attention
     monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": dtype)
+    native_half(monkeypatch)  # as on a CPU with fast half products, whatever this one is
     seen = _record_fused_calls(monkeypatch)
     n = 2048  # tall tiles: the second is a full block and a square on the diagonal
     q, k, v, dout = _inputs(Hq=2, Hkv=2, L=n, S=n)
@@ -206,6 +214,7 @@ def test_half_precision_tiles_are_tall_where_half_products_are_fast(monkeypatch)
     from attnkit.backends.chunked import BLOCK_Q, attention
     from attnkit.backends.chunked.plan import BLOCK_Q_HALF
     monkeypatch.setattr(attention, "matmul_dtype", lambda dtype, device="cpu": dtype)
+    native_half(monkeypatch)  # as on a CPU with fast half products, whatever this one is
     seen = _record_fused_calls(monkeypatch)
     n = 2 * BLOCK_Q_HALF
     q, k, v, _ = _inputs(Hq=2, Hkv=2, L=n, S=n)
@@ -243,6 +252,7 @@ def test_softcap_inference_on_half_products_within_the_rule(dtype, cap, monkeypa
     and L != S, with scores large enough that the cap bites."""
     from attnkit.backends.chunked import attention as engine, kernels
     monkeypatch.setattr(engine, "matmul_dtype", lambda dtype, device="cpu": dtype)
+    native_half(monkeypatch)  # as on a CPU with fast half products, whatever this one is
     calls = []
     real = kernels.segment_forward
     monkeypatch.setattr(kernels, "segment_forward",

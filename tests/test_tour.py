@@ -366,3 +366,28 @@ def test_memory_and_window_sentences_compare_what_they_claim(runs):
     assert (saved is None) != (not_saved is None)
     tw, tc = map(float, (saved or not_saved).groups())
     assert (tw < tc) == (saved is not None)
+
+
+def test_cross_attention_sentences_follow_the_weights():
+    """Seed 7 put 0.81 of 在's weight on "is": the text must then not say it splits."""
+    from attnkit.tour.cross import EN_SENT, ZH_SENT, cross_words
+    from attnkit.tour.session import Tour
+    en_tour = Tour("en", None, 0)
+    # decoder 猫 在 树上 over the cat is on the tree
+    split = torch.tensor([[.05, .8, .05, .05, .0, .05], [.05, .05, .4, .4, .05, .05],
+                          [.02, .03, .05, .05, .05, .8]])
+    text = cross_words(en_tour, split, EN_SENT, ZH_SENT)
+    assert "All 3 decoder words" in text and "splits its weight" in text
+    assert 'more than 0.05 on "the"' in text
+    one = split.clone()
+    one[1] = torch.tensor([.02, .05, .81, .08, .02, .02])
+    text = cross_words(en_tour, one, EN_SENT, ZH_SENT)
+    assert "does not split" in text and "0.81" in text
+    lost = split.clone()
+    lost[0] = torch.tensor([.7, .1, .05, .05, .05, .05])   # 猫 looks at "the"
+    assert '2 of the 3' in cross_words(en_tour, lost, EN_SENT, ZH_SENT)
+    # the other way (zh run): English words over 猫 在 树上
+    w = torch.tensor([[.4, .3, .3], [.9, .05, .05], [.1, .8, .1], [.1, .7, .2], [.3, .4, .3],
+                      [.05, .05, .9]])
+    text = cross_words(Tour("zh", None, 0), w, ZH_SENT, EN_SENT)
+    assert "0.40" in text and "权重比较分散" in text and "0.80" in text

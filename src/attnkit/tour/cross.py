@@ -31,6 +31,43 @@ def _translation_pair(g, E: int):
     return zh, en
 
 
+def cross_words(tour: Tour, w, src_tok, tgt_tok) -> str:
+    """What the cross-attention weights w (decoder words x source words) show, computed:
+    which decoder words find their counterpart, how 在 shares its weight between "is"
+    and "on", and how much the words without a counterpart ("the") draw or give."""
+    zh_decodes = tgt_tok == ZH_SENT
+    # counterpart[i]: the source positions that mean what decoder word i means
+    if zh_decodes:
+        counterpart = [[j for j, m in enumerate(EN_MEANS) if m == i] for i in range(len(ZH_SENT))]
+    else:
+        counterpart = [[m] if m >= 0 else [] for m in EN_MEANS]
+    best = w.argmax(-1)
+    has = [i for i, c in enumerate(counterpart) if c]
+    found = [i for i in has if int(best[i]) in counterpart[i]]
+    lines = []
+    if len(found) == len(has):
+        lines.append(tour.t("cross_all_found", n=len(has)))
+    else:
+        miss = next(i for i in has if i not in found)
+        lines.append(tour.t("cross_some_found", k=len(found), n=len(has), word=tgt_tok[miss],
+                            got=src_tok[int(best[miss])], w=float(w[miss, best[miss]])))
+    if zh_decodes:  # 在 (row 1) over "is" (2) and "on" (3)
+        a, b = float(w[1, 2]), float(w[1, 3])
+        lines.append(tour.t("cross_zai_split" if min(a, b) >= 0.25 else "cross_zai_one",
+                            a=a, b=b))
+        the = [j for j, m in enumerate(EN_MEANS) if m < 0]
+        lines.append(tour.t("cross_the_source", m=float(w[:, the].max())))
+    else:  # "is" (2) and "on" (3) over 在 (1); "the" rows have no counterpart
+        lines.append(tour.t("cross_is_on", a=float(w[2, 1]), b=float(w[3, 1])))
+        the = [i for i, m in enumerate(EN_MEANS) if m < 0]
+        top_the = max(float(w[i].max()) for i in the)
+        top_real = min(float(w[i].max()) for i in has)
+        lines.append(tour.t("cross_the_spread" if top_the < top_real else "cross_the_sharp",
+                            m=top_the, r=top_real))
+    lines.append(tour.t("cross_outro"))
+    return "\n".join("  " + line for text in lines for line in text.split("\n"))
+
+
 def section_self_cross(tour: Tour) -> None:
     """Compare encoder, decoder and cross-attention weights of a tiny translation model."""
     g = tour.gen(3)
@@ -74,7 +111,7 @@ def section_self_cross(tour: Tour) -> None:
         print(f"    {pad(tokn, 6, right=False)} -> {src_tok[int(best.indices[i])]} "
               f"({float(best.values[i]):.2f})")
     tour.say("cross_same", e=float((y - y_ref).abs().max()))
-    tour.say("cross_outro")
+    tour.show(cross_words(tour, w_cross[0, 0], src_tok, tgt_tok))
 
     fig = viz.new_figure(15, 4.6)
     axes = fig.subplots(1, 3, width_ratios=[S, L, S + 1])

@@ -162,15 +162,16 @@ def _transformer_xl(tour: Tour, g) -> None:
     tour.say("txl_memory", w=w_mem, M=M, n=seen, u=even,
              cmp=tour.t("txl_more" if w_mem > even else "txl_less"))
 
-    fig = viz.new_figure(11.5, 4.2)
+    fig = viz.new_figure(12, 4.6)
     a, b = fig.subplots(1, 2)
     viz.mask_panel(a, allowed, tour.t("fig_txl_mask", L=L, M=M), tour.lang, show_density=False)
+    a.set_aspect("auto")  # as tall as the weights beside it
     a.axvline(M - 0.5, color="#c44e52", lw=2)
     a.set_xticks(range(S), labels=keys)
     a.set_yticks(range(L), labels=[f"x{t}" for t in range(L)])
     viz.heatmap(b, weights.masked_fill(~allowed, float("nan")), [f"x{t}" for t in range(L)],
                 keys, title=tour.t("fig_txl_weights"), vmin=0, vmax=1, digits=2,
                 xlabel=tour.t("fig_key"), ylabel=tour.t("fig_query"),
-                cbar_label=tour.t("fig_weight"))
+                cbar_label=tour.t("fig_weight"), cell_fontsize=10)
     b.axvline(M - 0.5, color="#c44e52", lw=2)
     tour.picture(fig, "07_transformer_xl.png")

@@ -193,10 +193,23 @@ EN = {
         "All three are the same attnkit.MultiHeadAttention class; only the inputs differ.\n"
         "The cross-attention layer's output equals scaled_dot_product_attention on the\n"
         "projected decoder queries and encoder keys/values: max |diff| = {e:.1e}",
-    "cross_outro":
-        "Each Chinese word puts its weight on its English counterpart (在 splits it between\n"
-        "\"is\" and \"on\"), and no decoder word asks for \"the\", which has no counterpart:\n"
-        "cross-attention is a soft, learned alignment between the two sentences.",
+    "cross_all_found":
+        "All {n} decoder words with a counterpart put most of their weight on it.",
+    "cross_some_found":
+        "{k} of the {n} decoder words with a counterpart put most of their weight on it;\n"
+        "\"{word}\" puts most on \"{got}\" ({w:.2f}).",
+    "cross_zai_split": "在 splits its weight between \"is\" ({a:.2f}) and \"on\" ({b:.2f}).",
+    "cross_zai_one": "在 means \"is on\", yet does not split its weight: {a:.2f} on \"is\", {b:.2f} on \"on\".",
+    "cross_the_source":
+        "No decoder word puts more than {m:.2f} on \"the\", which has no counterpart.",
+    "cross_is_on": "\"is\" puts {a:.2f} and \"on\" {b:.2f} on 在, which means both.",
+    "cross_the_spread":
+        "\"the\" has no counterpart: its largest weight is {m:.2f}, below the {r:.2f} that\n"
+        "every word with a counterpart gives its own.",
+    "cross_the_sharp":
+        "\"the\" has no counterpart, yet one of its weights reaches {m:.2f} (words with a\n"
+        "counterpart give theirs at least {r:.2f}).",
+    "cross_outro": "Cross-attention is a soft, learned alignment between the two sentences.",
     "fig_enc_self": "encoder self-attention",
     "fig_dec_self": "decoder self-attention (causal)",
     "fig_cross": "cross-attention",

@@ -31,11 +31,12 @@ def heatmap(ax, matrix: Tensor, row_labels: Sequence[str] | None = None,
             col_labels: Sequence[str] | None = None, *, title: str = "", xlabel: str = "",
             ylabel: str = "", cmap: str = WEIGHTS_CMAP, vmin=None, vmax=None,
             annotate: bool | None = None, digits: int = 2, cbar_label: str = "",
-            signed: bool = False):
+            signed: bool = False, cell_fontsize: float | None = None):
     """Draw a 2-D matrix on ``ax`` with labels, optional cell values and a colour bar.
 
     ``-inf`` entries (masked scores) are drawn as hatched grey cells labelled ``-∞``.
-    ``signed=True`` centres a diverging colour map on 0.
+    ``signed=True`` centres a diverging colour map on 0. ``cell_fontsize``: the size of
+    the cell values (default 9, or 7 past 6 rows or columns).
     """
     import numpy as np
     m = matrix.detach().double().cpu().numpy()
@@ -65,7 +66,8 @@ def heatmap(ax, matrix: Tensor, row_labels: Sequence[str] | None = None,
                 else:
                     color = "#555555"
                 ax.text(j, i, _fmt_cell(float(x), digits), ha="center", va="center",
-                        fontsize=9 if max(rows, cols) <= 6 else 7, color=color)
+                        fontsize=cell_fontsize or (9 if max(rows, cols) <= 6 else 7),
+                        color=color)
     if row_labels is not None:
         ax.set_yticks(range(rows), labels=list(row_labels))
     if col_labels is not None:

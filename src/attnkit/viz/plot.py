@@ -55,7 +55,9 @@ def plot_masks(items: Sequence[tuple[str, M.Mask]], length: int, out, *, lang: s
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     t = LABELS[lang]
-    cb = fig.colorbar(im, ax=axes, ticks=[0.25, 0.75], shrink=0.6, aspect=25)
+    # beside the last column, not at the edge of the figure's grid: square panels leave
+    # room to their right that would otherwise open a gap before the colour bar
+    cb = fig.colorbar(im, ax=list(axes[:, -1]), ticks=[0.25, 0.75], shrink=0.6, aspect=25)
     cb.ax.set_yticklabels([t["masked"], t["allowed"]])
     cb.ax.tick_params(length=0)
     if suptitle:
