@@ -391,3 +391,14 @@ def test_cross_attention_sentences_follow_the_weights():
                       [.05, .05, .9]])
     text = cross_words(Tour("zh", None, 0), w, ZH_SENT, EN_SENT)
     assert "0.40" in text and "权重比较分散" in text and "0.80" in text
+
+
+def test_scaling_sentences_quote_the_table(runs):
+    from attnkit.tour.qkv import scaling_measurements
+    res = scaling_measurements(0, pairs=4096, keys=32)
+    text = runs["en"]["stdout"]
+    m = re.search(r"its entropy falls from ([\d.]+) to ([\d.]+)", text)
+    assert m and float(m.group(1)) == round(res[0]["entropy_raw"], 2)
+    assert float(m.group(2)) == round(res[-1]["entropy_raw"], 2)
+    scaled = [r["entropy_scaled"] for r in res]
+    assert f"between {min(scaled):.2f} and {max(scaled):.2f} at every width" in text

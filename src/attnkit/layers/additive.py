@@ -203,15 +203,8 @@ def additive_attention_reference(query: Tensor, keys: Tensor, values: Tensor, w_
 
     query (B, L, Dq), keys (B, S, Dk), values (B, S, Dv); returns (c (B, L, Dv), a (B, L, S)).
     """
-    B, L, _ = query.shape
-    S = keys.shape[1]
-    e = query.new_full((B, L, S), float("-inf"))
-    for b in range(B):
-        for i in range(L):
-            for j in range(S):
-                if key_padding_mask is None or not key_padding_mask[b, j]:
-                    e[b, i, j] = v @ torch.tanh(w_q @ query[b, i] + w_k @ keys[b, j] + b_k)
-    return _reference_softmax(e, values)
+    return _pairwise(query, keys, values, key_padding_mask,
+                     lambda q, k: v @ torch.tanh(w_q @ q + w_k @ k + b_k))
 
 
 def luong_attention_reference(query: Tensor, keys: Tensor, values: Tensor, score: str,
@@ -220,28 +213,24 @@ def luong_attention_reference(query: Tensor, keys: Tensor, values: Tensor, score
                               key_padding_mask: Tensor | None = None):
     """Luong's formulas, one pair at a time: ``dot`` q . k, ``general`` q . (W k),
     ``concat`` v . tanh(W [q; k] + b) (``weight`` is W, (hidden, Dq + Dk))."""
+    formulas = {"dot": lambda q, k: q @ k, "general": lambda q, k: q @ (weight @ k),
+                "concat": lambda q, k: v @ torch.tanh(weight @ torch.cat([q, k]) + bias)}
+    return _pairwise(query, keys, values, key_padding_mask, formulas[score])
+
+
+def _pairwise(query, keys, values, key_padding_mask, score):
+    """e_ij = score(q_i, k_j) for every real key, then a softmax over j and a @ values."""
     B, L, _ = query.shape
     S = keys.shape[1]
     e = query.new_full((B, L, S), float("-inf"))
     for b in range(B):
         for i in range(L):
             for j in range(S):
-                if key_padding_mask is not None and key_padding_mask[b, j]:
-                    continue
-                q, k = query[b, i], keys[b, j]
-                if score == "dot":
-                    e[b, i, j] = q @ k
-                elif score == "general":
-                    e[b, i, j] = q @ (weight @ k)
-                else:
-                    e[b, i, j] = v @ torch.tanh(weight @ torch.cat([q, k]) + bias)
-    return _reference_softmax(e, values)
-
-
-def _reference_softmax(e: Tensor, values: Tensor):
+                if key_padding_mask is None or not key_padding_mask[b, j]:
+                    e[b, i, j] = score(query[b, i], keys[b, j])
     a = torch.zeros_like(e)
-    for b in range(e.shape[0]):
-        for i in range(e.shape[1]):
+    for b in range(B):
+        for i in range(L):
             real = e[b, i] > float("-inf")
             if real.any():
                 x = torch.exp(e[b, i, real] - e[b, i, real].max())

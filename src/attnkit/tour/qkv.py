@@ -105,7 +105,12 @@ def _scaling(tour: Tour) -> None:
              f"{r['entropy_scaled']:.2f}", f"{r['max_raw']:.2f}", f"{r['max_scaled']:.2f}"]
             for r in res]
     tour.show(table(tour.T["scale_headers"], rows))
-    tour.say("scale_outro")
+    first, last = res[0], res[-1]
+    scaled = [r["entropy_scaled"] for r in res]
+    tour.say("scale_outro" if last["entropy_raw"] < first["entropy_raw"] else "scale_outro_flat",
+             v0=first["var"], v1=last["var"], d0=first["d_k"], d1=last["d_k"],
+             h0=first["entropy_raw"], h1=last["entropy_raw"], m1=last["max_raw"],
+             lo=min(scaled), hi=max(scaled))
 
     dims = [r["d_k"] for r in res]
     fig = viz.new_figure(11, 4.3)

@@ -163,9 +163,15 @@ EN = {
     "scale_headers": ["d_k", "Var(q.k)", "Var(q.k/sqrt(d_k))", "entropy unscaled",
                       "entropy scaled", "max weight unscaled", "max weight scaled"],
     "scale_outro":
-        "Unscaled, the scores grow like sqrt(d_k) and the softmax saturates into an almost\n"
-        "one-hot choice, where its gradient vanishes (the softmax is flat away from the\n"
-        "winner). Scaled by 1/sqrt(d_k), the entropy stays the same at every width.",
+        "Unscaled, the variance of q.k grows from {v0:.1f} (d_k = {d0}) to {v1:.1f} (d_k = {d1}),\n"
+        "and the softmax saturates: its entropy falls from {h0:.2f} to {h1:.2f} and the largest\n"
+        "weight reaches {m1:.2f}, close to a one-hot choice, where the gradient vanishes (the\n"
+        "softmax is flat away from the winner). Scaled by 1/sqrt(d_k), the entropy stays\n"
+        "between {lo:.2f} and {hi:.2f} at every width.",
+    "scale_outro_flat":
+        "Unscaled, the variance of q.k grows from {v0:.1f} (d_k = {d0}) to {v1:.1f} (d_k = {d1});\n"
+        "in this run the entropy did not fall ({h0:.2f} to {h1:.2f}). Scaled by 1/sqrt(d_k),\n"
+        "it stays between {lo:.2f} and {hi:.2f} at every width.",
     "fig_variance": "variance",
     "fig_scale_title1": "Variance of q·k grows with d_k",
     "fig_unscaled": "unscaled: softmax(q·k)",
