@@ -27,7 +27,12 @@ def test_reverse_task_batches():
     wrong = tgt.clone()
     wrong[0, 0] = (wrong[0, 0] - 2) % 5 + 3
     assert task.exact_match(tgt, tgt).all() and not task.exact_match(wrong, tgt)[0]
-    assert buckets_of(ReverseTask(min_len=3, max_len=12)) == [(3, 4), (5, 7), (8, 10), (11, 12)]
+    assert buckets_of(ReverseTask(min_len=3, max_len=12)) == [(3, 4), (5, 6), (7, 9), (10, 12)]
+    assert buckets_of(ReverseTask(min_len=4, max_len=16)) == [(4, 6), (7, 9), (10, 12), (13, 16)]
+    with pytest.raises(ValueError, match="cannot split"):
+        buckets_of(ReverseTask(min_len=3, max_len=4))
+    with pytest.raises(ValueError, match="min_len"):
+        ReverseTask(min_len=5, max_len=4)
 
 
 @pytest.mark.parametrize("attention", [None, "additive", "general"])
@@ -46,9 +51,12 @@ def test_model_teacher_forcing_and_greedy_decoding(attention):
         assert w.shape == (4, 9, src.shape[1])
         torch.testing.assert_close(w.sum(-1), torch.ones(4, 9))
         assert (w.masked_select((src == PAD)[:, None, :].expand_as(w)) == 0).all()
-    # greedy decoding is teacher forcing fed its own tokens
-    first = model(src, n, out[:, :1])[:, 0].argmax(-1)
-    assert torch.equal(first, out[:, 0])
+    # greedy decoding is teacher forcing fed its own tokens, up to each sentence's EOS
+    forced = model(src, n, out).argmax(-1)
+    for row in range(4):
+        eos = (out[row] == EOS).nonzero()
+        end = int(eos[0]) + 1 if len(eos) else out.shape[1]
+        assert torch.equal(forced[row, :end], out[row, :end])
 
 
 def test_dot_needs_a_unidirectional_encoder():
@@ -79,8 +87,8 @@ def _tour(lang="en"):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_sections_sentences_follow_its_numbers(seed):
-    """Trained briefly (so the shape varies with the seed), the sentences state the
-    table's own accuracies, and "falls" only when accuracy fell."""
+    """Trained briefly, the sentences state the table's own accuracies in both languages
+    (the choice of words is checked on fabricated numbers below)."""
     task = section.TASK
     results = run_experiment(task, steps=15, seed=seed, hidden=16, batch=16, eval_size=40)
     for lang in ("en", "zh"):
@@ -88,8 +96,8 @@ def test_the_sections_sentences_follow_its_numbers(seed):
         said = section.words(tour, results)
         buckets = list(results[0].accuracy)
         a0, a1 = (results[0].accuracy[buckets[k]] for k in (0, -1))
-        falls = a1 <= a0 - 0.2
-        key = "s2s_falls" if falls else "s2s_not_falls"
+        key = ("s2s_untrained" if a0 < 0.2 else "s2s_falls" if a1 <= a0 / 2
+               else "s2s_not_falls")
         span = dict(b0=f"{buckets[0][0]}-{buckets[0][1]}", b1=f"{buckets[-1][0]}-{buckets[-1][1]}")
         assert said["plain"] == tour.t(key, a0=a0, a1=a1, **span)
         got = [int(x) for x in re.findall(r"(\d+)%", said["plain"])]
@@ -98,8 +106,10 @@ def test_the_sections_sentences_follow_its_numbers(seed):
             low = min(r.accuracy.values())
             assert f"{low:.0%}" in said["attended"]
             assert f"{r.accuracy[buckets[-1]]:.0%}" in said["attended"]
+            gain = (r.accuracy[buckets[-1]] - a1) * 100
+            side = tour.t("s2s_over" if gain >= 0 else "s2s_below")
             assert (tour.t("s2s_holds", name=r.label, low=low, last=r.accuracy[buckets[-1]],
-                           b1=span["b1"], gain=(r.accuracy[buckets[-1]] - a1) * 100)
+                           b1=span["b1"], gain=abs(gain), side=side)
                     in said["attended"]) == (low >= 0.6)
 
 
@@ -113,8 +123,11 @@ def test_fabricated_numbers_choose_the_words():
             R("additive", dict(zip(b, [0.9, 0.5, 0.3, 0.2])))]
     said = section.words(_tour(), flat)
     assert "does not show as a fall" in said["plain"] and "reaches only 20%" in said["attended"]
+    assert "20 points below no attention" in said["attended"]
+    said = section.words(_tour(), [R("none", dict(zip(b, [0.15, 0.1, 0.0, 0.0]))), flat[1]])
+    assert "learned too little" in said["plain"]
     steep = [R("none", dict(zip(b, [0.9, 0.5, 0.1, 0.0]))),
              R("additive", dict(zip(b, [1.0, 0.9, 0.8, 0.7])))]
     said = section.words(_tour(), steep)
     assert "falls from 90% on 3-4 letters to 0% on 11-12" in said["plain"]
-    assert "stays at 70% or more" in said["attended"] and "+70 points" in said["attended"]
+    assert "stays at 70% or more" in said["attended"] and "70 points over" in said["attended"]

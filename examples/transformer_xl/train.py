@@ -172,9 +172,9 @@ def main(argv=None):
     print(f"memory {verb} the held-out loss" + (f" by {abs(gain):.4f} nats/char "
           f"({100 * abs(gain) / without:.1f}%)" if gain else "") + "; at the first position "
           f"of a segment: {pos_without[0]:.3f} without vs {pos_with[0]:.3f} with memory")
-    if args.steps < 200:
-        print(f"({args.steps} steps are a quick look: too few for the model to learn to use "
-              f"its memory; the README's figures are from 300 steps)")
+    if args.steps < 200 and gain <= 0:
+        print(f"({args.steps} steps are a quick look, likely too few for the model to learn to "
+              f"use its memory; the README's figures are from 300 steps)")
     plot(losses, pos_with, pos_without, with_mem, without, args)
     print(f"wrote {args.out}  ({time.time() - t0:.0f} s in all)")
     return with_mem, without

@@ -16,10 +16,11 @@ scaled-dot-product kernel computes the whole attention (``scale=1``). Additive a
 put a tanh between the query and key terms: every (query, key) pair needs its own
 ``hidden_dim``-wide vector ``tanh(W_q q_i + W_k k_j)``, L * S * hidden_dim numbers that no
 matrix multiply produces, so they cannot use a fused dot-product kernel. Here they are
-computed for 256 queries at a time, so memory stays at 256 * S * hidden_dim numbers.
+computed for 256 queries at a time, so without autograd memory stays at
+256 * S * hidden_dim numbers (training keeps every block's tanh for the backward).
 These modules return the weights, so all of them form the (B, L, S) scores. Measured
 (benchmarks/additive_bench.py, one sentence of 2048 tokens, width 64, AMD EPYC 2 cores):
-additive 1538 ms, Luong general 11.8 ms, torch's fused SDPA 8.8 ms.
+additive 2102 ms, Luong general 17.9 ms, torch's fused SDPA 12.3 ms.
 
 Padding: ``key_padding_mask`` (B, S) marks padded source tokens with True (as
 ``nn.MultiheadAttention``); their scores become -inf before the softmax, so they get
@@ -77,8 +78,10 @@ def _softmax_context(scores: Tensor, values: Tensor, key_padding_mask) -> tuple[
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, :], float("-inf"))
     weights = torch.softmax(scores, -1)
-    if key_padding_mask is not None:
-        weights = weights.nan_to_num(0.0)  # a row of -inf only: no real key
+    if key_padding_mask is not None:  # a sentence of padding only: weights 0, not NaN
+        empty = key_padding_mask.all(-1)
+        if empty.any():
+            weights = weights.masked_fill(empty[:, None, None], 0.0)
     return weights @ values, weights
 
 
@@ -87,6 +90,8 @@ def tanh_scores(wq: Tensor, wk: Tensor, v: Tensor) -> Tensor:
     blocks of ``ADDITIVE_ROWS`` queries (each block's tanh vectors: rows * S * h numbers)."""
     parts = [torch.tanh(wq[:, i:i + ADDITIVE_ROWS, None, :] + wk[:, None]) @ v
              for i in range(0, wq.shape[1], ADDITIVE_ROWS)]
+    if not parts:  # no queries
+        return wq.new_zeros(wq.shape[0], 0, wk.shape[1])
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
@@ -143,6 +148,10 @@ class AdditiveAttention(nn.Module):
                                                      self.query_dim, self.key_dim)
         if projected_keys is None:
             projected_keys = self.project_keys(keys)
+        elif projected_keys.shape != (*keys.shape[:2], self.hidden_dim):
+            raise ValueError(f"projected_keys must be (batch, source length, hidden_dim) = "
+                             f"{(*keys.shape[:2], self.hidden_dim)}, got "
+                             f"{tuple(projected_keys.shape)}")
         return _out(*_softmax_context(self.scores(query, projected_keys), values, mask), squeeze)
 
 

@@ -257,7 +257,8 @@ class MultiHeadLatentAttention(nn.Module):
             attn_mask: an attnkit mask object or a tensor (True = may attend), combined
                 with the above.
             absorb: None (default): the absorbed form with a cache when it is the cheaper
-                (:meth:`prefers_absorbed`; always for decoding), else decompressed;
+                (:meth:`prefers_absorbed`: every decoding step past the first token),
+                else decompressed;
                 True / False force one.
         """
         if not isinstance(x, Tensor):

@@ -104,7 +104,7 @@ class Seq2Seq(nn.Module):
 
     def _start(self, src: Tensor, lengths: Tensor):
         outputs, final = self.encoder(src, lengths)
-        pad = src == PAD
+        pad = torch.arange(src.shape[1], device=src.device)[None] >= lengths.to(src.device)[:, None]
         return self.decoder.memory(outputs, final, pad), final
 
     def forward(self, src: Tensor, lengths: Tensor, tgt: Tensor) -> Tensor:

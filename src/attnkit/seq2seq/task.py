@@ -25,6 +25,12 @@ class ReverseTask:
     min_len: int = 3
     max_len: int = 16
 
+    def __post_init__(self):
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if self.symbols < 1:
+            raise ValueError(f"symbols must be >= 1, got {self.symbols}")
+
     @property
     def vocab_size(self) -> int:
         return self.symbols + 3
@@ -38,15 +44,20 @@ class ReverseTask:
         n = torch.randint(lo, hi + 1, (size,), generator=g)
         width = int(n.max())
         letters = torch.randint(3, 3 + self.symbols, (size, width), generator=g)
+        src = letters.masked_fill(torch.arange(width)[None] >= n[:, None], PAD)
+        return src, n, self.targets(src, n)
+
+    @staticmethod
+    def targets(src: Tensor, n: Tensor) -> Tensor:
+        """The reversed sources then EOS, PAD after: (B, width + 1)."""
+        size, width = src.shape
         pos = torch.arange(width)
         real = pos[None] < n[:, None]
-        src = letters.masked_fill(~real, PAD)
-        # target position t holds source position n - 1 - t
-        idx = (n[:, None] - 1 - pos[None]).clamp(min=0)
+        idx = (n[:, None] - 1 - pos[None]).clamp(min=0)  # target t holds source n - 1 - t
         tgt = torch.full((size, width + 1), PAD, dtype=torch.long)
-        tgt[:, :width] = torch.where(real, letters.gather(1, idx), PAD)
+        tgt[:, :width] = torch.where(real, src.gather(1, idx), PAD)
         tgt[torch.arange(size), n] = EOS
-        return src, n, tgt
+        return tgt
 
     @staticmethod
     def exact_match(predicted: Tensor, target: Tensor) -> Tensor:

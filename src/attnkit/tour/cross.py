@@ -61,7 +61,7 @@ def cross_words(tour: Tour, w, src_tok, tgt_tok) -> str:
         lines.append(tour.t("cross_is_on", a=float(w[2, 1]), b=float(w[3, 1])))
         the = [i for i, m in enumerate(EN_MEANS) if m < 0]
         top_the = max(float(w[i].max()) for i in the)
-        top_real = min(float(w[i].max()) for i in has)
+        top_real = min(float(w[i, counterpart[i]].max()) for i in has)  # on their own
         lines.append(tour.t("cross_the_spread" if top_the < top_real else "cross_the_sharp",
                             m=top_the, r=top_real))
     lines.append(tour.t("cross_outro"))

@@ -52,7 +52,7 @@ def section_long(tour: Tour) -> None:
     tour.say("mem_time_saved" if ms["chunked_window"] < ms["chunked_causal"] else
              "mem_time_not_saved", L=MEMORY_LENGTHS[-1], tw=ms["chunked_window"],
              tc=ms["chunked_causal"], td=ms["dense"], r=ms["chunked_causal"] / ms["chunked_window"],
-             f=share)
+             f=share, x=ms["chunked_window"] / ms["chunked_causal"] / share)
 
     fig = viz.new_figure(7.5, 4.8)
     ax = fig.subplots()

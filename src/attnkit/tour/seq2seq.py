@@ -12,21 +12,23 @@ from ..seq2seq.task import EOS
 from .session import Tour
 from .terminal import table
 
-#: the tour's budget: about 20 s for the three variants on one thread
+#: the tour's budget: 20-30 s for the three variants on one thread
 TASK = ReverseTask(symbols=10, min_len=3, max_len=12)
 STEPS, HIDDEN, BATCH = 200, 48, 64
 
 
 def alignment_example(result, seed: int, length: int = 10):
-    """(source tokens, output tokens, weights (T, S), share of weight on the mirrored
-    source position) for one held-out sentence of ``length`` tokens."""
+    """(source tokens, output tokens, weights (T, S), mean weight on the source letter
+    each output step should write) for one fresh sentence of ``length`` tokens: step t
+    should write source letter ``length - 1 - t``; the EOS step is not counted."""
     g = torch.Generator().manual_seed(seed * 1000 + 2)
     src, n, tgt = TASK.batch(1, g, (length, length))
     out, w = result.model.generate(src, n, tgt.shape[1])
-    steps = int((out[0] == EOS).nonzero()[0]) + 1 if (out[0] == EOS).any() else out.shape[1]
+    eos = (out[0] == EOS).nonzero()
+    steps = int(eos[0]) + 1 if len(eos) else out.shape[1]
     w = w[0, :steps]
-    mirrored = torch.arange(length - 1, -1, -1).clamp(min=0)
-    share = float(w[torch.arange(min(steps, length)), mirrored[:min(steps, length)]].mean())
+    letters = min(steps - (1 if len(eos) else 0), length)  # output steps that write a letter
+    share = float(w[torch.arange(letters), length - 1 - torch.arange(letters)].mean())
     return src[0], out[0, :steps], w, share
 
 
@@ -37,16 +39,20 @@ def words(tour: Tour, results) -> dict:
     first, last = buckets[0], buckets[-1]
     bottleneck, attended = results[0], results[1:]
     a0, a1 = bottleneck.accuracy[first], bottleneck.accuracy[last]
-    if a1 <= a0 - 0.2:
-        plain = tour.t("s2s_falls", a0=a0, a1=a1, b0=_b(first), b1=_b(last))
+    span = dict(a0=a0, a1=a1, b0=_b(first), b1=_b(last))
+    if a0 < 0.2:
+        plain = tour.t("s2s_untrained", **span)
+    elif a1 <= a0 / 2:
+        plain = tour.t("s2s_falls", **span)
     else:
-        plain = tour.t("s2s_not_falls", a0=a0, a1=a1, b0=_b(first), b1=_b(last))
+        plain = tour.t("s2s_not_falls", **span)
     lines = []
     for r in attended:
         low = min(r.accuracy.values())
-        key = "s2s_holds" if low >= 0.6 else "s2s_weak"
-        lines.append(tour.t(key, name=r.label, low=low, last=r.accuracy[last], b1=_b(last),
-                            gain=(r.accuracy[last] - a1) * 100))
+        gain = (r.accuracy[last] - a1) * 100
+        lines.append(tour.t("s2s_holds" if low >= 0.6 else "s2s_weak", name=r.label, low=low,
+                            last=r.accuracy[last], b1=_b(last), gain=abs(gain),
+                            side=tour.t("s2s_over" if gain >= 0 else "s2s_below")))
     return {"plain": plain, "attended": "\n".join(lines)}
 
 
@@ -68,7 +74,8 @@ def section_seq2seq(tour: Tour) -> None:
                     + [tour.t("s2s_loss"), tour.t("s2s_time")], rows))
     said = words(tour, results)
     tour.say("s2s_result", plain=said["plain"], attended=said["attended"])
-    src, out, w, share = alignment_example(results[1], tour.seed)
+    additive = next(r for r in results if r.attention == "additive")
+    src, out, w, share = alignment_example(additive, tour.seed)
     tour.say("s2s_alignment", n=len(src), share=share, uniform=1 / len(src))
     tour.say("s2s_outro")
 

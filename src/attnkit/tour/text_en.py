@@ -18,7 +18,7 @@ EN = {
     "tokens": ["cat", "on", "tree"],
 
     "sec_why": "Why attention",
-    "sec_seq2seq": "Where attention came from: an RNN encoder-decoder, trained",
+    "sec_seq2seq": "Where attention came from: RNN encoder-decoders, trained live",
     "sec_qkv": "Q, K and V, from a three-word sentence",
     "sec_cross": "Self-attention and cross-attention",
     "sec_heads": "Multi-head, multi-query and grouped-query attention",
@@ -43,7 +43,9 @@ EN = {
                     "RNN |dh_n/dx_1|", "attention |dy_n/dx_1|"],
     "why_summary_steady":
         "The mean keeps less of token 1 at every length: its cosine falls from {s0:.3f}\n"
-        "(n = {n0}) to {s1:.3f} (n = {n1}), near 1/sqrt(n) ({e0:.3f} to {e1:.3f}).",
+        "(n = {n0}) to {s1:.3f} (n = {n1}), {rel} ({e0:.3f} to {e1:.3f}).",
+    "why_near": "near 1/sqrt(n)",
+    "why_far": "though not close to 1/sqrt(n)",
     "why_summary_noisy":
         "The mean keeps less of token 1 as n grows, {s0:.3f} at n = {n0} against {s1:.3f}\n"
         "at n = {n1} (1/sqrt(n): {e0:.3f} to {e1:.3f}), though not at every step: with\n"
@@ -60,8 +62,8 @@ EN = {
         "it fades geometrically.",
     "why_attn_grad":
         "Attention's |dy_n/dx_1| falls too, {f:.0f}-fold, but for another reason:\n"
-        "position n's query spreads its softmax over n keys, so token 1 gets about 1/n of\n"
-        "the weight, and 1/n falls {nf:.0f}-fold from n = {n0} to n = {n1}. That fall is\n"
+        "position n's query spreads its softmax over n keys, 1/n of the weight per key on\n"
+        "average, and 1/n falls {nf:.0f}-fold from n = {n0} to n = {n1}. That fall is\n"
         "polynomial, not geometric: every token stays one step from every other, so\n"
         "long-range dependencies need no recurrence, and all positions run in parallel.{steady}",
     "why_not_every_step": "\n(Its fall is not steady: each length draws new random sentences.)",
@@ -76,7 +78,7 @@ EN = {
 
     # 1b -----------------------------------------------------------------------------
     "s2s_intro":
-        "Where attention came from: RNN encoder-decoders for translation. Three of them are\n"
+        "Attention was invented for RNN encoder-decoders that translate. Three of them are\n"
         "trained now, on this machine, to reverse a sequence of letters ({v} different\n"
         "letters, lengths {lo} to {hi}): a bidirectional GRU encoder, a GRU decoder of\n"
         "{hidden} numbers, the same seed, batches and budget ({steps} Adam steps of {batch}\n"
@@ -86,7 +88,8 @@ EN = {
         "  additive      every step scores every encoder state, v^T tanh(W_q s + W_k h_j)\n"
         "                (Bahdanau et al. 2015: attnkit.layers.AdditiveAttention);\n"
         "  general       the score is s^T W h_j (Luong et al. 2015: LuongAttention).\n"
-        "Exact match (every output letter right) on 200 held-out sentences per length:",
+        "Exact match (every output letter right) on up to 200 sentences per length range\n"
+        "that training never drew (lengths 3-4 have only a few thousand):",
     "s2s_variant": "decoder",
     "s2s_bucket": "len {b}",
     "s2s_loss": "final loss",
@@ -99,18 +102,24 @@ EN = {
         "one vector of the decoder's width cannot hold a long sentence.",
     "s2s_not_falls":
         "Without attention accuracy goes from {a0:.0%} on {b0} letters to {a1:.0%} on {b1}:\n"
-        "with this seed the bottleneck does not show as a fall.",
+        "with this seed the bottleneck does not show as a fall to half or less.",
+    "s2s_untrained":
+        "Without attention accuracy is {a0:.0%} on {b0} letters and {a1:.0%} on {b1}: it has\n"
+        "learned too little, even for short sentences, to show how it fares on long ones.",
+    "s2s_over": "over",
+    "s2s_below": "below",
     "s2s_holds":
         "With {name} attention it stays at {low:.0%} or more at every length ({last:.0%} on\n"
-        "{b1} letters, {gain:+.0f} points over no attention).",
+        "{b1} letters, {gain:.0f} points {side} no attention).",
     "s2s_weak":
         "With {name} attention the worst length reaches only {low:.0%} ({last:.0%} on {b1}\n"
-        "letters, {gain:+.0f} points over no attention).",
+        "letters, {gain:.0f} points {side} no attention).",
     "s2s_result": "{plain}\n{attended}",
     "s2s_alignment":
         "The picture's right panel is the additive model's attention while it reverses one\n"
-        "held-out sentence of {n} letters: output step t puts {share:.0%} of its weight on the\n"
-        "source letter it is writing (n - t), where spreading evenly would give {uniform:.0%}.\n"
+        "fresh sentence of {n} letters: on average an output step puts {share:.0%} of its\n"
+        "weight on the source letter it should write (the mirrored one), where spreading\n"
+        "evenly would give {uniform:.0%}.\n"
         "Nobody told it where to look: the alignment is learned from the loss alone.",
     "s2s_outro":
         "Attention removed the one-vector bottleneck, and the Transformer (2017) then removed\n"
@@ -404,10 +413,9 @@ EN = {
         "tiled engine skips the tiles the mask rules out.",
     "mem_time_not_saved":
         "At L = {L} the window did not save time in this run: {tw:.1f} ms against {tc:.1f} ms\n"
-        "for full causal attention ({td:.1f} ms dense). It allows {f:.0%} of the entries\n"
-        "causal attention computes, but spread over many small tiles along the diagonal,\n"
-        "which torch's fused kernel runs at a much lower rate per entry than causal's\n"
-        "large ones.",
+        "for full causal attention ({td:.1f} ms dense). It allows about {f:.0%} as many\n"
+        "entries as causal attention, so each of its entries cost {x:.0f}x a causal one: it\n"
+        "runs as many small tiles along the diagonal, causal as a few large ones.",
     "fig_mem_dense": "dense (materialised scores)",
     "fig_mem_chunked_causal": "chunked, causal",
     "fig_mem_chunked_window": "chunked, sliding window",

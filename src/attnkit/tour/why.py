@@ -79,7 +79,9 @@ def why_words(tour: Tour, res: list[dict], trials: int) -> str:
     summary = [r["summary_cos"] for r in res]
     kw = dict(n0=n0, n1=n1, s0=summary[0], s1=summary[-1], e0=n0 ** -0.5, e1=n1 ** -0.5)
     if _falls_every_step(summary):
-        lines = [tour.t("why_summary_steady", **kw)]
+        near = 0.67 <= summary[-1] / kw["e1"] <= 1.5
+        lines = [tour.t("why_summary_steady", rel=tour.t("why_near" if near else "why_far"),
+                        **kw)]
     elif summary[-1] < summary[0]:
         up = next(i for i in range(1, len(res)) if summary[i] >= summary[i - 1])
         lines = [tour.t("why_summary_noisy", trials=trials, na=res[up - 1]["n"],
