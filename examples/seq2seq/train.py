@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     buckets = list(results[0].accuracy)
     head = "".join(f"{f'len {lo}-{hi}':>11}" for lo, hi in buckets)
     print(f"reverse {args.min_len}-{args.max_len} letters, {args.steps} steps of {args.batch}, "
-          f"hidden {args.hidden}, seed {args.seed}: exact match on 500 held-out per bucket")
+          f"hidden {args.hidden}, seed {args.seed}: exact match on up to 500 sentences per "
+          f"bucket that training never drew")
     print(f"{'decoder':<14}{head}  final loss  train s")
     for r in results:
         cells = "".join(f"{r.accuracy[b]:>11.3f}" for b in buckets)
