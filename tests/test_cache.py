@@ -5,6 +5,7 @@ per token stays constant with the rolling cache."""
 import pytest
 import torch
 
+import attnkit
 from attnkit import KVCache, MultiHeadAttention, bias, masks
 from attnkit.cache import SlidingWindowCache
 
@@ -151,3 +152,92 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="cannot add"):
         cache.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
     assert isinstance(cache, KVCache)  # MultiHeadAttention accepts it
+
+
+# --------------------------------------------------------------------------- crop, reorder, lengths
+
+def _kv(B=3, H=2, n=1, D=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g)
+
+
+def test_crop_rolls_back_rejected_tokens_exactly():
+    """Speculative decoding: 6 tokens, 3 draft tokens appended then 2 rejected; the cache
+    equals one that never saw them, and the caller's tensors are never written."""
+    first = _kv(n=6, seed=1)
+    kept = tuple(t.clone() for t in first)
+    cache, plain = attnkit.KVCache(), attnkit.KVCache()
+    cache.update(*first)
+    plain.update(*(t.clone() for t in first))
+    cache.crop(4)  # straight into the caller's tensor's length: must not write into it
+    cache.update(*_kv(seed=2))
+    assert torch.equal(first[0], kept[0]) and torch.equal(first[1], kept[1])
+    draft = _kv(n=3, seed=3)
+    cache.update(*draft)
+    cache.crop(len(cache) - 2)
+    plain.crop(4)
+    for step in (_kv(seed=2), tuple(t[:, :, :1] for t in draft), _kv(seed=4)):
+        plain.update(*step)
+    k, v = cache.update(*_kv(seed=4))
+    assert torch.equal(k, plain.keys) and torch.equal(v, plain.values)
+    assert cache.lengths.tolist() == [7, 7, 7] and len(cache) == 7
+    with pytest.raises(ValueError, match=r"length must be in \[0, 7\]"):
+        cache.crop(8)
+    with pytest.raises(TypeError):
+        cache.crop(2.0)
+
+
+def test_reorder_selects_beams():
+    cache = attnkit.KVCache()
+    for s in range(5):
+        cache.update(*_kv(seed=s))
+    before_k, before_v = cache.keys.clone(), cache.values.clone()
+    beams = torch.tensor([2, 2, 0])
+    cache.reorder(beams)
+    assert torch.equal(cache.keys, before_k[beams]) and torch.equal(cache.values, before_v[beams])
+    k, _ = cache.update(*_kv(seed=9))  # and decoding goes on from the chosen beams
+    assert torch.equal(k[:, :, :5], before_k[beams]) and k.shape[2] == 6
+    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+        cache.reorder(torch.tensor([3]))
+    with pytest.raises(TypeError):
+        cache.reorder([0, 1])
+
+
+def test_sliding_window_cache_crops_within_its_rollback():
+    """With rollback=2 the cache keeps two tokens past the window: cropping 2 drafts leaves
+    the next token's window whole, and attention over the returned keys (with the window
+    mask) equals a cache that never saw them; without rollback a crop is refused."""
+    window = 4
+    m = masks.sliding_window(window - 1, 0)
+    cache, plain = (attnkit.SlidingWindowCache(window, rollback=2),
+                    attnkit.SlidingWindowCache(window))
+    steps = [_kv(seed=s) for s in range(8)]
+    for st in steps:
+        cache.update(*st)
+    cache.crop(6)
+    for st in steps[:6]:
+        plain.update(*st)
+    q = torch.randn(3, 2, 1, 4)
+    k, v = cache.update(*steps[6])
+    k2, v2 = plain.update(*steps[6])
+    got = attnkit.scaled_dot_product_attention(q, k, v, m)
+    want = attnkit.scaled_dot_product_attention(q, k2, v2, m)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(k[:, :, -window:], k2[:, :, -window:]) and len(cache) == 7
+    with pytest.raises(ValueError, match="pass rollback="):
+        plain.crop(5)
+    cache.reorder(torch.tensor([1, 0, 2]))
+    assert cache.lengths.tolist() == [7, 7, 7]
+
+
+def test_latent_cache_crop_and_reorder():
+    cache, plain = attnkit.LatentCache(), attnkit.LatentCache()
+    zs = [torch.randn(2, 1, 1, 6, generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    for z in zs:
+        cache.update(z)
+    cache.crop(3)
+    for z in zs[:3]:
+        plain.update(z)
+    assert torch.equal(cache.update(zs[4]), plain.update(zs[4]))
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.latents, plain.latents[[1, 1]]) and cache.lengths.tolist() == [4, 4]

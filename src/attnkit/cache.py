@@ -22,12 +22,19 @@ class KVCache:
     copies per token instead of re-concatenating the whole history every step. Under
     autograd (keys that require grad) it concatenates instead, so earlier graphs are never
     overwritten.
+
+    For decoding algorithms: ``crop(length)`` rolls back to the first ``length`` tokens
+    (speculative decoding's rejected drafts) without a copy, ``reorder(indices)`` picks
+    batch rows (beam search), ``lengths`` is each row's cached length (B,). Tensors that
+    ``update`` returned are views of the storage: after a ``crop``, later tokens overwrite
+    the positions it dropped. A tensor the caller passed in is never written into.
     """
 
     def __init__(self):
         self._k: Tensor | None = None
         self._v: Tensor | None = None
         self.length = 0
+        self._owned = False  # whether the storage is ours to write into
 
     def __len__(self) -> int:
         return self.length
@@ -51,6 +58,27 @@ class KVCache:
     def reset(self) -> None:
         self._k = self._v = None
         self.length = 0
+        self._owned = False
+
+    @property
+    def lengths(self) -> Tensor | None:
+        """(B,) cached tokens per batch row (all equal here), or None when empty."""
+        keys = self.keys
+        return None if keys is None else torch.full((keys.shape[0],), self.length,
+                                                     dtype=torch.long, device=keys.device)
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (0 <= length <= len(self)); no copy."""
+        self.length = _crop_length(length, self.length, type(self).__name__)
+
+    def reorder(self, indices: Tensor) -> None:
+        """Keep batch rows ``indices`` (B',) in that order (beam search): a gather of the
+        cached tokens only, not of the spare capacity."""
+        if self._k is None:
+            return
+        idx = _batch_indices(indices, self._k.shape[0], self._k.device, type(self).__name__)
+        self._k, self._v = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+        self._owned = not (self._k.requires_grad or self._v.requires_grad)
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Append (B, Hkv, n, D) keys and (B, Hkv, n, Dv) values; return all so far."""
@@ -68,16 +96,18 @@ class KVCache:
         n = key.shape[2]
         if self._k is None:
             self._k, self._v = key, value
-            self.length = n
+            self.length, self._owned = n, False
             return key, value
         if torch.is_grad_enabled() and (key.requires_grad or old_k.requires_grad):
             self._k = torch.cat([old_k, key], 2)
             self._v = torch.cat([old_v, value], 2)
             self.length += n
+            self._owned = False
             return self._k, self._v
-        self._k = _append(self._k, self.length, key)
-        self._v = _append(self._v, self.length, value)
+        self._k = _append(self._k, self.length, key, self._owned)
+        self._v = _append(self._v, self.length, value, self._owned)
         self.length += n
+        self._owned = True
         return self.keys, self.values
 
 
@@ -108,24 +138,31 @@ class SlidingWindowCache(KVCache):
     Pass the window mask (``masks.sliding_window(window - 1, 0)``) with every call: for a
     one-token step the cache alone limits the query to its window, but in a chunk of n > 1
     tokens the later rows would otherwise also see the chunk's earlier rows' old keys. A
-    ``key_padding_mask`` covers the returned keys, ``min(len_before, window - 1) + n``.
+    ``key_padding_mask`` covers the returned keys, ``min(len_before, keep) + n``.
+
+    ``rollback=r`` keeps r tokens more than the window needs, so that ``crop`` can take
+    back up to r tokens (speculative decoding's rejected drafts) and the window is still
+    whole afterwards; the returned keys then reach further back than the window, so pass
+    the window mask with every call, one-token steps included.
     """
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, *, rollback: int = 0):
         if isinstance(window, bool) or not isinstance(window, int):
             raise TypeError(f"window must be an int, got {type(window).__name__}")
         if window < 1:
             raise ValueError(f"window must be >= 1 (keys a query sees, itself included), "
                              f"got {window}")
+        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
+            raise ValueError(f"rollback must be an int >= 0, got {rollback!r}")
         super().__init__()
-        self.window = window
+        self.window, self.rollback = window, rollback
         self._start = 0  # kept keys are buffer slots [_start, _end)
         self._end = 0
 
     @property
     def keep(self) -> int:
-        """Keys kept between calls: ``window - 1``."""
-        return self.window - 1
+        """Keys kept between calls: ``window - 1 + rollback``."""
+        return self.window - 1 + self.rollback
 
     @property
     def capacity(self) -> int:
@@ -143,6 +180,25 @@ class SlidingWindowCache(KVCache):
     def reset(self) -> None:
         super().reset()
         self._start = self._end = 0
+
+    def crop(self, length: int) -> None:
+        """Roll back to the first ``length`` tokens seen, as long as the window of the
+        next token is still kept whole: at most ``rollback`` tokens past the window."""
+        length = _crop_length(length, self.length, "SlidingWindowCache")
+        drop, kept = self.length - length, self._end - self._start
+        if kept - drop < min(self.window - 1, length):
+            raise ValueError(f"SlidingWindowCache(window={self.window}, rollback="
+                             f"{self.rollback}) keeps {kept} tokens; rolling back {drop} would "
+                             f"lose keys the window needs (pass rollback= to keep more)")
+        self._end -= drop
+        self.length = length
+
+    def reorder(self, indices: Tensor) -> None:
+        """Keep batch rows ``indices`` (B',) in that order (beam search)."""
+        if self._k is None:
+            return
+        idx = _batch_indices(indices, self._k.shape[0], self._k.device, "SlidingWindowCache")
+        self._k, self._v = self._k.index_select(0, idx), self._v.index_select(0, idx)
 
     def _store(self, key: Tensor, value: Tensor) -> None:
         """Keep the last ``keep`` positions of (key, value) in a fresh buffer."""
@@ -191,7 +247,8 @@ class SlidingWindowCache(KVCache):
         return self._k[:, :, s0:s1], self._v[:, :, s0:s1]
 
     def __repr__(self) -> str:
-        return (f"SlidingWindowCache(window={self.window}, seen={self.length}, "
+        return (f"SlidingWindowCache(window={self.window}, rollback={self.rollback}, "
+                f"seen={self.length}, "
                 f"kept={self._end - self._start})")
 
 
@@ -215,9 +272,29 @@ class LatentCache:
     def __init__(self):
         self._z: Tensor | None = None
         self.length = 0
+        self._owned = False
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def lengths(self) -> Tensor | None:
+        """(B,) cached tokens per batch row (all equal here), or None when empty."""
+        z = self.latents
+        return None if z is None else torch.full((z.shape[0],), self.length, dtype=torch.long,
+                                                  device=z.device)
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens; no copy (later tokens overwrite the rest)."""
+        self.length = _crop_length(length, self.length, "LatentCache")
+
+    def reorder(self, indices: Tensor) -> None:
+        """Keep batch rows ``indices`` (B',) in that order (beam search)."""
+        if self._z is None:
+            return
+        idx = _batch_indices(indices, self._z.shape[0], self._z.device, "LatentCache")
+        self._z = self.latents.index_select(0, idx)
+        self._owned = not self._z.requires_grad
 
     @property
     def latents(self) -> Tensor | None:
@@ -232,6 +309,7 @@ class LatentCache:
     def reset(self) -> None:
         self._z = None
         self.length = 0
+        self._owned = False
 
     def update(self, latent: Tensor) -> Tensor:
         """Append (B, 1, n, r + dr) latents; return all so far, (B, 1, S, r + dr)."""
@@ -246,11 +324,11 @@ class LatentCache:
             raise ValueError(f"LatentCache holds latents {tuple(old.shape)} ({old.dtype}); "
                              f"cannot append {tuple(latent.shape)} ({latent.dtype})")
         if old is None:
-            self._z = latent
+            self._z, self._owned = latent, False
         elif torch.is_grad_enabled() and (latent.requires_grad or old.requires_grad):
-            self._z = torch.cat([old, latent], 2)
+            self._z, self._owned = torch.cat([old, latent], 2), False
         else:
-            self._z = _append(self._z, self.length, latent)
+            self._z, self._owned = _append(self._z, self.length, latent, self._owned), True
         self.length += latent.shape[2]
         return self.latents
 
@@ -259,17 +337,36 @@ class LatentCache:
         return f"LatentCache(length={self.length}, width={width})"
 
 
-def _append(buf: Tensor, length: int, x: Tensor) -> Tensor:
+def _append(buf: Tensor, length: int, x: Tensor, owned: bool) -> Tensor:
     """Write x (B, h, n, D) after the first ``length`` positions (dim 2) of ``buf``; return
-    the buffer, a new one twice as large (at least) when ``buf`` has no room. A buffer
-    that is the caller's own tensor (``length == buf.shape[2]``) is never written into."""
+    the buffer, a new one twice as large (at least) when ``buf`` has no room or is not
+    ``owned`` (the caller's own tensor, or one an autograd graph holds)."""
     need = length + x.shape[2]
-    if need > buf.shape[2]:
+    if need > buf.shape[2] or not owned:
         grown = x.new_empty(*x.shape[:2], max(need, 2 * buf.shape[2], 16), x.shape[3])
         grown[:, :, :length] = buf[:, :, :length]
         buf = grown
     buf[:, :, length:need] = x
     return buf
+
+
+def _crop_length(length, current: int, who: str) -> int:
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(f"{who}.crop takes an int, got {type(length).__name__}")
+    if not 0 <= length <= current:
+        raise ValueError(f"{who}.crop({length}): the cache holds {current} tokens; "
+                         f"length must be in [0, {current}]")
+    return length
+
+
+def _batch_indices(indices, batch: int, device, who: str) -> Tensor:
+    if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point():
+        raise TypeError(f"{who}.reorder takes a 1-D integer tensor of batch rows, got "
+                        f"{tuple(indices.shape) if isinstance(indices, Tensor) else indices!r}")
+    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < batch):
+        raise ValueError(f"{who}.reorder: indices must be in [0, {batch}), got "
+                         f"{indices.tolist()}")
+    return indices.to(device=device, dtype=torch.long)
 
 
 def _check_update(key, value, old_k, old_v, who: str) -> None:
