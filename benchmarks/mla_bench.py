@@ -64,7 +64,7 @@ def _latent_decoder(absorb: bool):
             with torch.no_grad():
                 for t in range(STEPS):
                     out = layer(x["new"][t], cache=cache, absorb=absorb)
-                cache.length = n  # rewind: every call decodes at context n
+                cache.crop(n)  # rewind: every call decodes at context n
                 return out
         call.cache_bytes = cache.nbytes
         return call
@@ -123,7 +123,7 @@ def _mha_decoder(kv_heads: int):
             with torch.no_grad():
                 for t in range(STEPS):
                     out, _ = layer(x["new"][t], cache=cache, is_causal=True)
-                cache.length = n
+                cache.crop(n)
                 return out
         call.cache_bytes = cache.nbytes
         return call

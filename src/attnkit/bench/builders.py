@@ -66,7 +66,7 @@ def attnkit_decode(s: Setup):
                 k, v = cache.update(x["k_new"][t], x["v_new"][t])
                 out = scaled_dot_product_attention(x["q_new"][t], k, v, is_causal=True)
             call.cache_bytes = cache.nbytes * n // cache.length  # at context length n
-            cache.length = n
+            cache.crop(n)
             return out
     call.cache_bytes = cache.nbytes
     return call
