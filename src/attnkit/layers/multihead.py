@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..bias import Bias
 from ..cache import KVCache
 from ..functional import scaled_dot_product_attention
-from ..masks import KeyPaddingMask, Mask
+from ..masks import KeyPaddingMask, Mask, padding
 from ..checks import positive_int
 
 __all__ = ["MultiHeadAttention", "HeadRMSNorm", "with_key_padding"]
@@ -120,13 +120,22 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None, *,
                 key_padding_mask: Tensor | None = None, attn_mask=None, is_causal: bool = False,
-                cache: KVCache | None = None, need_weights: bool = False):
+                cache: KVCache | None = None, need_weights: bool = False,
+                query_lengths: Tensor | None = None):
         """Returns ``(output (B, L, E), weights (B, Hq, L, S_total) or None)``.
 
         ``key=None`` is self-attention, ``value=None`` means ``value = key``. With a
         ``cache``, this call's keys/values are appended to it first, and query row i sits
         at position ``S_total - L + i``: one token at a time with ``is_causal=True``
         reproduces a single full causal call.
+
+        ``query_lengths`` (B,) makes the batch ragged: row b's first ``query_lengths[b]``
+        tokens are real, the rest right padding (they attend to nothing: their output
+        is ``out_proj``'s bias). With a cache,
+        each sequence's tokens go after its own cached ones (``cache.update(...,
+        lengths=)``), its queries sit bottom-right against its own keys and RoPE turns them
+        at their own positions; later calls without ``query_lengths`` continue each
+        sequence from its own length.
         """
         self._check("query", query, self.embed_dim)
         if key is None:
@@ -154,17 +163,21 @@ class MultiHeadAttention(nn.Module):
         v = self._heads(self.v_proj(value), self.num_kv_heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        past = len(cache) if cache is not None else 0
+        ragged = query_lengths is not None or (cache is not None and cache.is_ragged)
         pos = self.positional
         if pos is not None and hasattr(pos, "rope"):
             if k.shape[2] != L:
                 raise ValueError(f"rotary positions need keys at the query positions "
                                  f"(self-attention); got query length {L} and key length "
                                  f"{k.shape[2]}")
-            q, k = pos.rope(q, k, torch.arange(past, past + L, device=q.device))
+            q, k = pos.rope(q, k, self._positions(cache, B, L, ragged, q.device))
         if cache is not None:
-            k, v = cache.update(k, v)
+            k, v = cache.update(k, v, lengths=query_lengths)
         S = k.shape[2]
+        if ragged:
+            ragged_mask = cache.mask() if cache is not None else padding(
+                query_lengths, query_lengths)
+            attn_mask = _and(ragged_mask, attn_mask, L, S)
 
         bias = None
         if isinstance(pos, Bias):
@@ -184,6 +197,15 @@ class MultiHeadAttention(nn.Module):
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.out_proj(out), weights
+
+    @staticmethod
+    def _positions(cache, B: int, L: int, ragged: bool, device) -> Tensor:
+        """Rotary positions of this call's tokens: (L,) after the cache, or (B, L) after
+        each sequence's own cached length."""
+        if not ragged or cache is None or cache.lengths is None:
+            past = len(cache) if cache is not None else 0
+            return torch.arange(past, past + L, device=device)
+        return cache.lengths.view(B, 1) + torch.arange(L, device=device)
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> "MultiHeadAttention":
@@ -288,3 +310,14 @@ def with_key_padding(attn_mask, key_padding_mask: Tensor, B: int, S: int):
         raise TypeError("a float key_padding_mask combines only with a tensor attn_mask")
     raise TypeError(f"key_padding_mask must be bool (True = padding) or float, got "
                     f"{key_padding_mask.dtype}")
+
+
+def _and(ragged_mask: Mask, attn_mask, L: int, S: int):
+    """The ragged batch's mask and the caller's: objects and bool tensors combine as
+    masks; a float mask (added to the scores) takes -inf where the ragged mask forbids."""
+    if attn_mask is None:
+        return ragged_mask
+    if isinstance(attn_mask, Tensor) and attn_mask.is_floating_point():
+        return attn_mask.masked_fill(~ragged_mask.materialize(L, S, attn_mask.device),
+                                     float("-inf"))
+    return ragged_mask & attn_mask
