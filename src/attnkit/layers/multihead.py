@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bias import Bias
-from ..cache import KVCache
+from ..cache import KVCache, SinkCache
 from ..functional import scaled_dot_product_attention
 from ..masks import KeyPaddingMask, Mask, padding
 from ..checks import positive_int
@@ -150,8 +150,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
                              f"{tuple(value.shape)} must share the batch size, and key/value "
                              f"the length")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be an attnkit.KVCache, got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, (KVCache, SinkCache)):
+            raise TypeError(f"cache must be an attnkit KVCache, SlidingWindowCache or "
+                            f"SinkCache, got {type(cache).__name__}")
 
         gate = None
         if self.output_gate:  # per head: d query rows, then d gate rows
@@ -165,19 +166,23 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         ragged = query_lengths is not None or (cache is not None and cache.is_ragged)
         pos = self.positional
-        if pos is not None and hasattr(pos, "rope"):
-            if k.shape[2] != L:
-                raise ValueError(f"rotary positions need keys at the query positions "
-                                 f"(self-attention); got query length {L} and key length "
-                                 f"{k.shape[2]}")
+        rope = pos is not None and hasattr(pos, "rope")
+        if rope and k.shape[2] != L:
+            raise ValueError(f"rotary positions need keys at the query positions "
+                             f"(self-attention); got query length {L} and key length "
+                             f"{k.shape[2]}")
+        in_cache = cache is not None and getattr(cache, "rotates_keys", False)
+        if rope and not in_cache:
             q, k = pos.rope(q, k, self._positions(cache, B, L, ragged, q.device))
         if cache is not None:
             k, v = cache.update(k, v, lengths=query_lengths)
         S = k.shape[2]
-        if ragged:
-            ragged_mask = cache.mask() if cache is not None else padding(
-                query_lengths, query_lengths)
-            attn_mask = _and(ragged_mask, attn_mask, L, S)
+        if rope and in_cache:  # positions inside the cache (StreamingLLM): slots 0..S-1
+            q, k = self._rotate_in_cache(pos, q, k, cache)
+        cache_mask = cache.mask() if cache is not None else (
+            padding(query_lengths, query_lengths) if query_lengths is not None else None)
+        if cache_mask is not None:
+            attn_mask = _and(cache_mask, attn_mask, L, S)
 
         bias = None
         if isinstance(pos, Bias):
@@ -206,6 +211,17 @@ class MultiHeadAttention(nn.Module):
             past = len(cache) if cache is not None else 0
             return torch.arange(past, past + L, device=device)
         return cache.lengths.view(B, 1) + torch.arange(L, device=device)
+
+    @staticmethod
+    def _rotate_in_cache(pos, q: Tensor, k: Tensor, cache) -> tuple[Tensor, Tensor]:
+        """Keys the cache returned (before RoPE) turned at their slots 0..S-1, queries at
+        theirs: row b's last ones, bottom-right against its own returned keys."""
+        if not callable(getattr(pos, "rotate", None)):
+            raise TypeError(f"{type(cache).__name__} keeps keys before RoPE and needs a "
+                            f"rotary embedding with rotate(x, positions), got "
+                            f"{type(pos).__name__}")
+        slots = torch.arange(k.shape[2], device=q.device)
+        return pos.rotate(q, cache.query_slots(q.shape[2]).to(q.device)), pos.rotate(k, slots)
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> "MultiHeadAttention":
