@@ -168,3 +168,28 @@ def test_ragged_sliding_window_cache_far_past_the_window_equals_each_sequence_al
             close(outs[t][b, 0], alone[b][0, n + t], 1e-10)
     assert cache.lengths.tolist() == [n + steps for n in prompts]
     assert cache.keys.shape[2] == window - 1  # constant memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_runs_on_the_decode_kernel_and_equals_the_reference(dtype):
+    import attnkit
+    torch.manual_seed(6)
+    B, H, Hkv, D = 3, 8, 2, 16
+    lens = torch.tensor([300, 257, 420])
+    cache = KVCache()
+    cache.update(torch.randn(B, Hkv, 420, D, dtype=dtype), torch.randn(B, Hkv, 420, D, dtype=dtype),
+                 lengths=lens)
+    q = torch.randn(B, H, 1, D, dtype=dtype)
+    k, v = cache.update(torch.randn(B, Hkv, 1, D, dtype=dtype), torch.randn(B, Hkv, 1, D, dtype=dtype))
+    choice = attnkit.explain(q, k, v, attn_mask=cache.mask(), is_causal=True)
+    assert choice.backend == "decode", choice
+    out = scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(), is_causal=True)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for b in range(B):
+        n = int(cache.lengths[b])
+        want = reference_attention(q[b:b + 1].double(), k[b:b + 1, :, :n].double(),
+                                   v[b:b + 1, :, :n].double(), scale=D ** -0.5)[0]
+        close(out[b:b + 1].double(), want, tol)
+    with_bias = attnkit.explain(q, k, v, attn_mask=cache.mask(), bias=bias.alibi(H))
+    assert with_bias.backend != "decode"

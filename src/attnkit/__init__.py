@@ -34,11 +34,11 @@ flex), ``attnkit.tour`` and ``attnkit.viz`` (the command's teaching and drawing 
 """
 
 from . import bias, layers, masks, positional
-from .cache import KVCache, LatentCache, SinkCache, SlidingWindowCache
+from .cache import KVCache, LatentCache, PagedKVCache, SinkCache, SlidingWindowCache
 from .functional import explain, scaled_dot_product_attention
 from .layers import MultiHeadAttention
 
 __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "explain", "MultiHeadAttention", "KVCache",
-           "SlidingWindowCache", "SinkCache", "LatentCache", "masks", "bias", "positional", "layers", "__version__"]
+           "SlidingWindowCache", "SinkCache", "PagedKVCache", "LatentCache", "masks", "bias", "positional", "layers", "__version__"]

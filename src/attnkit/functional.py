@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import BACKENDS, chunked_attention, reference_attention, torch_attention
+from .backends.decode import decode_attention
 from .backends.dispatch import Choice, Problem, allowed_fraction, choose
 from .bias import Bias, TensorBias
 from .checks import check_qkv, shape_of
 from .dtypes import matmul_dtype
-from .masks import Grid, Mask, TensorMask, causal as causal_mask
+from .masks import (AndMask, CausalMask, Grid, Mask, PaddingMask, TensorMask,
+                    causal as causal_mask)
 
 __all__ = ["scaled_dot_product_attention", "explain", "allowed_fraction"]
 
@@ -163,6 +165,11 @@ def explain(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
     _check_enable_gqa(enable_gqa)
     c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
                  sinks, return_weights, return_lse, backend)
+    if _decode_plan(c, backend) is not None:
+        return Choice("decode", f"a decoding step ({c.L} query rows <= {DECODE_ROWS} over "
+                      f"{c.S} keys >= {DECODE_KEYS}, at most causal and key-length masks, no "
+                      f"bias, dropout or gradient): the "
+                      f"split-KV decode kernel reads the cache once, in its own dtype")
     return choose(c.problem, backend)
 
 
@@ -210,6 +217,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     _check_enable_gqa(enable_gqa)
     c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
                  sinks, return_weights, return_lse, backend)
+    done = _decode_call(c, backend, query, key, value)
+    if done is not None:
+        return done
     backend = choose(c.problem, backend).backend
     batch, B, Hq, Hkv, L, S, D, Dv = c.batch, c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.Dv
     mask, add, grid, scale, softcap, dropout_p = (c.mask, c.add, c.grid, c.scale, c.softcap,
@@ -259,6 +269,58 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if return_lse:
         result.append(lse.reshape(*batch, Hq, L))
     return tuple(result)
+
+
+#: a call is "decoding" with up to this many query rows (one token, or a few speculative
+#: drafts) over at least DECODE_KEYS keys; shorter calls cost little on any path
+DECODE_ROWS, DECODE_KEYS = 16, 256
+
+
+def _decode_call(c, backend: str, query: Tensor, key: Tensor, value: Tensor):
+    """Decoding steps (a few query rows over a long cache, no bias, no dropout, at most a
+    causal and a key-length mask, no gradient) on the split-KV decode kernel, which reads
+    the cache once in its own dtype; None for every other call."""
+    split = _decode_plan(c, backend)
+    if split is None:
+        return None
+    is_causal, lengths = split
+    p = c.problem
+    q = query.reshape(c.B, c.Hq, c.L, c.D)
+    k, v = key.reshape(c.B, c.Hkv, c.S, c.D), value.reshape(c.B, c.Hkv, c.S, c.Dv)
+    out = decode_attention(q, k, v, scale=c.scale, key_lengths=lengths, is_causal=is_causal,
+                           need_lse=p.return_lse)
+    if not p.return_lse:
+        return out.reshape(*c.batch, c.Hq, c.L, c.Dv)
+    out, lse = out
+    return out.reshape(*c.batch, c.Hq, c.L, c.Dv), lse.reshape(*c.batch, c.Hq, c.L)
+
+
+def _decode_plan(c, backend: str):
+    """``(is_causal, key_lengths)`` when the call is a decoding step for the decode kernel."""
+    p = c.problem
+    if (backend != "auto" or c.L > DECODE_ROWS or c.L == 0 or c.S < DECODE_KEYS or c.B == 0
+            or p.device.type != "cpu" or c.add is not None or c.softcap is not None
+            or p.sinks or c.dropout_p or p.return_weights or p.needs_grad):
+        return None
+    return _causal_and_lengths(c.mask, c.L)
+
+
+def _causal_and_lengths(mask, L: int):
+    """``(is_causal, key_lengths or None)`` when ``mask`` is no mask, the causal mask, a
+    key-length padding mask whose queries end each sequence (``query_lengths`` all L), or
+    causal & such a padding mask; None otherwise."""
+    parts = [] if mask is None else (
+        [mask.a, mask.b] if isinstance(mask, AndMask) else [mask])
+    is_causal, lengths = False, None
+    for m in parts:
+        if isinstance(m, CausalMask) and not is_causal:
+            is_causal = True
+        elif (isinstance(m, PaddingMask) and lengths is None
+              and (m.query_lengths is None or bool((m.query_lengths == L).all()))):
+            lengths = m.lengths
+        else:
+            return None
+    return is_causal, lengths
 
 
 def _equal_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,14 +13,14 @@ import torch
 
 from .. import masks as M
 from ..bias import alibi
-from ..cache import KVCache, SlidingWindowCache
+from ..cache import KVCache, PagedKVCache, SlidingWindowCache
 from ..functional import scaled_dot_product_attention
 from ..layers import BigBirdAttention, LongformerAttention
 from ..positional import T5RelativeBias
 from . import peers
 from .spec import D, H, Setup
 
-__all__ = ["attnkit_sdpa", "attnkit_train", "attnkit_decode", "attnkit_rolling_decode",
+__all__ = ["attnkit_sdpa", "attnkit_train", "attnkit_decode", "attnkit_paged_decode", "attnkit_rolling_decode",
            "attnkit_longformer_layer", "attnkit_bigbird_layer", "attnkit_patched",
            "qkv", "plain_setup", "softcap_setup", "alibi_setup", "t5_setup", "decode_setup",
            "layer_setup",
@@ -70,6 +70,30 @@ def attnkit_decode(s: Setup):
             return out
     call.cache_bytes = cache.nbytes
     return call
+
+
+def attnkit_paged_decode(block_size: int):
+    """``PagedKVCache.update`` then :meth:`~attnkit.PagedKVCache.attention`, which reads
+    the cache through its block table; rewound with ``crop`` after each call."""
+    def build(s: Setup):
+        x = s.extra
+        k0 = x["k_context"]
+        n, steps = s.n, x["steps"]
+        blocks = -(-(n + steps) // block_size)
+        cache = PagedKVCache(blocks, block_size, k0.shape[1], k0.shape[3], dtype=k0.dtype)
+        cache.update(k0, x["v_context"])
+
+        def call():
+            with torch.no_grad():
+                for t in range(steps):
+                    cache.update(x["k_new"][t], x["v_new"][t])
+                    out = cache.attention(x["q_new"][t], is_causal=True)
+                cache.crop(n)
+                return out
+        call.cache_bytes = 2 * k0.numel() * k0.element_size()  # at context length n
+        return call
+    build.__name__ = f"attnkit_paged_decode_{block_size}"
+    return build
 
 
 def attnkit_rolling_decode(s: Setup):

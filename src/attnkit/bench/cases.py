@@ -11,7 +11,7 @@ The focused scripts in ``benchmarks/`` build their case lists from these (``Case
 from __future__ import annotations
 
 from . import peers
-from .builders import (alibi_setup, attnkit_bigbird_layer, attnkit_decode,
+from .builders import (alibi_setup, attnkit_bigbird_layer, attnkit_decode, attnkit_paged_decode,
                        attnkit_longformer_layer, attnkit_patched, attnkit_rolling_decode,
                        attnkit_sdpa, attnkit_train, decode_setup, layer_setup, plain_setup,
                        softcap_setup, t5_setup)
@@ -90,6 +90,7 @@ def _decode_case(name, title, kv_heads):
     return Case(name, title, decode_setup(kv_heads), kind="decode", steps=8,
                 quick_lengths=(1024,),
                 variants=(Variant("attnkit", "attnkit", attnkit_decode),
+                          Variant("attnkit paged", "attnkit", attnkit_paged_decode(256)),
                           Variant("torch.cat+sdpa", "peer", peers.torch_cat_decode)))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 __all__ = ["Target", "TARGETS", "evaluate", "format_value"]
 
 MiB = 1 << 20
+DECODE_CASES = ("decode_mha", "decode_gqa", "decode_mqa")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Target:
     n: int
     variant: str            # the attnkit row the target is about
     kind: str               # speedup | within | within_best | rate_share | gflops
-                            # | growth_mib | mem_below | mem_linear | mem_mib
+                            # | growth_mib | mem_below | mem_linear | mem_mib | bandwidth
     threshold: float
     peer: str | None = None  # within_best: the candidates, separated by "|"
     dtype: str = "float32"   # the run's dtype (``attnkit bench --dtype``) it is about
@@ -39,6 +40,7 @@ class Target:
             "rate_share": f"{self.variant} useful GFLOP/s >= {t:.0%} of {p}'s{self._where}",
             "within_best": f"{self.variant} time <= {t:g}x the fastest of {p}",
             "gflops": f"{self.variant} >= {t:g} useful GFLOP/s",
+            "bandwidth": f"{self.variant} reads its cache at >= {t:.0%} of the copy bandwidth",
             "growth_mib": f"{self.variant} peak memory growth < {t:g} MiB",
             "mem_mib": f"{self.variant} peak memory < {t:g} MiB",
             "mem_below": f"{self.variant} peak memory below {p}",
@@ -115,6 +117,12 @@ TARGETS: tuple[Target, ...] = (
     _bf16(15, "longformer_layer", 4096, "attnkit layer", "speedup", 4, "hf Longformer"),
     _bf16(15, "bigbird_layer", 4096, "attnkit layer", "speedup", 3, "hf BigBird"),
     _bf16(15, "mistral_layer", 4096, "attnkit", "within", 1.0, "hf mistral sdpa"),
+    # decoding on the bandwidth roofline, in float32 and bfloat16 runs
+    *(Target(19, case, 16384, "attnkit", "bandwidth", 0.6, dtype=dtype)
+      for dtype in ("float32", "bfloat16") for case in DECODE_CASES),
+    *(Target(19, case, n, "attnkit", "speedup", 1.0, "torch.cat+sdpa", dtype=dtype)
+      for dtype in ("float32", "bfloat16") for case in DECODE_CASES
+      for n in (1024, 2048, 4096, 8192, 16384)),
 )
 
 
@@ -164,6 +172,11 @@ def evaluate(target: Target, rows: dict) -> dict:
     elif k == "gflops":
         value = me["useful_gflops"]
         ok = value >= target.threshold
+    elif k == "bandwidth":
+        if "bandwidth_share" not in me:
+            return {**out, "status": "n/a", "why": "no copy bandwidth measured"}
+        value = me["bandwidth_share"]
+        ok = value >= target.threshold
     elif k == "growth_mib":
         value = me["peak_bytes"] / MiB
         ok = value < target.threshold
@@ -187,7 +200,7 @@ def format_value(result: dict) -> str:
         return "-"
     if k == "within_best":
         return f"{v:.2f}x ({result['best']})"
-    if k == "rate_share":
+    if k in ("rate_share", "bandwidth"):
         return f"{v:.0%}"
     if k in ("speedup", "within", "mem_linear"):
         return f"{v:.2f}x"

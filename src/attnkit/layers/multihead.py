@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bias import Bias
-from ..cache import KVCache, SinkCache
+from ..cache import KVCache, PagedKVCache, SinkCache
 from ..functional import scaled_dot_product_attention
 from ..masks import KeyPaddingMask, Mask, padding
 from ..checks import positive_int
@@ -150,9 +150,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
                              f"{tuple(value.shape)} must share the batch size, and key/value "
                              f"the length")
-        if cache is not None and not isinstance(cache, (KVCache, SinkCache)):
-            raise TypeError(f"cache must be an attnkit KVCache, SlidingWindowCache or "
-                            f"SinkCache, got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, (KVCache, SinkCache, PagedKVCache)):
+            raise TypeError(f"cache must be an attnkit KVCache, SlidingWindowCache, "
+                            f"SinkCache or PagedKVCache, got {type(cache).__name__}")
 
         gate = None
         if self.output_gate:  # per head: d query rows, then d gate rows
@@ -174,7 +174,14 @@ class MultiHeadAttention(nn.Module):
         in_cache = cache is not None and getattr(cache, "rotates_keys", False)
         if rope and not in_cache:
             q, k = pos.rope(q, k, self._positions(cache, B, L, ragged, q.device))
-        if cache is not None:
+        if isinstance(cache, PagedKVCache):
+            cache.update(k, v, lengths=query_lengths)
+            if (attn_mask is None and key_padding_mask is None and not need_weights
+                    and not isinstance(pos, Bias) and not callable(getattr(pos, "bias", None))
+                    and not (self.training and self.dropout) and not cache.is_ragged_step):
+                return self._finish(cache.attention(q, is_causal=is_causal), gate, B, L), None
+            k, v = cache.keys, cache.values  # the cases the block-table kernel does not cover
+        elif cache is not None:
             k, v = cache.update(k, v, lengths=query_lengths)
         S = k.shape[2]
         if rope and in_cache:  # positions inside the cache (StreamingLLM): slots 0..S-1
@@ -198,10 +205,14 @@ class MultiHeadAttention(nn.Module):
         weights = None
         if need_weights:
             out, weights = out
+        return self._finish(out, gate, B, L), weights
+
+    def _finish(self, out: Tensor, gate: Tensor | None, B: int, L: int) -> Tensor:
+        """(B, Hq, L, d) attention output -> (B, L, E): heads joined, gated, projected."""
         out = out.transpose(1, 2).reshape(B, L, self.inner_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
-        return self.out_proj(out), weights
+        return self.out_proj(out)
 
     @staticmethod
     def _positions(cache, B: int, L: int, ragged: bool, device) -> Tensor:
