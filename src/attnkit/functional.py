@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import BACKENDS, chunked_attention, reference_attention, torch_attention
+from .backends.chunked.selected import selected_attention
 from .backends.decode import decode_attention
 from .backends.dispatch import Choice, Problem, allowed_fraction, choose
 from .bias import Bias, TensorBias
 from .checks import check_qkv, shape_of
 from .dtypes import matmul_dtype
-from .masks import (AndMask, CausalMask, Grid, Mask, PaddingMask, TensorMask,
+from .masks import (AndMask, CausalMask, Grid, Mask, PaddingMask, SelectedMask, TensorMask,
                     causal as causal_mask)
 
 __all__ = ["scaled_dot_product_attention", "explain", "allowed_fraction"]
@@ -165,6 +166,9 @@ def explain(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
     _check_enable_gqa(enable_gqa)
     c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
                  sinks, return_weights, return_lse, backend)
+    if _selected_plan(c, backend) is not None:
+        return Choice("chunked", "a token-level selection (masks.selected): the engine "
+                      "gathers each row's chosen keys, O(L x k) work and memory", asked=backend)
     if _decode_plan(c, backend) is not None:
         return Choice("decode", f"a decoding step ({c.L} query rows <= {DECODE_ROWS} over "
                       f"{c.S} keys >= {DECODE_KEYS}, at most causal and key-length masks, no "
@@ -218,6 +222,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     c = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, bias, softcap,
                  sinks, return_weights, return_lse, backend)
     done = _decode_call(c, backend, query, key, value)
+    if done is None:
+        done = _selected_call(c, backend, query, key, value)
     if done is not None:
         return done
     backend = choose(c.problem, backend).backend
@@ -321,6 +327,47 @@ def _causal_and_lengths(mask, L: int):
         else:
             return None
     return is_causal, lengths
+
+
+def _and_parts(mask) -> list:
+    if isinstance(mask, AndMask):
+        return _and_parts(mask.a) + _and_parts(mask.b)
+    return [mask]
+
+
+def _selected_plan(c, backend: str):
+    """``(indices, other mask or None)`` when the call's mask is a token-level selection
+    (alone or ``&`` other masks) the gathering kernel runs: no bias, softcap, sinks,
+    dropout or weights; None otherwise."""
+    p = c.problem
+    if (backend not in ("auto", "chunked") or c.mask is None or c.add is not None
+            or c.softcap is not None or p.sinks or c.dropout_p or p.return_weights
+            or c.L == 0 or c.S == 0 or c.B == 0):
+        return None
+    parts = _and_parts(c.mask)
+    chosen = [m for m in parts if isinstance(m, SelectedMask) and m.per_token]
+    if len(chosen) != 1 or chosen[0].indices.shape[1] not in (1, c.Hq):
+        return None
+    rest = [m for m in parts if m is not chosen[0]]
+    other = None
+    for m in rest:
+        other = m if other is None else other & m
+    return chosen[0].indices, other
+
+
+def _selected_call(c, backend: str, query: Tensor, key: Tensor, value: Tensor):
+    """Token-level selections (DSA's top-k) on the kernel that gathers each row's keys."""
+    plan = _selected_plan(c, backend)
+    if plan is None:
+        return None
+    indices, other = plan
+    q = query.reshape(c.B, c.Hq, c.L, c.D)
+    k, v = key.reshape(c.B, c.Hkv, c.S, c.D), value.reshape(c.B, c.Hkv, c.S, c.Dv)
+    out, lse = selected_attention(q, k, v, indices, scale=c.scale, other=other, grid=c.grid)
+    out = out.reshape(*c.batch, c.Hq, c.L, c.Dv)
+    if not c.problem.return_lse:
+        return out
+    return out, lse.reshape(*c.batch, c.Hq, c.L)
 
 
 def _equal_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -43,6 +43,7 @@ from .blocks import BigBirdMask, BlockSparseMask, bigbird_layout
 from .dense import TensorMask
 from .documents import DocumentMask
 from .grid import EMPTY, FULL, PARTIAL, Grid
+from .selected import SelectedMask
 from .tokens import GlobalTokensMask, KeyPaddingMask, PaddingMask
 from .windows import CausalMask, ChunkedMask, DilatedMask, SlidingWindowMask
 
@@ -53,13 +54,21 @@ __all__ = [
     "block_sparse", "document", "packed", "bigbird", "KeyPaddingMask",
     "CausalMask", "PaddingMask", "SlidingWindowMask", "DilatedMask", "GlobalTokensMask",
     "BlockSparseMask", "BigBirdMask", "DocumentMask", "TensorMask", "AndMask", "OrMask",
-    "bigbird_layout",
+    "bigbird_layout", "selected", "SelectedMask",
 ]
 
 
 def causal() -> CausalMask:
     """Query at position p sees keys 0..p (bottom-right aligned when L != S)."""
     return CausalMask()
+
+
+def selected(indices: Tensor, block_size: int | None = None) -> SelectedMask:
+    """Each query row sees the keys it chose: ``indices`` (B|1, H|1, L, k) key indices per
+    row (DeepSeek Sparse Attention's top-k), or with ``block_size`` (B|1, H|1, ceil(L/bs),
+    n) key-block indices per block of query rows (Native Sparse Attention). Entries < 0
+    are unused; combine with ``causal()`` to keep the choice causal."""
+    return SelectedMask(indices, block_size)
 
 
 def padding(lengths, query_lengths=None) -> PaddingMask:
