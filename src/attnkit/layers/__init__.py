@@ -5,6 +5,8 @@
 * :class:`MultiHeadAttention` - MHA / GQA / MQA, self and cross, KV cache;
 * :class:`MultiHeadLatentAttention` - DeepSeek's MLA: low-rank latent K/V, compressed
   cache, absorbed decoding;
+* :class:`DeepSeekSparseAttention` - MLA whose queries attend to the top-k keys a
+  lightning indexer picks (DeepSeek-V3.2's DSA);
 * :class:`TransformerXLAttention` - relative attention with segment-level memory;
 * :class:`LongformerAttention` - sliding window + global tokens (Longformer);
 * :class:`BigBirdAttention` - block-sparse window + global + random blocks (BigBird).
@@ -18,7 +20,8 @@ from .bigbird import BigBirdAttention
 from .longformer import LongformerAttention
 from .latent import MultiHeadLatentAttention
 from .multihead import MultiHeadAttention
+from .sparse import DeepSeekSparseAttention, LightningIndexer
 from .transformer_xl import TransformerXLAttention
 
 __all__ = ["AdditiveAttention", "LuongAttention", "MultiHeadAttention", "MultiHeadLatentAttention", "TransformerXLAttention", "LongformerAttention",
-           "BigBirdAttention"]
+           "BigBirdAttention", "DeepSeekSparseAttention", "LightningIndexer"]

@@ -261,26 +261,10 @@ class MultiHeadLatentAttention(nn.Module):
                 else decompressed;
                 True / False force one.
         """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must be (batch, length, {self.hidden_size}), got "
-                             f"{tuple(x.shape)}")
-        if cache is not None and not isinstance(cache, LatentCache):
-            raise TypeError(f"cache must be an attnkit.LatentCache, got {type(cache).__name__}")
         if absorb is not None and not isinstance(absorb, bool):
             raise TypeError(f"absorb must be None, True or False, got {absorb!r}")
+        x, positions = self._check_call(x, positions, cache)
         B, L, _ = x.shape
-        past = len(cache) if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past, past + L, device=x.device)
-        elif not isinstance(positions, Tensor) or positions.is_floating_point() or not (
-                (positions.dim() == 1 and positions.shape[0] == L)
-                or (positions.dim() == 2 and positions.shape[1] == L
-                    and positions.shape[0] in (1, B))):
-            raise ValueError(f"positions must be integers ({L},) or ({B}, {L}) for x "
-                             f"{tuple(x.shape)}, got "
-                             f"{tuple(positions.shape) if isinstance(positions, Tensor) else positions!r}")
         q_nope, q_rope = self.queries(x, positions)
         z = self.latents(x, positions)
         if cache is not None:
@@ -294,3 +278,25 @@ class MultiHeadLatentAttention(nn.Module):
         out = attend(q_nope, q_rope, z, attn_mask, is_causal,
                      self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.v_head_dim))
+
+    def _check_call(self, x, positions, cache) -> tuple[Tensor, Tensor]:
+        """Validate x, positions and cache; default positions ``len(cache) + arange(L)``."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be (batch, length, {self.hidden_size}), got "
+                             f"{tuple(x.shape)}")
+        if cache is not None and not isinstance(cache, LatentCache):
+            raise TypeError(f"cache must be an attnkit.LatentCache, got {type(cache).__name__}")
+        B, L, _ = x.shape
+        past = len(cache) if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + L, device=x.device)
+        elif not isinstance(positions, Tensor) or positions.is_floating_point() or not (
+                (positions.dim() == 1 and positions.shape[0] == L)
+                or (positions.dim() == 2 and positions.shape[1] == L
+                    and positions.shape[0] in (1, B))):
+            raise ValueError(f"positions must be integers ({L},) or ({B}, {L}) for x "
+                             f"{tuple(x.shape)}, got "
+                             f"{tuple(positions.shape) if isinstance(positions, Tensor) else positions!r}")
+        return x, positions
