@@ -95,3 +95,33 @@ def test_decoding_with_caches_equals_one_pass_and_gradients_flow_to_the_attentio
     ours(xg).sum().backward()
     assert xg.grad.abs().sum() > 0 and ours.kv_b_proj.weight.grad.abs().sum() > 0
     assert ours.indexer.wk.weight.grad is None  # the selection is discrete
+
+
+def _model_pair():
+    import copy
+    import attnkit.integrations.hf as ak_hf
+    config = _config(index_n_heads=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    cls = transformers.DeepseekV32ForCausalLM
+    eager = cls._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours = cls._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours.load_state_dict(eager.state_dict())
+    ak_hf.patch(ours)
+    return eager, ours
+
+
+def test_patch_replaces_every_attention_and_gives_eagers_logits_and_tokens():
+    from attnkit.integrations.hf.deepseek_sparse import AttnkitDeepseekV32Attention
+    from conftest import assert_equal_where_real, padded_ids
+    eager, ours = _model_pair()
+    assert len([m for m in ours.modules() if isinstance(m, AttnkitDeepseekV32Attention)]) == 2
+    assert ours.state_dict().keys() == eager.state_dict().keys()
+    ids, keep = padded_ids(2, 24, "right", 128, real=(17,), last_row_full=True)
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=keep).logits
+        got = ours(input_ids=ids, attention_mask=keep).logits
+    assert_equal_where_real(want, got, keep)
+    prompt = ids[1:, :12]
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(prompt, **kw), eager.generate(prompt, **kw))

@@ -132,10 +132,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             raise ValueError("pass cache and index_cache together (the latents and the "
                              "indexer's keys), or neither")
         B, L, _ = x.shape
-        q_latent = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(q_latent).view(B, L, self.num_heads, self.qk_head_dim).transpose(1, 2)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
-        q_rope = self.rotary.rotate(q_rope, positions)
+        q_latent, q_nope, q_rope = self.query_parts(x, positions)
         z, ik = self.latents(x, positions), self.indexer.keys(x, positions)
         if cache is not None:
             z, ik = cache.update(z), index_cache.update(ik)
@@ -146,15 +143,33 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             attn_mask = _as_mask(attn_mask)
         allowed = causal() & attn_mask if is_causal and attn_mask is not None else (
             causal() if is_causal else attn_mask)
-        grid = Grid(L, S, x.device)
-        indices = self.indexer(x, q_latent, positions, ik, allowed, grid)
+        out, indices = self.attend_selected(x, q_latent, positions, q_nope, q_rope, z, ik,
+                                            allowed, absorb)
+        return (out, indices) if return_indices else out
+
+    def query_parts(self, x: Tensor, positions: Tensor):
+        """(query latent c_q (B, L, q_lora_rank), q_nope (B, H, L, dn), rotated q_rope)."""
+        B, L, _ = x.shape
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).view(B, L, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
+        return q_latent, q_nope, self.rotary.rotate(q_rope, positions)
+
+    def attend_selected(self, x, q_latent, positions, q_nope, q_rope, z, index_keys,
+                        allowed: Mask | None, absorb: bool | None = None):
+        """The indexer's top-k under ``allowed``, then MLA over the chosen latents:
+        ``(output (B, L, hidden), indices (B, 1, L, k))``. z (B, 1, S, r + dr) and
+        ``index_keys`` (B, 1, S, index_head_dim) cover every key, cached ones included."""
+        B, L, _ = x.shape
+        grid = Grid(L, z.shape[2], x.device)
+        indices = self.indexer(x, q_latent, positions, index_keys, allowed, grid)
         chosen = selected(indices) if allowed is None else allowed & selected(indices)
         if absorb is None:
             absorb = self.can_absorb
         attend = self.absorbed if absorb else self.decompressed
         out = attend(q_nope, q_rope, z, chosen, False, self.dropout if self.training else 0.0)
         out = self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.v_head_dim))
-        return (out, indices) if return_indices else out
+        return out, indices
 
 
 def _as_mask(t: Tensor) -> Mask:

@@ -45,7 +45,7 @@ def rope_scaling_of(config) -> dict | None:
     return params
 
 
-def _half_layout(x: Tensor) -> Tensor:
+def half_layout(x: Tensor) -> Tensor:
     """Interleaved rotary pairs (2k, 2k + 1) -> transformers' cached layout [evens | odds]."""
     return torch.cat([x[..., 0::2], x[..., 1::2]], -1)
 
@@ -95,8 +95,8 @@ class AttnkitDeepseekV3Attention(MultiHeadLatentAttention):
         z = self.latents(hidden_states, positions)
         if self.rotary.interleaved:  # the scores only need q and k paired alike
             r = self.kv_lora_rank
-            q_rope = _half_layout(q_rope)
-            z = torch.cat([z[..., :r], _half_layout(z[..., r:])], -1)
+            q_rope = half_layout(q_rope)
+            z = torch.cat([z[..., :r], half_layout(z[..., r:])], -1)
         if cache is not None:
             c, k_rope = cache.update(*z.split([self.kv_lora_rank, self.qk_rope_head_dim], -1),
                                      self.layer_idx)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import bigbird, deepseek, longformer, t5
+from . import bigbird, deepseek, deepseek_sparse, longformer, t5
 # the classes by their former home, so that models pickled with them still load
 from .bigbird import (AttnkitBigBirdBlockSparseAttention, AttnkitBigBirdSelfAttention,
                       BigBirdAttentionSwitch)
@@ -57,12 +57,14 @@ SUPPORTED = ("T5 and mT5 (T5Attention / MT5Attention: encoder and decoder self-a
              "Longformer (LongformerSelfAttention: sliding window + global tokens)",
              "BigBird (BigBirdAttention: block-sparse, and the full-attention fallback)",
              "DeepSeek-V3 (DeepseekV3Attention: MLA, absorbed decoding from the compressed "
-             "cache)")
+             "cache)",
+             "DeepSeek-V3.2 (DeepseekV32Attention: DSA, attention over the indexer's top-k "
+             "keys only)")
 
 #: one module per model family, each with ``hf_classes()`` (the transformers classes it
 #: replaces), ``replace(parent, name, child)``, ``MODULES`` (its attnkit modules) and
 #: ``USES_MASK_INTERFACE`` (whether the model must switch to the "attnkit" masks)
-FAMILIES = (t5, longformer, bigbird, deepseek)
+FAMILIES = (t5, longformer, bigbird, deepseek, deepseek_sparse)
 
 ATTNKIT_MODULES = tuple(m for family in FAMILIES for m in family.MODULES)
 
