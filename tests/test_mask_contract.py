@@ -56,6 +56,7 @@ MASK_EXAMPLES = {
     M.BlockSparseMask: lambda: [M.block_sparse(torch.rand(5, 5) < 0.5, 4)],
     M.BigBirdMask: lambda: [M.bigbird(3, num_heads=2)],
     M.TensorMask: lambda: [M.TensorMask(torch.rand(2, 1, L, S) < 0.6)],
+    M.CompressedCausalMask: lambda: [M.compressed_causal(4, 2), M.compressed_causal(3, 3, 5)],
     M.SelectedMask: lambda: [M.selected(torch.randint(-1, S, (2, 3, L, 5))),
                              M.selected(torch.randint(-1, 5, (1, 2, 4, 2)), block_size=4),
                              M.selected(torch.arange(S).expand(1, 1, L, S))],

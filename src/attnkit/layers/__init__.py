@@ -7,6 +7,7 @@
   cache, absorbed decoding;
 * :class:`DeepSeekSparseAttention` - MLA whose queries attend to the top-k keys a
   lightning indexer picks (DeepSeek-V3.2's DSA);
+* :class:`NativeSparseAttention` - NSA's gated compressed, selected and sliding branches;
 * :class:`TransformerXLAttention` - relative attention with segment-level memory;
 * :class:`LongformerAttention` - sliding window + global tokens (Longformer);
 * :class:`BigBirdAttention` - block-sparse window + global + random blocks (BigBird).
@@ -20,8 +21,10 @@ from .bigbird import BigBirdAttention
 from .longformer import LongformerAttention
 from .latent import MultiHeadLatentAttention
 from .multihead import MultiHeadAttention
+from .native_sparse import NativeSparseAttention
 from .sparse import DeepSeekSparseAttention, LightningIndexer
 from .transformer_xl import TransformerXLAttention
 
 __all__ = ["AdditiveAttention", "LuongAttention", "MultiHeadAttention", "MultiHeadLatentAttention", "TransformerXLAttention", "LongformerAttention",
-           "BigBirdAttention", "DeepSeekSparseAttention", "LightningIndexer"]
+           "BigBirdAttention", "DeepSeekSparseAttention", "LightningIndexer",
+           "NativeSparseAttention"]

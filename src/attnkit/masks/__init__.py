@@ -45,7 +45,8 @@ from .documents import DocumentMask
 from .grid import EMPTY, FULL, PARTIAL, Grid
 from .selected import SelectedMask
 from .tokens import GlobalTokensMask, KeyPaddingMask, PaddingMask
-from .windows import CausalMask, ChunkedMask, DilatedMask, SlidingWindowMask
+from .windows import (CausalMask, ChunkedMask, CompressedCausalMask, DilatedMask,
+                      SlidingWindowMask)
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Grid", "Mask",
@@ -54,7 +55,7 @@ __all__ = [
     "block_sparse", "document", "packed", "bigbird", "KeyPaddingMask",
     "CausalMask", "PaddingMask", "SlidingWindowMask", "DilatedMask", "GlobalTokensMask",
     "BlockSparseMask", "BigBirdMask", "DocumentMask", "TensorMask", "AndMask", "OrMask",
-    "bigbird_layout", "selected", "SelectedMask",
+    "bigbird_layout", "selected", "SelectedMask", "compressed_causal", "CompressedCausalMask",
 ]
 
 
@@ -69,6 +70,13 @@ def selected(indices: Tensor, block_size: int | None = None) -> SelectedMask:
     n) key-block indices per block of query rows (Native Sparse Attention). Entries < 0
     are unused; combine with ``causal()`` to keep the choice causal."""
     return SelectedMask(indices, block_size)
+
+
+def compressed_causal(size: int, stride: int, query_offset: int = 0) -> CompressedCausalMask:
+    """Token queries over compressed keys (NSA): key c summarises tokens c * stride ..
+    c * stride + size - 1 and is seen from token position p once ``c * stride + size - 1
+    <= p``; query row i sits at token ``i + query_offset``."""
+    return CompressedCausalMask(size, stride, query_offset)
 
 
 def padding(lengths, query_lengths=None) -> PaddingMask:

@@ -12,7 +12,7 @@ from ..checks import check_int
 from .base import Mask
 from .grid import EMPTY, FULL, PARTIAL, interval_states, pick
 
-__all__ = ["CausalMask", "SlidingWindowMask", "DilatedMask", "ChunkedMask"]
+__all__ = ["CausalMask", "SlidingWindowMask", "DilatedMask", "ChunkedMask", "CompressedCausalMask"]
 
 
 class CausalMask(Mask):
@@ -163,3 +163,33 @@ class ChunkedMask(Mask):
 
     def __repr__(self):
         return f"chunked({self.size})"
+
+
+class CompressedCausalMask(Mask):
+    """Queries over *compressed* keys (NSA's compression branch): key ``c`` summarises the
+    tokens ``c * stride .. c * stride + size - 1``, and the query at token position p sees
+    it once the whole window is past: ``c * stride + size - 1 <= p``. Query row i sits at
+    token ``i + query_offset`` (the tokens before this call's queries), not bottom-right
+    against the (fewer) compressed keys."""
+
+    def __init__(self, size: int, stride: int, query_offset: int = 0):
+        self.size = check_int("size", size, 1)
+        self.stride = check_int("stride", stride, 1)
+        self.query_offset = check_int("query_offset", query_offset, 0)
+
+    def query_positions(self, q_len, k_len):
+        return torch.arange(q_len).view(1, -1) + self.query_offset
+
+    def mask_mod(self, grid, b, h, q, k):
+        return k * self.stride + self.size - 1 <= q
+
+    def position_states(self, grid, q_lo, q_hi, k_lo, k_hi):
+        s, w = self.stride, self.size
+        full = (k_hi - 1) * s + w - 1 <= q_lo
+        empty = k_lo * s + w - 1 > q_hi - 1
+        out = torch.full(torch.broadcast_shapes(full.shape, empty.shape), PARTIAL,
+                         dtype=torch.int8, device=q_lo.device)
+        return out.masked_fill(full, FULL).masked_fill(empty, EMPTY)
+
+    def __repr__(self):
+        return f"compressed_causal({self.size}, {self.stride}, query_offset={self.query_offset})"
