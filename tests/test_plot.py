@@ -43,6 +43,13 @@ def test_every_kind_matches_its_definition():
     bb = M.bigbird(4, 3, 2, 1, seed=5).materialize(L, L)
     assert torch.equal(dense("bigbird:block_size=4,window=3,global=2,random=1,seed=5"), bb)
     assert dense("bigbird:block_size=4,heads=3").shape == (1, 3, L, L)
+    top = dense("selected:k=5").view(L, L)  # each row its top 5 earlier keys
+    assert not (top & (j > i)).any()
+    assert top.sum(-1).tolist() == [min(5, r + 1) for r in range(L)]
+    blocks = dense("selected:k=2,block_size=4").view(L, L)  # 2 key blocks per query block
+    per_block = blocks.view(L // 4, 4, L // 4, 4)[:, 0, :, 0]
+    assert per_block.sum(-1).tolist() == [min(2, b + 1) for b in range(L // 4)]
+    assert per_block.diagonal().all() and not per_block.triu(1).any()
 
 
 def test_defaults_scale_with_length():

@@ -93,6 +93,23 @@ def _make_block_sparse(p, L):
     return M.block_sparse(layout, size)
 
 
+def _make_selected(p, L):
+    """A learned selection on random inputs: every query row's top k keys (DSA), or with
+    block_size every query block's top k key blocks, its own included (NSA); causal."""
+    k, size = _one(p["k"], "k", "selected"), _one(p["block_size"], "block_size", "selected")
+    if k < 1 or size < 0:
+        raise ValueError(f"k must be >= 1 and block_size >= 0, got k={k}, block_size={size}")
+    g = torch.Generator().manual_seed(_one(p["seed"], "seed", "selected"))
+    n = L if size == 0 else -(-L // size)
+    scores = torch.rand(n, n, generator=g).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), -1.0)
+    if size:
+        scores = scores + 2 * torch.eye(n)  # the own block always
+    top = scores.topk(min(k, n), -1)
+    idx = top.indices.masked_fill(top.values < 0, -1).view(1, 1, n, -1)
+    return M.selected(idx, block_size=size or None)
+
+
 #: NAME -> (constructor from (params, length), the defaults of its parameters at a length
 #: (every accepted key, None: not set), help text)
 MASK_KINDS: dict[str, tuple[Callable, Callable, str]] = {
@@ -126,6 +143,11 @@ MASK_KINDS: dict[str, tuple[Callable, Callable, str]] = {
                      "block_size=, density=, seed=: a random block layout, each block kept "
                      "with probability density% plus the diagonal (default length/8, 30, "
                      "0)"),
+    "selected": (_make_selected, lambda L: {"k": max(1, L // 8), "block_size": 0, "seed": 0},
+                 "k=, block_size=, seed=: what a learned selection keeps on random scores: "
+                 "each query's top k earlier keys (DSA; default length/8), or with "
+                 "block_size= each query block's top k earlier blocks, its own included "
+                 "(NSA)"),
 }
 
 
