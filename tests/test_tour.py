@@ -4,6 +4,7 @@ public config arithmetic, transformers' T5 buckets, the ALiBi paper's slopes).""
 
 import math
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -401,3 +402,18 @@ def test_scaling_sentences_quote_the_table(runs):
     assert float(m.group(2)) == round(res[-1]["entropy_raw"], 2)
     scaled = [r["entropy_scaled"] for r in res]
     assert f"between {min(scaled):.2f} and {max(scaled):.2f} at every width" in text
+
+
+def test_learned_selection_sentences_follow_the_measured_figures(capsys):
+    from attnkit.tour.selection import K, section_selection, selection_figures
+    flat, peaked = selection_figures(0, 1.0), selection_figures(0, 4.0)
+    # what the section claims: score beats recency, more so when attention is peaked
+    assert flat["share_top"] > flat["share_window"] and peaked["share_top"] > flat["share_top"]
+    assert peaked["err_top"] < flat["err_top"] < flat["err_window"]
+    assert abs(flat["share_window"] - flat["key_share"]) < 0.05  # "about its share"
+    for lang in ("en", "zh"):
+        section_selection(tour.session.Tour(lang, pathlib.Path("."), 0))
+        out = capsys.readouterr().out
+        for v in (peaked["share_top"], peaked["share_window"], flat["share_top"]):
+            assert f"{v:.0%}" in out
+        assert f"{peaked['err_top']:.2f}" in out and str(K) in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .. import masks, viz
 from .memory import MEMORY_HEAD_DIM, MEMORY_LENGTHS, MEMORY_WINDOW, MemoryProbe, window_mask
+from .selection import section_selection
 from .session import Tour, picture_name
 from .terminal import table
 
@@ -33,6 +34,7 @@ def section_long(tour: Tour) -> None:
                    lang=tour.lang, suptitle=tour.t("fig_long_suptitle", n=n))
     tour.pictures.append(path)
     print(f"  -> {tour.t('picture', path=path)}", flush=True)
+    section_selection(tour)
 
     tour.say("mem_intro", d=MEMORY_HEAD_DIM, w=MEMORY_WINDOW)
     print(f"  {tour.t('mem_running')}", flush=True)

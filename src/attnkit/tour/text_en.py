@@ -395,6 +395,22 @@ EN = {
         "(the same parameters at every length; attnkit.masks + materialize):",
     "long_headers": ["pattern", "spec (attnkit plot)", "L = 64", "L = 256", "L = 1024"],
     "fig_long_suptitle": "Sparse attention patterns, L = {n}",
+    "sel_intro":
+        "The newest models choose their keys instead: DeepSeek-V3.2's indexer scores every\n"
+        "key and each query keeps its top k (masks.selected); NSA chooses blocks. What does\n"
+        "top-k keep? Random q, k, v (L = {L}, d = {d}, causal), each query keeps k = {k} keys:\n"
+        "its top k by score, or the last k (a window). Share of the softmax weight kept, and\n"
+        "the output's relative distance from full attention (rows with more than k keys):",
+    "sel_headers": ["attention", "weight kept: top-k", "window", "error: top-k", "window"],
+    "sel_flat": "q . k / sqrt(d)",
+    "sel_peaked": "4x sharper queries",
+    "sel_outro":
+        "Peaked: the top {k} keys hold {st:.0%} of the weight against {sw:.0%} for the window,\n"
+        "and the output lands {et:.2f} from full attention against {ew:.2f}. Flat: {ft:.0%}\n"
+        "against {fw:.0%} ({eft:.2f} against {efw:.2f}). Random keys carry no recency, so a\n"
+        "window keeps about its share of the keys ({kw:.0%} on average); choosing by score\n"
+        "keeps more, and the more concentrated the attention, the closer the top k come to\n"
+        "all of it.",
     "mem_intro":
         "Memory: peak bytes allocated by one attention call (1 head, d = {d}), measured in a\n"
         "fresh subprocess with torch.profiler (profile_memory). \"dense\" materialises the\n"
