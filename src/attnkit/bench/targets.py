@@ -25,6 +25,7 @@ class Target:
     variant: str            # the attnkit row the target is about
     kind: str               # speedup | within | within_best | rate_share | gflops
                             # | growth_mib | mem_below | mem_linear | mem_mib | bandwidth
+                            # | mem_share | per_token
     threshold: float
     peer: str | None = None  # within_best: the candidates, separated by "|"
     dtype: str = "float32"   # the run's dtype (``attnkit bench --dtype``) it is about
@@ -41,6 +42,8 @@ class Target:
             "within_best": f"{self.variant} time <= {t:g}x the fastest of {p}",
             "gflops": f"{self.variant} >= {t:g} useful GFLOP/s",
             "bandwidth": f"{self.variant} reads its cache at >= {t:.0%} of the copy bandwidth",
+            "mem_share": f"{self.variant} memory <= {t:.0%} of {p}'s{self._where}",
+            "per_token": f"{self.variant} time per token <= {t:g}x its own at n={self.peer_n}",
             "growth_mib": f"{self.variant} peak memory growth < {t:g} MiB",
             "mem_mib": f"{self.variant} peak memory < {t:g} MiB",
             "mem_below": f"{self.variant} peak memory below {p}",
@@ -172,6 +175,19 @@ def evaluate(target: Target, rows: dict) -> dict:
     elif k == "gflops":
         value = me["useful_gflops"]
         ok = value >= target.threshold
+    elif k == "mem_share":
+        peer = _row(rows, target.peer_case or target.case, target.peer_n or target.n,
+                    target.peer)
+        if peer is None:
+            return {**out, "status": "n/a", "why": f"{target.peer} not measured at n={target.n}"}
+        value = me["mem_bytes"] / max(peer["mem_bytes"], 1)
+        ok = value <= target.threshold
+    elif k == "per_token":
+        base = _row(rows, target.case, target.peer_n, target.variant)
+        if base is None:
+            return {**out, "status": "n/a", "why": f"not measured at n={target.peer_n}"}
+        value = (me["median_s"] / target.n) / (base["median_s"] / target.peer_n)
+        ok = value <= target.threshold
     elif k == "bandwidth":
         if "bandwidth_share" not in me:
             return {**out, "status": "n/a", "why": "no copy bandwidth measured"}
@@ -200,9 +216,9 @@ def format_value(result: dict) -> str:
         return "-"
     if k == "within_best":
         return f"{v:.2f}x ({result['best']})"
-    if k in ("rate_share", "bandwidth"):
+    if k in ("rate_share", "bandwidth", "mem_share"):
         return f"{v:.0%}"
-    if k in ("speedup", "within", "mem_linear"):
+    if k in ("speedup", "within", "mem_linear", "per_token"):
         return f"{v:.2f}x"
     if k == "gflops":
         return f"{v:.0f} GFLOP/s"
