@@ -97,3 +97,18 @@ def test_bad_indices_raise():
         sdpa(q, k, v, attn_mask=masks.selected(torch.zeros(1, 1, 7, 2, dtype=torch.long)))
     with pytest.raises(ValueError, match="must be < 8"):
         sdpa(q, k, v, attn_mask=masks.selected(torch.full((1, 1, 8, 2), 8)))
+
+
+def test_block_level_with_gqa_and_fewer_queries_than_keys():
+    torch.manual_seed(4)
+    B, Hq, Hkv, L, S, bs = 2, 4, 2, 24, 64, 8
+    blocks = torch.randint(-1, S // bs, (B, Hq, -(-L // bs), 3))
+    m = masks.selected(blocks, block_size=bs)
+    q = torch.randn(B, Hq, L, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, S, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    got = sdpa(q, k, v, attn_mask=m, is_causal=True)
+    want = sdpa(q, k, v, attn_mask=m.materialize(L, S), is_causal=True, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)),
+                    torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
